@@ -1,0 +1,149 @@
+//! Maps, load-time globals and helpers shared by the programs.
+
+mod lifecycle;
+mod socket_io;
+
+use aya_ebpf::{
+    Global,
+    helpers::{bpf_probe_read_kernel, generated},
+    macros::map,
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+};
+use core::ffi::c_void;
+use periscope_ebpf::{
+    AF_INET, DEFAULT_PAYLOAD_CAP, DataEventBuf, KernelOffsets, SockTuple, probe,
+};
+
+/// The daemon's own process: never traced.
+#[unsafe(no_mangle)]
+static SELF_TGID: Global<u32> = Global::new(0);
+
+/// Runtime cap on payload bytes copied per call (<= MAX_PAYLOAD).
+#[unsafe(no_mangle)]
+static PAYLOAD_CAP: Global<u32> = Global::new(DEFAULT_PAYLOAD_CAP);
+
+/// Field offsets from the running kernel's BTF, set by the loader.
+#[unsafe(no_mangle)]
+static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
+    skc_daddr: 0,
+    skc_rcv_saddr: 0,
+    skc_dport: 0,
+    skc_num: 0,
+    skc_family: 0,
+    skc_v6_daddr: 0,
+    skc_v6_rcv_saddr: 0,
+    sk_protocol: 0,
+    pt_regs_di: 0,
+    pt_regs_si: 0,
+    pt_regs_dx: 0,
+    pt_regs_orig_ax: 0,
+});
+
+/// Every event goes through this one ring buffer. The loader may resize it.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+/// Failed ring-buffer writes, per emitting program (index: `probe::*`).
+#[map]
+static LOST_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(probe::COUNT, 0);
+
+/// Where a data event is assembled before it is copied out at its real size.
+#[map]
+static SCRATCH: PerCpuArray<DataEventBuf> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ConnectStart {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub ts_ns: u64,
+}
+
+/// Sockets in SYN_SENT, keyed by `struct sock *`.
+#[map]
+static CONNECTING: LruHashMap<u64, ConnectStart> = LruHashMap::with_max_entries(65536, 0);
+
+pub const IPPROTO_TCP: u16 = 6;
+
+#[inline(always)]
+fn count_lost(probe_id: u32) {
+    if let Some(counter) = LOST_EVENTS.get_ptr_mut(probe_id) {
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Copies `size` bytes starting at `data` into the ring buffer; counts a
+/// failure against `probe_id`.
+#[inline(always)]
+fn output_bytes(data: *const c_void, size: u64, probe_id: u32) {
+    let ret = unsafe {
+        generated::bpf_ringbuf_output(
+            core::ptr::addr_of!(EVENTS) as *mut c_void,
+            data as *mut c_void,
+            size,
+            0,
+        )
+    };
+    if ret < 0 {
+        count_lost(probe_id);
+    }
+}
+
+#[inline(always)]
+fn output<T>(event: &T, probe_id: u32) {
+    output_bytes(
+        event as *const T as *const c_void,
+        core::mem::size_of::<T>() as u64,
+        probe_id,
+    );
+}
+
+#[inline(always)]
+fn read_kernel<T>(base: u64, offset: u32) -> Result<T, i32> {
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }
+}
+
+/// The socket's family and protocol, if it is a TCP socket over IPv4/IPv6.
+#[inline(always)]
+fn tcp_family(sk: u64, off: &KernelOffsets) -> Option<u16> {
+    let family: u16 = read_kernel(sk, off.skc_family).ok()?;
+    if family != AF_INET && family != periscope_ebpf::AF_INET6 {
+        return None;
+    }
+    let protocol: u16 = read_kernel(sk, off.sk_protocol).ok()?;
+    if protocol != IPPROTO_TCP {
+        return None;
+    }
+    Some(family)
+}
+
+/// Reads the socket's local and remote address and port.
+#[inline(always)]
+fn read_tuple(sk: u64, family: u16, off: &KernelOffsets, tuple: &mut SockTuple) {
+    tuple.family = family;
+    tuple.src_port = read_kernel::<u16>(sk, off.skc_num).unwrap_or(0);
+    tuple.dst_port = u16::from_be(read_kernel::<u16>(sk, off.skc_dport).unwrap_or(0));
+    tuple._pad = 0;
+    if family == AF_INET {
+        tuple.src_addr = [0; 16];
+        tuple.dst_addr = [0; 16];
+        let src: [u8; 4] = read_kernel(sk, off.skc_rcv_saddr).unwrap_or([0; 4]);
+        let dst: [u8; 4] = read_kernel(sk, off.skc_daddr).unwrap_or([0; 4]);
+        tuple.src_addr[..4].copy_from_slice(&src);
+        tuple.dst_addr[..4].copy_from_slice(&dst);
+    } else {
+        tuple.src_addr = read_kernel(sk, off.skc_v6_rcv_saddr).unwrap_or([0; 16]);
+        tuple.dst_addr = read_kernel(sk, off.skc_v6_daddr).unwrap_or([0; 16]);
+    }
+}
+
+#[inline(always)]
+fn current_tgid() -> u32 {
+    (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

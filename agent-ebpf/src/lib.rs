@@ -1,0 +1,200 @@
+//! Event types shared by the kernel programs and the daemon.
+//!
+//! Every record in the ring buffer starts with an [`EventHeader`]; its `kind`
+//! says which struct follows. All structs are `#[repr(C)]`, 8-byte aligned,
+//! and contain no pointers the daemon would dereference.
+#![no_std]
+
+/// Largest payload prefix one data event can carry. The runtime cap
+/// (`PAYLOAD_CAP` global) is at most this.
+pub const MAX_PAYLOAD: usize = 4096;
+/// Default runtime cap on copied payload bytes per socket call.
+pub const DEFAULT_PAYLOAD_CAP: u32 = 4096;
+/// At most this many iovecs are copied from for readv/writev/sendmsg/recvmsg.
+pub const MAX_IOVECS: usize = 8;
+
+pub mod kind {
+    pub const DATA: u8 = 1;
+    pub const CONNECT: u8 = 2;
+    pub const ACCEPT: u8 = 3;
+    pub const CLOSE: u8 = 4;
+    pub const PROCESS_EXIT: u8 = 5;
+}
+
+/// Direction of a data event, seen from the traced process.
+pub mod direction {
+    /// The process sent these bytes.
+    pub const EGRESS: u8 = 0;
+    /// The process received these bytes.
+    pub const INGRESS: u8 = 1;
+}
+
+/// Which system call family carried a data event (decides how its user
+/// buffer was found).
+pub mod syscall {
+    pub const OTHER: u8 = 0;
+    pub const READ_WRITE: u8 = 1;
+    pub const SEND_RECV: u8 = 2;
+    pub const VECTORED: u8 = 3;
+    pub const MSG: u8 = 4;
+    pub const SENDFILE: u8 = 5;
+}
+
+/// Where the payload bytes came from.
+pub mod source {
+    /// Socket system calls (what the kernel sends or received).
+    pub const SOCKET: u8 = 0;
+    /// Plaintext inside a TLS library.
+    pub const TLS: u8 = 1;
+}
+
+/// Index of each program that emits events into the loss counters
+/// (`LOST_EVENTS`, a per-CPU array indexed by these).
+pub mod probe {
+    pub const SOCK_SEND: u32 = 0;
+    pub const SOCK_RECV: u32 = 1;
+    pub const STATE_CHANGE: u32 = 2;
+    pub const DESTROY_SOCK: u32 = 3;
+    pub const PROCESS_EXIT: u32 = 4;
+    pub const COUNT: u32 = 5;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "sock_send_length",
+        "sock_recv_length",
+        "inet_sock_set_state",
+        "tcp_destroy_sock",
+        "sched_process_exit",
+    ];
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    pub kind: u8,
+    pub _pad: [u8; 3],
+    /// Process id (thread group id) the event belongs to; 0 when unknown
+    /// (events raised in softirq context).
+    pub tgid: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the event happened.
+    pub ts_ns: u64,
+}
+
+/// A TCP connection's addresses as the kernel socket sees them: `src` is the
+/// local end. Ports in host byte order; addresses in network byte order
+/// (IPv4 in the first 4 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockTuple {
+    pub family: u16,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub _pad: u16,
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// One send or receive on a TCP socket. The payload's first
+/// `captured_len` bytes follow the struct in the ring buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DataEvent {
+    pub header: EventHeader,
+    /// Kernel `struct sock *`, the connection's identity while it lives.
+    pub sock: u64,
+    pub tid: u32,
+    pub fd: i32,
+    /// Bytes the call transferred (may exceed `captured_len`).
+    pub total_len: u32,
+    pub captured_len: u32,
+    pub direction: u8,
+    pub syscall: u8,
+    pub source: u8,
+    pub _pad: [u8; 5],
+    pub tuple: SockTuple,
+}
+
+/// A [`DataEvent`] with room for its payload; the kernel side builds it in a
+/// per-CPU scratch buffer and outputs only the used prefix. The buffer is
+/// twice `MAX_PAYLOAD` so that bounded offsets keep the verifier content.
+#[repr(C)]
+pub struct DataEventBuf {
+    pub event: DataEvent,
+    pub payload: [u8; MAX_PAYLOAD * 2],
+}
+
+/// An outgoing connection reached ESTABLISHED (or failed in SYN_SENT).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectEvent {
+    /// `ts_ns` is when the connection was established (or failed).
+    pub header: EventHeader,
+    pub sock: u64,
+    /// When the SYN was sent.
+    pub syn_sent_ns: u64,
+    /// 0 when established, 1 when the connect failed.
+    pub failed: u8,
+    pub _pad: [u8; 7],
+    pub tuple: SockTuple,
+}
+
+/// A passively opened connection reached ESTABLISHED (server side).
+/// Raised in softirq context: `tgid` is 0, the owner is learned from the
+/// first data event on `sock`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct AcceptEvent {
+    pub header: EventHeader,
+    pub sock: u64,
+    pub tuple: SockTuple,
+}
+
+/// A TCP socket was destroyed (`tcp:tcp_destroy_sock`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CloseEvent {
+    pub header: EventHeader,
+    pub sock: u64,
+    pub tuple: SockTuple,
+}
+
+/// The last thread of a process exited.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessExitEvent {
+    pub header: EventHeader,
+}
+
+/// Kernel struct field offsets (bytes) the programs need, read by the daemon
+/// from the running kernel's BTF and written into the `OFFSETS` global before
+/// load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_family: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub sk_protocol: u32,
+    pub pt_regs_di: u32,
+    pub pt_regs_si: u32,
+    pub pt_regs_dx: u32,
+    pub pt_regs_orig_ax: u32,
+}
+
+/// x86_64 system call numbers the socket probes recognise.
+pub mod nr {
+    pub const READ: u64 = 0;
+    pub const WRITE: u64 = 1;
+    pub const READV: u64 = 19;
+    pub const WRITEV: u64 = 20;
+    pub const SENDFILE: u64 = 40;
+    pub const SENDTO: u64 = 44;
+    pub const RECVFROM: u64 = 45;
+    pub const SENDMSG: u64 = 46;
+    pub const RECVMSG: u64 = 47;
+}

@@ -1,0 +1,105 @@
+//! Decoding ring-buffer records into typed events. Records come from our own
+//! kernel programs, but are still checked: a short or unknown record is an
+//! error value, never a panic.
+
+use periscope_ebpf::{
+    AcceptEvent, CloseEvent, ConnectEvent, DataEvent, EventHeader, ProcessExitEvent, kind,
+};
+
+#[derive(Debug)]
+pub enum Event<'a> {
+    Data { event: DataEvent, payload: &'a [u8] },
+    Connect(ConnectEvent),
+    Accept(AcceptEvent),
+    Close(CloseEvent),
+    ProcessExit(ProcessExitEvent),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    Short { kind: u8, len: usize },
+    UnknownKind(u8),
+}
+
+fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < size_of::<T>() {
+        return None;
+    }
+    // SAFETY: length checked; the types are plain repr(C) data valid for any bit pattern.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
+    let header: EventHeader = read(bytes).ok_or(DecodeError::Short { kind: 0, len: bytes.len() })?;
+    let short = || DecodeError::Short { kind: header.kind, len: bytes.len() };
+    match header.kind {
+        kind::DATA => {
+            let event: DataEvent = read(bytes).ok_or_else(short)?;
+            let payload = &bytes[size_of::<DataEvent>()..];
+            let captured = (event.captured_len as usize).min(payload.len()).min(event.total_len as usize);
+            Ok(Event::Data { event, payload: &payload[..captured] })
+        }
+        kind::CONNECT => read(bytes).map(Event::Connect).ok_or_else(short),
+        kind::ACCEPT => read(bytes).map(Event::Accept).ok_or_else(short),
+        kind::CLOSE => read(bytes).map(Event::Close).ok_or_else(short),
+        kind::PROCESS_EXIT => read(bytes).map(Event::ProcessExit).ok_or_else(short),
+        other => Err(DecodeError::UnknownKind(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use periscope_ebpf::{SockTuple, direction};
+
+    fn data_record(payload: &[u8], captured_len: u32) -> Vec<u8> {
+        let ev = DataEvent {
+            header: EventHeader { kind: kind::DATA, _pad: [0; 3], tgid: 42, ts_ns: 7 },
+            sock: 0xffff_8888,
+            tid: 43,
+            fd: 5,
+            total_len: 100,
+            captured_len,
+            direction: direction::EGRESS,
+            syscall: 1,
+            source: 0,
+            _pad: [0; 5],
+            tuple: SockTuple::default(),
+        };
+        let mut out = vec![0u8; size_of::<DataEvent>()];
+        unsafe { std::ptr::write_unaligned(out.as_mut_ptr().cast::<DataEvent>(), ev) };
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn data_event_with_payload() {
+        let rec = data_record(b"GET / HTTP/1.1\r\n", 16);
+        match decode(&rec).unwrap() {
+            Event::Data { event, payload } => {
+                assert_eq!(event.header.tgid, 42);
+                assert_eq!(payload, b"GET / HTTP/1.1\r\n");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn captured_len_beyond_record_is_clamped() {
+        let rec = data_record(b"abc", 4000);
+        match decode(&rec).unwrap() {
+            Event::Data { payload, .. } => assert_eq!(payload, b"abc"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn short_and_unknown_records_are_errors() {
+        assert!(matches!(decode(&[1, 0, 0]), Err(DecodeError::Short { .. })));
+        let rec = data_record(b"", 0);
+        assert!(matches!(decode(&rec[..20]), Err(DecodeError::Short { kind: kind::DATA, .. })));
+        let mut bad = rec.clone();
+        bad[0] = 99;
+        assert_eq!(decode(&bad).unwrap_err(), DecodeError::UnknownKind(99));
+    }
+}

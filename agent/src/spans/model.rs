@@ -1,0 +1,86 @@
+//! The span as the daemon builds it, independent of any export format.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpanKind {
+    Client,
+    Server,
+    Internal,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttrValue {
+    Str(String),
+    Int(i64),
+    Bool(bool),
+    Double(f64),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attribute {
+    pub key: Cow<'static, str>,
+    pub value: AttrValue,
+}
+
+impl Attribute {
+    pub fn str(key: impl Into<Cow<'static, str>>, value: impl Into<String>) -> Self {
+        Self { key: key.into(), value: AttrValue::Str(value.into()) }
+    }
+    pub fn int(key: impl Into<Cow<'static, str>>, value: i64) -> Self {
+        Self { key: key.into(), value: AttrValue::Int(value) }
+    }
+    pub fn bool(key: impl Into<Cow<'static, str>>, value: bool) -> Self {
+        Self { key: key.into(), value: AttrValue::Bool(value) }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SpanStatus {
+    Unset,
+    Error { message: String },
+}
+
+/// Resource attributes of one traced process (service.name, process.pid, ...).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resource {
+    pub pid: u32,
+    pub attributes: Vec<Attribute>,
+}
+
+impl Resource {
+    pub fn service_name(&self) -> &str {
+        self.attributes
+            .iter()
+            .find(|a| a.key == "service.name")
+            .and_then(|a| match &a.value {
+                AttrValue::Str(s) => Some(s.as_str()),
+                _ => None,
+            })
+            .unwrap_or("unknown_service")
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Span {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: Option<[u8; 8]>,
+    /// Low-cardinality name, e.g. `GET`.
+    pub name: String,
+    pub kind: SpanKind,
+    /// Wall-clock times (ns since the Unix epoch), converted from kernel
+    /// monotonic timestamps.
+    pub start_unix_nano: u64,
+    pub end_unix_nano: u64,
+    pub attributes: Vec<Attribute>,
+    pub status: SpanStatus,
+    pub resource: Arc<Resource>,
+}
+
+impl Span {
+    pub fn attr(&self, key: &str) -> Option<&AttrValue> {
+        self.attributes.iter().find(|a| a.key == key).map(|a| &a.value)
+    }
+}
