@@ -1,0 +1,3 @@
+//! Protocol parsers: bytes in, messages out. No I/O, no BPF, fuzzable.
+
+pub mod http1;
