@@ -2,7 +2,7 @@
 //! programs never depend on one kernel's layout.
 
 use anyhow::{Context, Result, anyhow, bail};
-use btf_rs::{Btf, BtfType, Type};
+use btf_rs::{Btf, Type};
 use periscope_ebpf::KernelOffsets;
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";

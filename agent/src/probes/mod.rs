@@ -60,10 +60,10 @@ impl Probes {
         let payload_cap = settings.payload_cap.min(MAX_PAYLOAD as u32);
         let offsets_pod = OffsetsPod(offsets);
         let mut ebpf = EbpfLoader::new()
-            .set_global("SELF_TGID", &self_tgid, true)
-            .set_global("PAYLOAD_CAP", &payload_cap, true)
-            .set_global("OFFSETS", &offsets_pod, true)
-            .set_max_entries("EVENTS", settings.ring_buffer_bytes)
+            .override_global("SELF_TGID", &self_tgid, true)
+            .override_global("PAYLOAD_CAP", &payload_cap, true)
+            .override_global("OFFSETS", &offsets_pod, true)
+            .map_max_entries("EVENTS", settings.ring_buffer_bytes)
             .load(EBPF_OBJECT)
             .context("loading the kernel programs (are you root / CAP_BPF+CAP_PERFMON?)")?;
 

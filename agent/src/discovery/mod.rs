@@ -1,0 +1,4 @@
+//! What the daemon knows about traced processes (from /proc), beside the
+//! event flow: the OpenTelemetry resource of each process.
+
+pub mod process;

@@ -1,0 +1,142 @@
+//! Per-process OpenTelemetry resources, read once from /proc and cached until
+//! the process exits.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::spans::model::{Attribute, Resource};
+
+pub struct ProcessCache {
+    by_pid: HashMap<u32, Arc<Resource>>,
+    host_name: String,
+    proc_root: std::path::PathBuf,
+}
+
+impl ProcessCache {
+    pub fn new() -> Self {
+        Self::with_proc_root("/proc")
+    }
+
+    pub fn with_proc_root(root: impl Into<std::path::PathBuf>) -> Self {
+        let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        Self { by_pid: HashMap::new(), host_name, proc_root: root.into() }
+    }
+
+    /// The resource of `pid`, read from /proc on first use. A process that
+    /// is already gone gets a minimal resource (pid and host only).
+    pub fn resource(&mut self, pid: u32) -> Arc<Resource> {
+        if let Some(r) = self.by_pid.get(&pid) {
+            return r.clone();
+        }
+        let r = Arc::new(read_resource(&self.proc_root.join(pid.to_string()), pid, &self.host_name));
+        self.by_pid.insert(pid, r.clone());
+        r
+    }
+
+    /// Reads `pid`'s resource now if it is not cached yet: called on a
+    /// process's first event, while it is surely alive, so that short-lived
+    /// clients (curl) are described even if they exit before their span is built.
+    pub fn observe(&mut self, pid: u32) {
+        if !self.by_pid.contains_key(&pid) {
+            self.resource(pid);
+        }
+    }
+
+    pub fn forget(&mut self, pid: u32) {
+        self.by_pid.remove(&pid);
+    }
+
+}
+
+fn read_resource(dir: &Path, pid: u32, host_name: &str) -> Resource {
+    let exe_path = std::fs::read_link(dir.join("exe")).ok().map(|p| {
+        let s = p.to_string_lossy().into_owned();
+        // A replaced binary shows as "/usr/bin/x (deleted)".
+        s.strip_suffix(" (deleted)").map(str::to_string).unwrap_or(s)
+    });
+    let exe_name = exe_path
+        .as_deref()
+        .and_then(|p| p.rsplit('/').next())
+        .map(str::to_string)
+        .or_else(|| std::fs::read_to_string(dir.join("comm")).ok().map(|c| c.trim().to_string()));
+    let environ = std::fs::read(dir.join("environ")).unwrap_or_default();
+    let service_name = env_value(&environ, b"OTEL_SERVICE_NAME")
+        .filter(|v| !v.is_empty())
+        .or_else(|| exe_name.clone())
+        .unwrap_or_else(|| format!("unknown_service:pid{pid}"));
+
+    let mut attributes = vec![
+        Attribute::str("service.name", service_name),
+        Attribute::int("process.pid", pid as i64),
+        Attribute::str("host.name", host_name.to_string()),
+    ];
+    if let Some(name) = exe_name {
+        attributes.push(Attribute::str("process.executable.name", name));
+    }
+    if let Some(path) = exe_path {
+        attributes.push(Attribute::str("process.executable.path", path));
+    }
+    if let Ok(cgroup) = std::fs::read_to_string(dir.join("cgroup")) {
+        if let Some(id) = container_id(&cgroup) {
+            attributes.push(Attribute::str("container.id", id));
+        }
+    }
+    Resource { pid, attributes }
+}
+
+/// The value of `key` in a NUL-separated environment block.
+pub fn env_value(environ: &[u8], key: &[u8]) -> Option<String> {
+    environ.split(|&b| b == 0).find_map(|entry| {
+        let rest = entry.strip_prefix(key)?.strip_prefix(b"=")?;
+        Some(String::from_utf8_lossy(rest).into_owned())
+    })
+}
+
+/// A 64-hex-digit container id in a cgroup path (docker, containerd, cri-o).
+pub fn container_id(cgroup: &str) -> Option<String> {
+    cgroup.lines().find_map(|line| {
+        let path = line.rsplit(':').next()?;
+        path.split(['/', '-', '.']).find(|part| part.len() == 64 && part.bytes().all(|b| b.is_ascii_hexdigit())).map(str::to_string)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_value_finds_exact_key() {
+        let env = b"PATH=/bin\0OTEL_SERVICE_NAME_X=no\0OTEL_SERVICE_NAME=checkout\0";
+        assert_eq!(env_value(env, b"OTEL_SERVICE_NAME").as_deref(), Some("checkout"));
+        assert_eq!(env_value(env, b"HOME"), None);
+    }
+
+    #[test]
+    fn container_id_from_cgroup_paths() {
+        let id = "a".repeat(64);
+        assert_eq!(container_id(&format!("0::/system.slice/docker-{id}.scope")), Some(id.clone()));
+        assert_eq!(container_id(&format!("0::/kubepods/burstable/pod1/{id}")), Some(id));
+        assert_eq!(container_id("0::/user.slice/user-0.slice/session-1.scope"), None);
+    }
+
+    #[test]
+    fn own_process_resource() {
+        let mut cache = ProcessCache::new();
+        let pid = std::process::id();
+        let r = cache.resource(pid);
+        assert_eq!(r.pid, pid);
+        let exe = std::env::current_exe().unwrap();
+        let name = exe.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(r.service_name(), std::env::var("OTEL_SERVICE_NAME").unwrap_or(name));
+    }
+
+    #[test]
+    fn vanished_process_gets_minimal_resource() {
+        let mut cache = ProcessCache::with_proc_root("/nonexistent-proc");
+        let r = cache.resource(4242);
+        assert_eq!(r.service_name(), "unknown_service:pid4242");
+    }
+}

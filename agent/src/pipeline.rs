@@ -1,0 +1,246 @@
+//! The event loop: ring buffer -> events -> connections -> protocols ->
+//! spans -> export. One task owns all state; nothing on the per-event path
+//! blocks or does I/O except the first /proc read for a new process.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use aya::maps::{MapData, RingBuf};
+use log::{info, warn};
+use periscope_ebpf::{direction, source};
+use tokio::io::unix::AsyncFd;
+
+use crate::connections::{Admit, ConnectTiming, Connection, ConnectionTable, ProtocolState};
+use crate::discovery::process::ProcessCache;
+use crate::events::{self, Event};
+use crate::export::SpanSink;
+use crate::probes::Probes;
+use crate::protocols::http1::{Chunk, Direction, Exchange, Feed};
+use crate::spans::{clock::Clock, http};
+use crate::stats::Stats;
+
+pub struct PipelineSettings {
+    pub max_connections: usize,
+    /// Connections with no traffic for this long are forgotten.
+    pub idle_timeout: Duration,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        Self { max_connections: 65_536, idle_timeout: Duration::from_secs(300) }
+    }
+}
+
+pub struct Pipeline {
+    connections: ConnectionTable,
+    processes: ProcessCache,
+    clock: Clock,
+    sink: SpanSink,
+    stats: Arc<Stats>,
+    rng: rand::rngs::ThreadRng,
+    exchanges: Vec<Exchange>,
+    settings: PipelineSettings,
+    decode_errors_logged: bool,
+    table_full_logged: bool,
+}
+
+impl Pipeline {
+    pub fn new(settings: PipelineSettings, sink: SpanSink, stats: Arc<Stats>) -> Self {
+        Self {
+            connections: ConnectionTable::new(settings.max_connections),
+            processes: ProcessCache::new(),
+            clock: Clock::new(),
+            sink,
+            stats,
+            rng: rand::rng(),
+            exchanges: Vec::with_capacity(8),
+            settings,
+            decode_errors_logged: false,
+            table_full_logged: false,
+        }
+    }
+
+    pub fn handle_record(&mut self, record: &[u8]) {
+        Stats::inc(&self.stats.events_received);
+        match events::decode(record) {
+            Ok(event) => self.handle(event),
+            Err(e) => {
+                Stats::inc(&self.stats.events_malformed);
+                if !self.decode_errors_logged {
+                    warn!("undecodable ring buffer record ({e:?}); further ones are only counted");
+                    self.decode_errors_logged = true;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event<'_>) {
+        match event {
+            Event::Data { event, payload } => {
+                if event.source != source::SOCKET {
+                    return;
+                }
+                self.processes.observe(event.header.tgid);
+                let conn = match self.connections.admit(event.sock, event.header.tgid, &event.tuple, event.header.ts_ns) {
+                    Admit::Tracked(conn) => conn,
+                    Admit::Full => {
+                        Stats::inc(&self.stats.events_unmatched);
+                        if !self.table_full_logged {
+                            warn!("connection table full ({} entries): new connections are not traced", self.settings.max_connections);
+                            self.table_full_logged = true;
+                        }
+                        return;
+                    }
+                };
+                let ProtocolState::Http1(parser) = &mut conn.protocol else {
+                    Stats::inc(&self.stats.events_unparsed);
+                    return;
+                };
+                let chunk = Chunk {
+                    direction: if event.direction == direction::EGRESS { Direction::Egress } else { Direction::Ingress },
+                    total_len: event.total_len,
+                    bytes: payload,
+                    ts_ns: event.header.ts_ns,
+                };
+                let errors_before = parser.errors();
+                let feed = parser.feed(chunk, &mut self.exchanges);
+                Stats::add(&self.stats.http_parse_errors, parser.errors() - errors_before);
+                if let Feed::NotHttp = feed {
+                    conn.protocol = ProtocolState::Ignored;
+                    Stats::inc(&self.stats.connections_not_http);
+                    Stats::inc(&self.stats.events_unparsed);
+                }
+                let tgid = conn.tgid;
+                self.emit_exchanges(event.sock, tgid);
+            }
+            Event::Connect(c) => {
+                if c.failed == 0 {
+                    let timing = ConnectTiming { syn_sent_ns: c.syn_sent_ns, established_ns: c.header.ts_ns };
+                    self.connections.on_connect(c.sock, timing, c.header.ts_ns);
+                }
+            }
+            Event::Accept(a) => self.connections.on_accept(a.sock, a.header.ts_ns),
+            Event::Close(c) => {
+                if let Some(conn) = self.connections.remove(c.sock) {
+                    self.finish(conn, c.header.ts_ns);
+                }
+            }
+            Event::ProcessExit(e) => {
+                for conn in self.connections.remove_process(e.header.tgid) {
+                    self.finish(conn, e.header.ts_ns);
+                }
+                self.processes.forget(e.header.tgid);
+            }
+        }
+    }
+
+    /// Builds spans for the exchanges the parser just completed on `sock`.
+    fn emit_exchanges(&mut self, sock: u64, tgid: u32) {
+        if self.exchanges.is_empty() {
+            return;
+        }
+        let resource = self.processes.resource(tgid);
+        let Some(conn) = self.connections.get(sock) else {
+            self.exchanges.clear();
+            return;
+        };
+        for ex in self.exchanges.drain(..) {
+            let span = http::build(&ex, conn, resource.clone(), &self.clock, &mut self.rng);
+            Stats::inc(&self.stats.spans_built);
+            if ex.incomplete.is_some() {
+                Stats::inc(&self.stats.spans_incomplete);
+            }
+            self.sink.submit(span);
+        }
+    }
+
+    /// A connection ended: flush what its parser still holds.
+    fn finish(&mut self, mut conn: Connection, ts_ns: u64) {
+        if let ProtocolState::Http1(parser) = &mut conn.protocol {
+            parser.close(ts_ns, &mut self.exchanges);
+        }
+        if self.exchanges.is_empty() {
+            return;
+        }
+        let resource = self.processes.resource(conn.tgid);
+        for ex in self.exchanges.drain(..) {
+            let span = http::build(&ex, &conn, resource.clone(), &self.clock, &mut self.rng);
+            Stats::inc(&self.stats.spans_built);
+            if ex.incomplete.is_some() {
+                Stats::inc(&self.stats.spans_incomplete);
+            }
+            self.sink.submit(span);
+        }
+    }
+
+    /// Periodic upkeep: forget idle connections, refresh the clock offset.
+    pub fn tick(&mut self) {
+        self.clock.refresh();
+        let now = Clock::monotonic_now_ns();
+        let cutoff = now.saturating_sub(self.settings.idle_timeout.as_nanos() as u64);
+        for conn in self.connections.remove_idle(cutoff) {
+            self.finish(conn, now);
+        }
+        self.stats.connections_tracked.store(self.connections.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn into_sink(self) -> SpanSink {
+        self.sink
+    }
+
+    /// Daemon stopping: flush every connection's completed exchanges.
+    pub fn shutdown(&mut self) {
+        let now = Clock::monotonic_now_ns();
+        for conn in self.connections.drain() {
+            self.finish(conn, now);
+        }
+    }
+}
+
+/// Reads the ring buffer until `stop` resolves. Wakes on the ring's epoll
+/// readiness, never busy-polls.
+pub async fn run(
+    probes: &Probes,
+    ring: RingBuf<MapData>,
+    mut pipeline: Pipeline,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Pipeline> {
+    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged
+    // for as long as the AsyncFd owns the ring.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("registering the ring buffer with epoll: {e}"))?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_lost: u64 = 0;
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                let ring = guard.get_inner_mut();
+                while let Some(record) = ring.next() {
+                    pipeline.handle_record(&record);
+                }
+                guard.clear_ready();
+            }
+            _ = tick.tick() => {
+                pipeline.tick();
+                let lost: u64 = probes.lost_events().iter().map(|(_, n)| n).sum();
+                if lost > last_lost {
+                    warn!("{} events lost in the kernel (ring buffer full) so far: {:?}", lost, probes.lost_events());
+                    last_lost = lost;
+                }
+            }
+            _ = &mut stop => {
+                info!("stopping");
+                // Drain what the kernel already wrote.
+                let ring = ring.get_mut();
+                while let Some(record) = ring.next() {
+                    pipeline.handle_record(&record);
+                }
+                pipeline.shutdown();
+                return Ok(pipeline);
+            }
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! HTTP/1 exchanges to spans, following the stable OpenTelemetry HTTP
+//! semantic conventions. Only the request line's path, the status, Host,
+//! User-Agent and addresses are exported: never the query string, bodies or
+//! other headers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rand::Rng;
+
+use super::clock::Clock;
+use super::model::{Attribute, Resource, Span, SpanKind, SpanStatus};
+use crate::connections::Connection;
+use crate::protocols::http1::{Exchange, Side};
+
+const KNOWN_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+
+pub fn new_trace_id(rng: &mut impl Rng) -> [u8; 16] {
+    loop {
+        let id: [u8; 16] = rng.random();
+        if id != [0; 16] {
+            return id;
+        }
+    }
+}
+
+pub fn new_span_id(rng: &mut impl Rng) -> [u8; 8] {
+    loop {
+        let id: [u8; 8] = rng.random();
+        if id != [0; 8] {
+            return id;
+        }
+    }
+}
+
+/// Splits a Host header into name and port; IPv6 literals keep their
+/// brackets off.
+pub fn split_host(host: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = host.strip_prefix('[') {
+        if let Some((name, after)) = rest.split_once(']') {
+            return (name, after.strip_prefix(':').and_then(|p| p.parse().ok()));
+        }
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if !name.contains(':') => (name, port.parse().ok()),
+        _ => (host, None),
+    }
+}
+
+pub fn build(
+    ex: &Exchange,
+    conn: &Connection,
+    resource: Arc<Resource>,
+    clock: &Clock,
+    rng: &mut impl Rng,
+) -> Span {
+    let scheme = "http";
+    let method_known = KNOWN_METHODS.contains(&ex.method.as_str());
+    let method = if method_known { ex.method.as_str() } else { "_OTHER" };
+    let mut attributes = Vec::with_capacity(14);
+    attributes.push(Attribute::str("http.request.method", method));
+    if !method_known {
+        attributes.push(Attribute::str("http.request.method_original", ex.method.clone()));
+    }
+    attributes.push(Attribute::str("url.path", ex.path.clone()));
+    attributes.push(Attribute::str("url.scheme", scheme));
+    attributes.push(Attribute::str("network.protocol.name", "http"));
+    attributes.push(Attribute::str("network.protocol.version", if ex.version_minor == 0 { "1.0" } else { "1.1" }));
+    if let Some(status) = ex.status {
+        attributes.push(Attribute::int("http.response.status_code", status as i64));
+    }
+
+    let (host_name, host_port) = ex.host.as_deref().map(split_host).unwrap_or(("", None));
+    let (kind, server_side_addr) = match ex.side {
+        Side::Server => (SpanKind::Server, conn.local),
+        Side::Client => (SpanKind::Client, conn.peer),
+    };
+    let server_address = if host_name.is_empty() { server_side_addr.ip().to_string() } else { host_name.to_string() };
+    let server_port = host_port.unwrap_or(server_side_addr.port());
+    attributes.push(Attribute::str("server.address", server_address.clone()));
+    attributes.push(Attribute::int("server.port", server_port as i64));
+    push_addr(&mut attributes, "network.peer", conn.peer);
+    push_addr(&mut attributes, "network.local", conn.local);
+    match ex.side {
+        Side::Server => {
+            attributes.push(Attribute::str("client.address", conn.peer.ip().to_string()));
+            attributes.push(Attribute::int("client.port", conn.peer.port() as i64));
+        }
+        Side::Client => {
+            let default_port = server_port == 80;
+            let authority = match (server_address.contains(':'), default_port) {
+                (true, true) => format!("[{server_address}]"),
+                (true, false) => format!("[{server_address}]:{server_port}"),
+                (false, true) => server_address.clone(),
+                (false, false) => format!("{server_address}:{server_port}"),
+            };
+            attributes.push(Attribute::str("url.full", format!("{scheme}://{authority}{}", ex.path)));
+        }
+    }
+    if let Some(ua) = &ex.user_agent {
+        attributes.push(Attribute::str("user_agent.original", ua.clone()));
+    }
+    if ex.response_body_bytes > 0 {
+        attributes.push(Attribute::int("http.response.body.size", ex.response_body_bytes as i64));
+    }
+    if ex.request_body_bytes > 0 {
+        attributes.push(Attribute::int("http.request.body.size", ex.request_body_bytes as i64));
+    }
+
+    let is_error = match (ex.side, ex.status) {
+        (Side::Server, Some(s)) => s >= 500,
+        (Side::Client, Some(s)) => s >= 400,
+        _ => false,
+    };
+    let status = if is_error {
+        let code = ex.status.unwrap_or_default();
+        attributes.push(Attribute::str("error.type", code.to_string()));
+        SpanStatus::Error { message: format!("HTTP {code}") }
+    } else {
+        SpanStatus::Unset
+    };
+    if let Some(reason) = ex.incomplete {
+        attributes.push(Attribute::str("periscope.incomplete", reason));
+    }
+
+    let end_ns = ex.response_end_ns.unwrap_or(ex.request_end_ns).max(ex.request_start_ns);
+    Span {
+        trace_id: new_trace_id(rng),
+        span_id: new_span_id(rng),
+        parent_span_id: None,
+        name: method.strip_prefix('_').map(|_| "HTTP").unwrap_or(method).to_string(),
+        kind,
+        start_unix_nano: clock.to_unix_nanos(ex.request_start_ns),
+        end_unix_nano: clock.to_unix_nanos(end_ns),
+        attributes,
+        status,
+        resource,
+    }
+}
+
+fn push_addr(attributes: &mut Vec<Attribute>, prefix: &'static str, addr: SocketAddr) {
+    let (a, p) = match prefix {
+        "network.peer" => ("network.peer.address", "network.peer.port"),
+        _ => ("network.local.address", "network.local.port"),
+    };
+    attributes.push(Attribute::str(a, addr.ip().to_string()));
+    attributes.push(Attribute::int(p, addr.port() as i64));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connections::ProtocolState;
+    use crate::spans::model::AttrValue;
+
+    fn exchange(side: Side, status: Option<u16>) -> Exchange {
+        Exchange {
+            side,
+            method: "GET".into(),
+            path: "/items/7".into(),
+            has_query: true,
+            version_minor: 1,
+            host: Some("shop.example:8080".into()),
+            user_agent: Some("curl/7.88.1".into()),
+            traceparent: None,
+            request_content_length: None,
+            status,
+            request_body_bytes: 0,
+            response_body_bytes: 12,
+            request_start_ns: 1_000,
+            request_end_ns: 2_000,
+            response_start_ns: Some(3_000),
+            response_end_ns: Some(4_000),
+            incomplete: None,
+        }
+    }
+
+    fn conn() -> Connection {
+        Connection {
+            tgid: 10,
+            local: "127.0.0.1:40000".parse().unwrap(),
+            peer: "127.0.0.1:8080".parse().unwrap(),
+            side: None,
+            connect: None,
+            protocol: ProtocolState::Ignored,
+            last_seen_ns: 0,
+        }
+    }
+
+    fn resource() -> Arc<Resource> {
+        Arc::new(Resource { pid: 10, attributes: vec![Attribute::str("service.name", "curl")] })
+    }
+
+    #[test]
+    fn client_span_attributes() {
+        let clock = Clock::new();
+        let span = build(&exchange(Side::Client, Some(404)), &conn(), resource(), &clock, &mut rand::rng());
+        assert_eq!(span.kind, SpanKind::Client);
+        assert_eq!(span.name, "GET");
+        assert_eq!(span.attr("url.full"), Some(&AttrValue::Str("http://shop.example:8080/items/7".into())));
+        assert_eq!(span.attr("server.address"), Some(&AttrValue::Str("shop.example".into())));
+        assert_eq!(span.attr("server.port"), Some(&AttrValue::Int(8080)));
+        assert_eq!(span.attr("http.response.status_code"), Some(&AttrValue::Int(404)));
+        assert!(matches!(span.status, SpanStatus::Error { .. }));
+        assert_eq!(span.end_unix_nano - span.start_unix_nano, 3_000);
+        assert!(span.parent_span_id.is_none());
+    }
+
+    #[test]
+    fn server_span_4xx_is_not_an_error_5xx_is() {
+        let clock = Clock::new();
+        let mut c = conn();
+        std::mem::swap(&mut c.local, &mut c.peer);
+        let s404 = build(&exchange(Side::Server, Some(404)), &c, resource(), &clock, &mut rand::rng());
+        assert_eq!(s404.kind, SpanKind::Server);
+        assert_eq!(s404.status, SpanStatus::Unset);
+        assert_eq!(s404.attr("client.address"), Some(&AttrValue::Str("127.0.0.1".into())));
+        let s500 = build(&exchange(Side::Server, Some(500)), &c, resource(), &clock, &mut rand::rng());
+        assert!(matches!(s500.status, SpanStatus::Error { .. }));
+        assert_eq!(s500.attr("error.type"), Some(&AttrValue::Str("500".into())));
+    }
+
+    #[test]
+    fn unknown_method_and_incomplete() {
+        let mut ex = exchange(Side::Server, None);
+        ex.method = "PURGE".into();
+        ex.incomplete = Some("no_response");
+        ex.response_end_ns = None;
+        let span = build(&ex, &conn(), resource(), &Clock::new(), &mut rand::rng());
+        assert_eq!(span.name, "HTTP");
+        assert_eq!(span.attr("http.request.method"), Some(&AttrValue::Str("_OTHER".into())));
+        assert_eq!(span.attr("periscope.incomplete"), Some(&AttrValue::Str("no_response".into())));
+        assert_eq!(span.end_unix_nano - span.start_unix_nano, 1_000);
+    }
+
+    #[test]
+    fn host_splitting() {
+        assert_eq!(split_host("a.b:81"), ("a.b", Some(81)));
+        assert_eq!(split_host("a.b"), ("a.b", None));
+        assert_eq!(split_host("[::1]:8080"), ("::1", Some(8080)));
+        assert_eq!(split_host("::1"), ("::1", None));
+    }
+}
