@@ -1,0 +1,250 @@
+//! `cargo xtask setup [--test-deps]`: make this machine able to build, run and
+//! test Periscope. Every step checks first and acts only when something is
+//! missing, so a second run takes well under two seconds and changes nothing.
+//!
+//! Never runs `rustup update` and never installs a toolchain: bpf-linker is tied
+//! to the LLVM library of the installed nightly (see shared/TOOLCHAIN.md).
+
+use crate::cmd::{self, output_of, run};
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+/// The bpf-linker version that works with the nightly's LLVM (TOOLCHAIN.md).
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian packages the end-to-end tests and benchmarks run.
+/// PostgreSQL is left out: it is large and no test uses it yet.
+pub const APT_PACKAGES: &[&str] = &[
+    "nginx-light",
+    "curl",
+    "wrk",
+    "redis-server",
+    "redis-tools",
+    "apache2-utils",
+    "python3",
+];
+
+/// Python packages: (import name to check, pip requirement).
+/// Rotel is pinned because the test harness parses its debug output.
+pub const PIP_PACKAGES: &[(&str, &str)] = &[
+    ("rotel", "rotel==0.0.1a15"),
+    ("opentelemetry.sdk", "opentelemetry-sdk"),
+    (
+        "opentelemetry.exporter.otlp.proto.grpc",
+        "opentelemetry-exporter-otlp-proto-grpc",
+    ),
+];
+
+/// The Python that runs tooling (Rotel, the OTel SDK); the test harness uses
+/// the same rule (`PERISCOPE_PYTHON`, else `python3` from PATH).
+pub fn tool_python() -> String {
+    std::env::var("PERISCOPE_PYTHON").unwrap_or_else(|_| "python3".to_string())
+}
+
+pub struct Setup {
+    pub test_deps: bool,
+}
+
+impl Setup {
+    pub fn run(&self) -> Result<()> {
+        let t0 = Instant::now();
+        let mut did = Vec::new();
+        let cargo_bin = cmd::cargo_home().join("bin");
+        cmd::prepend_path(&cargo_bin);
+
+        tracefs(&mut did)?;
+        rust_src(&mut did)?;
+        bpf_linker(&cargo_bin, &mut did)?;
+        if self.test_deps {
+            apt(&mut did)?;
+            pip(&mut did)?;
+        }
+
+        if did.is_empty() {
+            eprintln!(
+                "xtask setup: everything already in place ({:.1} s)",
+                t0.elapsed().as_secs_f64()
+            );
+        } else {
+            eprintln!("xtask setup: done in {:.1} s:", t0.elapsed().as_secs_f64());
+            for d in &did {
+                eprintln!("  - {d}");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn tracefs(did: &mut Vec<String>) -> Result<()> {
+    const DIR: &str = "/sys/kernel/tracing";
+    if cmd::is_mountpoint(DIR) {
+        return Ok(());
+    }
+    if !cmd::is_root() {
+        eprintln!(
+            "xtask setup: WARNING: {DIR} is not mounted and you are not root; the agent will fail with `tracefs not found` until root runs `mount -t tracefs nodev {DIR}`"
+        );
+        return Ok(());
+    }
+    run(Command::new("mount").args(["-t", "tracefs", "nodev", DIR]))?;
+    did.push(format!("mounted tracefs on {DIR}"));
+    Ok(())
+}
+
+fn nightly_sysroot() -> Result<PathBuf> {
+    let s = output_of("rustc", ["+nightly", "--print", "sysroot"]).context(
+        "`rustc +nightly --print sysroot` failed: the nightly toolchain is missing. \
+         This project does not install toolchains (a new nightly would not match bpf-linker's LLVM); \
+         see shared/TOOLCHAIN.md",
+    )?;
+    Ok(PathBuf::from(s.trim()))
+}
+
+fn rust_src(did: &mut Vec<String>) -> Result<()> {
+    let sysroot = nightly_sysroot()?;
+    let src = sysroot.join("lib/rustlib/src/rust/library/core");
+    if src.is_dir() {
+        return Ok(());
+    }
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    did.push("added rust-src to the nightly toolchain".into());
+    Ok(())
+}
+
+fn bpf_linker_version() -> Option<String> {
+    output_of("bpf-linker", ["--version"]).map(|s| s.trim().to_string())
+}
+
+fn bpf_linker(cargo_bin: &Path, did: &mut Vec<String>) -> Result<()> {
+    let want = format!("bpf-linker {BPF_LINKER_VERSION}");
+    match bpf_linker_version() {
+        Some(v) if v == want => return Ok(()),
+        Some(v) => eprintln!("xtask setup: found `{v}`, need `{want}`: reinstalling"),
+        None => eprintln!(
+            "xtask setup: bpf-linker not found (or it does not start): installing {want} (about a minute)"
+        ),
+    }
+    // Link against the nightly's own libLLVM (TOOLCHAIN.md): no Debian LLVM is new enough.
+    let sysroot = nightly_sysroot()?;
+    let lib = sysroot.join("lib");
+    let llvm_so = std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    let vv = output_of("rustc", ["+nightly", "-vV"]).context("rustc +nightly -vV")?;
+    let major = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .map(str::to_string)
+        .context("no `LLVM version:` in `rustc +nightly -vV`")?;
+    let l = lib.display();
+    let rustflags =
+        format!("-C link-arg=-L{l} -C link-arg=-l:{llvm_so} -C link-arg=-Wl,-rpath,{l}");
+    let root = cargo_bin.parent().expect("cargo bin dir has a parent");
+    let mut c = cmd::cargo();
+    c.args([
+        "install",
+        &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+        "--locked",
+        "--no-default-features",
+    ])
+    .args(["--features", &format!("llvm-{major},no-llvm-linking")])
+    .arg("--root")
+    .arg(root)
+    .env("RUSTFLAGS", &rustflags)
+    // A target dir of its own: the RUSTFLAGS above must not touch the workspace's.
+    .env_remove("CARGO_TARGET_DIR")
+    .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    run(&mut c)?;
+    match bpf_linker_version() {
+        Some(v) if v == want => {}
+        other => bail!("installed bpf-linker but `bpf-linker --version` says {other:?}"),
+    }
+    did.push(format!(
+        "installed {want} (linked to the nightly's {llvm_so}) into {}",
+        cargo_bin.display()
+    ));
+    Ok(())
+}
+
+fn apt(did: &mut Vec<String>) -> Result<()> {
+    // One dpkg-query for all packages: `ii ` means installed.
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f", "${Package}\t${db:Status-Abbrev}\n"])
+        .args(APT_PACKAGES)
+        .output()
+        .context("running dpkg-query (is this Debian?)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let installed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(_, st)| st.starts_with("ii"))
+        .map(|(p, _)| p)
+        .collect();
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed.contains(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !cmd::is_root() {
+        bail!(
+            "Debian packages missing ({}) and you are not root: run `cargo xtask setup --test-deps` as root",
+            missing.join(" ")
+        );
+    }
+    run(Command::new("apt-get")
+        .args(["-q", "update"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["-q", "install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    did.push(format!("apt-get installed {}", missing.join(" ")));
+    Ok(())
+}
+
+fn pip(did: &mut Vec<String>) -> Result<()> {
+    let py = tool_python();
+    let missing: Vec<&str> = PIP_PACKAGES
+        .iter()
+        .filter(|(module, _)| output_of(&py, ["-c", &format!("import {module}")]).is_none())
+        .map(|(_, req)| *req)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let install = |extra: &[&str]| -> Result<()> {
+        let mut c = Command::new(&py);
+        c.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--root-user-action=ignore",
+        ])
+        .args(extra)
+        .args(&missing);
+        run(&mut c)
+    };
+    if let Err(e) = install(&[]) {
+        // Debian's own python3 refuses pip without this (PEP 668).
+        eprintln!("xtask setup: pip failed ({e:#}); retrying with --break-system-packages");
+        install(&["--break-system-packages"])?;
+    }
+    for (module, req) in PIP_PACKAGES {
+        if output_of(&py, ["-c", &format!("import {module}")]).is_none() {
+            bail!("pip installed {req} but `{py} -c 'import {module}'` still fails");
+        }
+    }
+    did.push(format!("pip installed {} for {py}", missing.join(" ")));
+    Ok(())
+}
