@@ -12,6 +12,10 @@ pub const MAX_PAYLOAD: usize = 4096;
 pub const DEFAULT_PAYLOAD_CAP: u32 = 4096;
 /// At most this many iovecs are copied from for readv/writev/sendmsg/recvmsg.
 pub const MAX_IOVECS: usize = 8;
+/// When a call moves more bytes than the cap, its last `TAIL_CAPTURE` bytes
+/// are copied too (after the head): message ends (a chunked body's `0\r\n\r\n`)
+/// sit at the end of a call, beyond a head-only capture.
+pub const TAIL_CAPTURE: u32 = 64;
 
 pub mod kind {
     pub const DATA: u8 = 1;
@@ -107,11 +111,15 @@ pub struct DataEvent {
     pub fd: i32,
     /// Bytes the call transferred (may exceed `captured_len`).
     pub total_len: u32,
+    /// Bytes that follow the struct: the call's first bytes, then its last
+    /// `tail_len` bytes (positions `total_len - tail_len..total_len`).
     pub captured_len: u32,
     pub direction: u8,
     pub syscall: u8,
     pub source: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    pub tail_len: u16,
+    pub _pad2: u16,
     pub tuple: SockTuple,
 }
 

@@ -77,7 +77,7 @@ impl Pipeline {
 
     fn handle(&mut self, event: Event<'_>) {
         match event {
-            Event::Data { event, payload } => {
+            Event::Data { event, payload, tail: _tail } => {
                 if event.source != source::SOCKET {
                     return;
                 }

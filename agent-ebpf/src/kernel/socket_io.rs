@@ -13,8 +13,8 @@ use aya_ebpf::{
 };
 use core::ffi::c_void;
 use periscope_ebpf::{
-    DataEvent, DataEventBuf, EventHeader, KernelOffsets, MAX_IOVECS, MAX_PAYLOAD, direction,
-    kind, nr, probe, source, syscall,
+    DataEvent, DataEventBuf, EventHeader, KernelOffsets, MAX_IOVECS, MAX_PAYLOAD, TAIL_CAPTURE,
+    direction, kind, nr, probe, source, syscall,
 };
 
 use super::{OFFSETS, PAYLOAD_CAP, SCRATCH, SELF_TGID, output_bytes, read_kernel, read_tuple, tcp_family};
@@ -64,20 +64,29 @@ fn on_socket_io(ctx: &BtfTracePointContext, dir: u8, probe_id: u32) -> Option<()
     ev.total_len = ret as u32;
     ev.direction = dir;
     ev.source = source::SOCKET;
-    ev._pad = [0; 5];
+    ev._pad = 0;
+    ev._pad2 = 0;
     read_tuple(sk, family, &off, &mut ev.tuple);
 
-    let mut want = PAYLOAD_CAP.load();
-    if want > MAX_PAYLOAD as u32 {
-        want = MAX_PAYLOAD as u32;
+    let mut cap = PAYLOAD_CAP.load();
+    if cap > MAX_PAYLOAD as u32 {
+        cap = MAX_PAYLOAD as u32;
     }
-    if want > ret as u32 {
-        want = ret as u32;
-    }
-    let (sys, fd, captured) = copy_syscall_payload(buf, &off, want);
+    let total = ret as u32;
+    // A call larger than the cap keeps its head and its last bytes.
+    let want = if total <= cap {
+        Want { head: total, tail: 0, total }
+    } else if cap >= 2 * TAIL_CAPTURE {
+        Want { head: cap - TAIL_CAPTURE, tail: TAIL_CAPTURE, total }
+    } else {
+        Want { head: cap, tail: 0, total }
+    };
+    let (sys, fd, head, tail) = copy_syscall_payload(buf, &off, &want);
     buf.event.syscall = sys;
     buf.event.fd = fd;
-    buf.event.captured_len = captured;
+    buf.event.captured_len = head + tail;
+    buf.event.tail_len = tail as u16;
+    let captured = head + tail;
 
     let mut size = core::mem::size_of::<DataEvent>() as u64 + captured as u64;
     if size > core::mem::size_of::<DataEventBuf>() as u64 {
@@ -87,42 +96,83 @@ fn on_socket_io(ctx: &BtfTracePointContext, dir: u8, probe_id: u32) -> Option<()
     Some(())
 }
 
-/// Finds the user buffer(s) of the system call in progress and copies up to
-/// `want` bytes. Returns (syscall family, fd, bytes copied).
+/// How much of a call to copy: its first `head` bytes and its last `tail`
+/// bytes (of `total`).
+struct Want {
+    head: u32,
+    tail: u32,
+    total: u32,
+}
+
+/// Finds the user buffer(s) of the system call in progress and copies what
+/// `want` asks for. Returns (syscall family, fd, head bytes, tail bytes).
 #[inline(always)]
-fn copy_syscall_payload(buf: &mut DataEventBuf, off: &KernelOffsets, want: u32) -> (u8, i32, u32) {
+fn copy_syscall_payload(buf: &mut DataEventBuf, off: &KernelOffsets, want: &Want) -> (u8, i32, u32, u32) {
     let regs = unsafe { generated::bpf_task_pt_regs(generated::bpf_get_current_task_btf()) } as u64;
     if regs == 0 {
-        return (syscall::OTHER, -1, 0);
+        return (syscall::OTHER, -1, 0, 0);
     }
     let Ok(nr) = read_kernel::<u64>(regs, off.pt_regs_orig_ax) else {
-        return (syscall::OTHER, -1, 0);
+        return (syscall::OTHER, -1, 0, 0);
     };
     let arg0 = read_kernel::<u64>(regs, off.pt_regs_di).unwrap_or(0);
     let arg1 = read_kernel::<u64>(regs, off.pt_regs_si).unwrap_or(0);
     let arg2 = read_kernel::<u64>(regs, off.pt_regs_dx).unwrap_or(0);
     let fd = arg0 as i32;
-    match nr {
-        nr::READ | nr::WRITE => (syscall::READ_WRITE, fd, copy_flat(buf, arg1, want)),
-        nr::SENDTO | nr::RECVFROM => (syscall::SEND_RECV, fd, copy_flat(buf, arg1, want)),
-        nr::READV | nr::WRITEV => (syscall::VECTORED, fd, copy_iovecs(buf, arg1, arg2, want)),
+    let (sys, fd, head, tail) = match nr {
+        nr::READ | nr::WRITE => (syscall::READ_WRITE, fd, copy_flat(buf, arg1, want), 0),
+        nr::SENDTO | nr::RECVFROM => (syscall::SEND_RECV, fd, copy_flat(buf, arg1, want), 0),
+        nr::READV | nr::WRITEV => {
+            let (head, tail) = copy_iovecs(buf, arg1, arg2, want);
+            (syscall::VECTORED, fd, head, tail)
+        }
         nr::SENDMSG | nr::RECVMSG => {
             // struct user_msghdr: msg_name, msg_namelen (padded), msg_iov, msg_iovlen
             let iov = unsafe { bpf_probe_read_user((arg1 + 16) as *const u64) }.unwrap_or(0);
             let iovlen = unsafe { bpf_probe_read_user((arg1 + 24) as *const u64) }.unwrap_or(0);
-            (syscall::MSG, fd, copy_iovecs(buf, iov, iovlen, want))
+            let (head, tail) = copy_iovecs(buf, iov, iovlen, want);
+            (syscall::MSG, fd, head, tail)
         }
-        nr::SENDFILE => (syscall::SENDFILE, fd, 0),
-        _ => (syscall::OTHER, -1, 0),
-    }
+        nr::SENDFILE => (syscall::SENDFILE, fd, 0, 0),
+        _ => (syscall::OTHER, -1, 0, 0),
+    };
+    // Flat buffers: the tail is simply the buffer's last bytes.
+    let tail = match sys {
+        syscall::READ_WRITE | syscall::SEND_RECV if want.tail > 0 && head == want.head => {
+            copy_tail(buf, head, arg1 + (want.total - want.tail) as u64)
+        }
+        _ => tail,
+    };
+    (sys, fd, head, tail)
+}
+
+/// Copies `TAIL_CAPTURE` bytes from `src` into the payload at `at`.
+#[inline(always)]
+fn copy_tail(buf: &mut DataEventBuf, at: u32, src: u64) -> u32 {
+    // `at` < MAX_PAYLOAD always; the mask keeps the verifier convinced.
+    let at = (core::hint::black_box(at) as usize) & (MAX_PAYLOAD - 1);
+    let ret = unsafe {
+        generated::bpf_probe_read_user(
+            buf.payload.as_mut_ptr().add(at) as *mut c_void,
+            TAIL_CAPTURE,
+            src as *const c_void,
+        )
+    };
+    if ret < 0 { 0 } else { TAIL_CAPTURE }
+}
+
+/// `n` clamped to `max` in a way the verifier can follow: LLVM otherwise
+/// proves the clamp redundant from earlier checks and passes the unclamped
+/// register to the helper, whose bounds the verifier cannot see.
+#[inline(always)]
+fn bounded(n: u32, max: u32) -> u32 {
+    let n = core::hint::black_box(n);
+    if n > max { max } else { n }
 }
 
 #[inline(always)]
-fn copy_flat(buf: &mut DataEventBuf, src: u64, want: u32) -> u32 {
-    let mut n = want;
-    if n > MAX_PAYLOAD as u32 {
-        n = MAX_PAYLOAD as u32;
-    }
+fn copy_flat(buf: &mut DataEventBuf, src: u64, want: &Want) -> u32 {
+    let n = bounded(want.head, MAX_PAYLOAD as u32);
     if n == 0 || src == 0 {
         return 0;
     }
@@ -132,23 +182,35 @@ fn copy_flat(buf: &mut DataEventBuf, src: u64, want: u32) -> u32 {
     if ret < 0 { 0 } else { n }
 }
 
+/// Copies the head from the first iovecs and, when asked, the tail from the
+/// iovec holding the call's last byte (only if that iovec holds the whole
+/// tail). Returns (head bytes, tail bytes).
 #[inline(always)]
-fn copy_iovecs(buf: &mut DataEventBuf, iov: u64, iovcnt: u64, want: u32) -> u32 {
+fn copy_iovecs(buf: &mut DataEventBuf, iov: u64, iovcnt: u64, want: &Want) -> (u32, u32) {
     let mut copied: u32 = 0;
+    // Stream position where the current iovec starts.
+    let mut pos: u64 = 0;
+    let mut tail_src: u64 = 0;
     for i in 0..MAX_IOVECS {
-        if i as u64 >= iovcnt || copied >= want || iov == 0 {
+        if i as u64 >= iovcnt || iov == 0 || pos >= want.total as u64 {
             break;
         }
         let Ok(v) = (unsafe { bpf_probe_read_user((iov + (i * 16) as u64) as *const IoVec) }) else {
             break;
         };
-        let mut n = want - copied;
+        let end = pos + v.len;
+        if want.tail > 0 && end >= want.total as u64 && want.total as u64 - pos >= want.tail as u64 {
+            tail_src = v.base + (want.total as u64 - pos) - want.tail as u64;
+        }
+        pos = end;
+        if copied >= want.head {
+            continue;
+        }
+        let mut n = want.head - copied;
         if (n as u64) > v.len {
             n = v.len as u32;
         }
-        if n > MAX_PAYLOAD as u32 {
-            n = MAX_PAYLOAD as u32;
-        }
+        let n = bounded(n, MAX_PAYLOAD as u32);
         // LLVM can prove `copied < MAX_PAYLOAD` and would drop the mask, but
         // the verifier cannot: keep the mask by hiding the value from LLVM.
         let at = (core::hint::black_box(copied) as usize) & (MAX_PAYLOAD - 1);
@@ -167,5 +229,6 @@ fn copy_iovecs(buf: &mut DataEventBuf, iov: u64, iovcnt: u64, want: u32) -> u32 
         }
         copied += n;
     }
-    copied
+    let tail = if tail_src != 0 && copied == want.head { copy_tail(buf, copied, tail_src) } else { 0 };
+    (copied, tail)
 }

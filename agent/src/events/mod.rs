@@ -8,7 +8,9 @@ use periscope_ebpf::{
 
 #[derive(Debug)]
 pub enum Event<'a> {
-    Data { event: DataEvent, payload: &'a [u8] },
+    /// `payload` is the call's first bytes; `tail` its last bytes (empty
+    /// when `payload` holds the whole call or no tail was captured).
+    Data { event: DataEvent, payload: &'a [u8], tail: &'a [u8] },
     Connect(ConnectEvent),
     Accept(AcceptEvent),
     Close(CloseEvent),
@@ -37,7 +39,13 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             let event: DataEvent = read(bytes).ok_or_else(short)?;
             let payload = &bytes[size_of::<DataEvent>()..];
             let captured = (event.captured_len as usize).min(payload.len()).min(event.total_len as usize);
-            Ok(Event::Data { event, payload: &payload[..captured] })
+            let tail_len = event.tail_len as usize;
+            let (head, tail) = if tail_len <= captured {
+                payload[..captured].split_at(captured - tail_len)
+            } else {
+                (&payload[..captured], &payload[..0])
+            };
+            Ok(Event::Data { event, payload: head, tail })
         }
         kind::CONNECT => read(bytes).map(Event::Connect).ok_or_else(short),
         kind::ACCEPT => read(bytes).map(Event::Accept).ok_or_else(short),
@@ -53,6 +61,10 @@ mod tests {
     use periscope_ebpf::{SockTuple, direction};
 
     fn data_record(payload: &[u8], captured_len: u32) -> Vec<u8> {
+        data_record_with_tail(payload, captured_len, 0)
+    }
+
+    fn data_record_with_tail(payload: &[u8], captured_len: u32, tail_len: u16) -> Vec<u8> {
         let ev = DataEvent {
             header: EventHeader { kind: kind::DATA, _pad: [0; 3], tgid: 42, ts_ns: 7 },
             sock: 0xffff_8888,
@@ -63,7 +75,9 @@ mod tests {
             direction: direction::EGRESS,
             syscall: 1,
             source: 0,
-            _pad: [0; 5],
+            _pad: 0,
+            tail_len,
+            _pad2: 0,
             tuple: SockTuple::default(),
         };
         let mut out = vec![0u8; size_of::<DataEvent>()];
@@ -76,9 +90,10 @@ mod tests {
     fn data_event_with_payload() {
         let rec = data_record(b"GET / HTTP/1.1\r\n", 16);
         match decode(&rec).unwrap() {
-            Event::Data { event, payload } => {
+            Event::Data { event, payload, tail } => {
                 assert_eq!(event.header.tgid, 42);
                 assert_eq!(payload, b"GET / HTTP/1.1\r\n");
+                assert!(tail.is_empty());
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -89,6 +104,27 @@ mod tests {
         let rec = data_record(b"abc", 4000);
         match decode(&rec).unwrap() {
             Event::Data { payload, .. } => assert_eq!(payload, b"abc"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn head_and_tail_are_split() {
+        let rec = data_record_with_tail(b"HTTP/1.1 200 OK\r\n0\r\n\r\n", 22, 5);
+        match decode(&rec).unwrap() {
+            Event::Data { payload, tail, .. } => {
+                assert_eq!(payload, b"HTTP/1.1 200 OK\r\n");
+                assert_eq!(tail, b"0\r\n\r\n");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // A tail longer than what was captured is ignored, not trusted.
+        let rec = data_record_with_tail(b"abc", 3, 9);
+        match decode(&rec).unwrap() {
+            Event::Data { payload, tail, .. } => {
+                assert_eq!(payload, b"abc");
+                assert!(tail.is_empty());
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
