@@ -5,8 +5,9 @@
 //! - `build [--release]`    setup, then build the agent (its build script builds the eBPF side)
 //! - `run [-- ARGS]`        setup, release build, exec `periscope run ARGS` (needs root)
 //! - `test [--release]`     setup --test-deps, build, unit tests, then end-to-end tests (needs root)
-//! - `bench [--quick]`      not written yet
+//! - `bench [--quick]`      nginx + wrk/hey with and without the agent, same run
 
+mod bench;
 mod cmd;
 mod setup;
 mod test;
@@ -61,10 +62,9 @@ fn real_main() -> Result<ExitCode> {
             return test::run(release);
         }
         "bench" => {
-            let _quick = flags(&rest, &["--quick"])?.contains(&"--quick");
-            bail!(
-                "`cargo xtask bench` is not written yet (another engineer is on it); the process helpers it will use are in the `periscope-tests` library (tests/src/proc.rs)"
-            );
+            let quick = flags(&rest, &["--quick"])?.contains(&"--quick");
+            Setup { test_deps: false }.run()?;
+            bench::run(bench::BenchArgs::new(quick))?;
         }
         "-h" | "--help" | "help" => eprintln!("{USAGE}"),
         other => {

@@ -20,6 +20,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "nginx-light",
     "curl",
     "wrk",
+    "hey",
     "redis-server",
     "redis-tools",
     "apache2-utils",
