@@ -3,7 +3,10 @@
 //! Input: one byte whose bits 0..2 pick the limits and the side hint, then
 //! records `[flags] [len] [gap] bytes[len]`: bit 0 of flags is the
 //! direction, bit 1 closes the connection after the chunk, and `gap` adds
-//! that many uncaptured bytes to the chunk.
+//! that many uncaptured bytes to the chunk. With bit 2 of flags, the record
+//! goes on with `[tlen] tail[tlen]`: the captured last bytes of the call,
+//! after the gap (bit 3 makes `total_len` too small for them, so they must be
+//! ignored).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -37,10 +40,17 @@ fuzz_target!(|data: &[u8]| {
     let mut seen: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
     let mut emitted = 0usize;
     let mut ts = 0u64;
-    while let [flags, len, gap, tail @ ..] = rest {
-        let n = usize::from(*len).min(tail.len());
-        let (bytes, next) = tail.split_at(n);
+    while let [flags, len, gap, more @ ..] = rest {
+        let n = usize::from(*len).min(more.len());
+        let (bytes, next) = more.split_at(n);
         rest = next;
+        let mut tail: &[u8] = &[];
+        if flags & 4 != 0
+            && let [tlen, more @ ..] = rest
+        {
+            let t = usize::from(*tlen).min(more.len());
+            (tail, rest) = more.split_at(t);
+        }
         ts += 1;
         let direction = if flags & 1 == 0 {
             Direction::Egress
@@ -48,10 +58,17 @@ fuzz_target!(|data: &[u8]| {
             Direction::Ingress
         };
         seen[usize::from(flags & 1)].extend_from_slice(bytes);
+        seen[usize::from(flags & 1)].extend_from_slice(tail);
+        let total_len = if flags & 8 != 0 {
+            n as u32
+        } else {
+            (n + tail.len()) as u32 + u32::from(*gap)
+        };
         let chunk = Chunk {
             direction,
-            total_len: n as u32 + u32::from(*gap),
+            total_len,
             bytes,
+            tail,
             ts_ns: ts,
         };
         if conn.feed(chunk, &mut out) == Feed::NotHttp {
