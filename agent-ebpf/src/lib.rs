@@ -23,6 +23,7 @@ pub mod kind {
     pub const ACCEPT: u8 = 3;
     pub const CLOSE: u8 = 4;
     pub const PROCESS_EXIT: u8 = 5;
+    pub const PROCESS_EXEC: u8 = 6;
 }
 
 /// Direction of a data event, seen from the traced process.
@@ -60,13 +61,15 @@ pub mod probe {
     pub const STATE_CHANGE: u32 = 2;
     pub const DESTROY_SOCK: u32 = 3;
     pub const PROCESS_EXIT: u32 = 4;
-    pub const COUNT: u32 = 5;
+    pub const PROCESS_EXEC: u32 = 5;
+    pub const COUNT: u32 = 6;
     pub const NAMES: [&str; COUNT as usize] = [
         "sock_send_length",
         "sock_recv_length",
         "inet_sock_set_state",
         "tcp_destroy_sock",
         "sched_process_exit",
+        "sched_process_exec",
     ];
 }
 
@@ -174,6 +177,28 @@ pub struct ProcessExitEvent {
     pub header: EventHeader,
 }
 
+pub const EXEC_FILENAME_MAX: usize = 256;
+pub const EXEC_NAME_MAX: usize = 64;
+pub const EXEC_ENV_MAX: usize = 2048;
+
+/// A process started a new program. Carries what the daemon needs to
+/// describe the process even if it exits before /proc is read.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ProcessExecEvent {
+    pub header: EventHeader,
+    pub comm: [u8; 16],
+    /// File name of the executable actually opened (symlinks resolved),
+    /// NUL-terminated.
+    pub exe_name: [u8; EXEC_NAME_MAX],
+    /// The path as given to execve, NUL-terminated.
+    pub filename: [u8; EXEC_FILENAME_MAX],
+    /// Bytes of `env` that hold the start of the environment block.
+    pub env_len: u32,
+    pub _pad: u32,
+    pub env: [u8; EXEC_ENV_MAX],
+}
+
 /// Kernel struct field offsets (bytes) the programs need, read by the daemon
 /// from the running kernel's BTF and written into the `OFFSETS` global before
 /// load.
@@ -192,6 +217,15 @@ pub struct KernelOffsets {
     pub pt_regs_si: u32,
     pub pt_regs_dx: u32,
     pub pt_regs_orig_ax: u32,
+    pub binprm_file: u32,
+    pub binprm_filename: u32,
+    /// file.f_path.dentry
+    pub file_dentry: u32,
+    /// dentry.d_name.name
+    pub dentry_name: u32,
+    pub task_mm: u32,
+    pub mm_env_start: u32,
+    pub mm_env_end: u32,
 }
 
 /// x86_64 system call numbers the socket probes recognise.

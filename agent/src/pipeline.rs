@@ -77,7 +77,7 @@ impl Pipeline {
 
     fn handle(&mut self, event: Event<'_>) {
         match event {
-            Event::Data { event, payload, tail: _tail } => {
+            Event::Data { event, payload, tail } => {
                 if event.source != source::SOCKET {
                     return;
                 }
@@ -101,6 +101,7 @@ impl Pipeline {
                     direction: if event.direction == direction::EGRESS { Direction::Egress } else { Direction::Ingress },
                     total_len: event.total_len,
                     bytes: payload,
+                    tail,
                     ts_ns: event.header.ts_ns,
                 };
                 let errors_before = parser.errors();
@@ -126,6 +127,7 @@ impl Pipeline {
                     self.finish(conn, c.header.ts_ns);
                 }
             }
+            Event::ProcessExec(e) => self.processes.on_exec(e.header.tgid, &e),
             Event::ProcessExit(e) => {
                 for conn in self.connections.remove_process(e.header.tgid) {
                     self.finish(conn, e.header.ts_ns);
@@ -198,8 +200,12 @@ impl Pipeline {
     }
 }
 
-/// Reads the ring buffer until `stop` resolves. Wakes on the ring's epoll
-/// readiness, never busy-polls.
+/// How often the ring is drained. The kernel side only signals readiness
+/// when the ring is a quarter full, so this bounds how late spans are built.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Reads the ring buffer until `stop` resolves: every `DRAIN_INTERVAL`, and
+/// at once when the kernel signals a filling ring. Never busy-polls.
 pub async fn run(
     probes: &Probes,
     ring: RingBuf<MapData>,
@@ -211,6 +217,8 @@ pub async fn run(
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("registering the ring buffer with epoll: {e}"))?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut drain = tokio::time::interval(DRAIN_INTERVAL);
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_lost: u64 = 0;
     tokio::pin!(stop);
     loop {
@@ -222,6 +230,12 @@ pub async fn run(
                     pipeline.handle_record(&record);
                 }
                 guard.clear_ready();
+            }
+            _ = drain.tick() => {
+                let ring = ring.get_mut();
+                while let Some(record) = ring.next() {
+                    pipeline.handle_record(&record);
+                }
             }
             _ = tick.tick() => {
                 pipeline.tick();

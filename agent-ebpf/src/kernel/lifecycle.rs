@@ -1,12 +1,21 @@
 //! Connection and process lifecycle: connect (with SYN_SENT -> ESTABLISHED
 //! latency), passive open, socket destruction, process exit.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_ktime_get_ns, generated},
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
+use core::ffi::c_void;
 use periscope_ebpf::{
-    AcceptEvent, CloseEvent, ConnectEvent, EventHeader, ProcessExitEvent, SockTuple, kind, probe,
+    AcceptEvent, CloseEvent, ConnectEvent, EXEC_ENV_MAX, EXEC_FILENAME_MAX, EXEC_NAME_MAX, EventHeader,
+    ProcessExitEvent, SockTuple, kind, probe,
 };
 
-use super::{CONNECTING, ConnectStart, OFFSETS, SELF_TGID, current_tgid, output, read_tuple, tcp_family};
+use super::{
+    CONNECTING, ConnectStart, EXEC_SCRATCH, OFFSETS, SELF_TGID, bounded, current_tgid, output, read_kernel,
+    read_tuple, tcp_family,
+};
 
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
@@ -83,5 +92,65 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
     }
     let ev = ProcessExitEvent { header: header(kind::PROCESS_EXIT, current_tgid(), unsafe { bpf_ktime_get_ns() }) };
     output(&ev, probe::PROCESS_EXIT);
+    0
+}
+
+/// A process started a new program: its name, executable and environment,
+/// so that even a process that exits before the daemon reads /proc is
+/// described (the daemon prefers /proc when it is still there).
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
+    let bprm: u64 = ctx.arg(2);
+    let tgid = current_tgid();
+    if tgid == SELF_TGID.load() {
+        return 0;
+    }
+    let off = OFFSETS.load();
+    let Some(ev) = EXEC_SCRATCH.get_ptr_mut(0) else { return 0 };
+    let ev = unsafe { &mut *ev };
+    ev.header = header(kind::PROCESS_EXEC, tgid, unsafe { bpf_ktime_get_ns() });
+    ev.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    ev.exe_name[0] = 0;
+    ev.filename[0] = 0;
+    ev.env_len = 0;
+    ev._pad = 0;
+
+    if let Ok(filename) = read_kernel::<u64>(bprm, off.binprm_filename) {
+        unsafe {
+            generated::bpf_probe_read_kernel_str(
+                ev.filename.as_mut_ptr() as *mut c_void,
+                EXEC_FILENAME_MAX as u32,
+                filename as *const c_void,
+            )
+        };
+    }
+    let name = read_kernel::<u64>(bprm, off.binprm_file)
+        .and_then(|file| read_kernel::<u64>(file, off.file_dentry))
+        .and_then(|dentry| read_kernel::<u64>(dentry, off.dentry_name));
+    if let Ok(name) = name {
+        unsafe {
+            generated::bpf_probe_read_kernel_str(
+                ev.exe_name.as_mut_ptr() as *mut c_void,
+                EXEC_NAME_MAX as u32,
+                name as *const c_void,
+            )
+        };
+    }
+    let task = unsafe { generated::bpf_get_current_task_btf() } as u64;
+    let env = read_kernel::<u64>(task, off.task_mm).and_then(|mm| {
+        Ok((read_kernel::<u64>(mm, off.mm_env_start)?, read_kernel::<u64>(mm, off.mm_env_end)?))
+    });
+    if let Ok((start, end)) = env {
+        if end > start {
+            let len = bounded((end - start).min(EXEC_ENV_MAX as u64) as u32, EXEC_ENV_MAX as u32);
+            let ret = unsafe {
+                generated::bpf_probe_read_user(ev.env.as_mut_ptr() as *mut c_void, len, start as *const c_void)
+            };
+            if ret == 0 {
+                ev.env_len = len;
+            }
+        }
+    }
+    output(ev, probe::PROCESS_EXEC);
     0
 }

@@ -22,6 +22,12 @@ static SELF_TGID: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static PAYLOAD_CAP: Global<u32> = Global::new(DEFAULT_PAYLOAD_CAP);
 
+/// Unread bytes in the ring beyond which a write wakes the daemon. Below it,
+/// writes do not wake anyone and the daemon drains the ring on a timer: a
+/// wake-up per event (the default) costs a context switch per event.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: Global<u64> = Global::new(1 << 20);
+
 /// Field offsets from the running kernel's BTF, set by the loader.
 #[unsafe(no_mangle)]
 static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
@@ -37,6 +43,13 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     pt_regs_si: 0,
     pt_regs_dx: 0,
     pt_regs_orig_ax: 0,
+    binprm_file: 0,
+    binprm_filename: 0,
+    file_dentry: 0,
+    dentry_name: 0,
+    task_mm: 0,
+    mm_env_start: 0,
+    mm_env_end: 0,
 });
 
 /// Every event goes through this one ring buffer. The loader may resize it.
@@ -50,6 +63,10 @@ static LOST_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(probe::COUN
 /// Where a data event is assembled before it is copied out at its real size.
 #[map]
 static SCRATCH: PerCpuArray<DataEventBuf> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where an exec event is assembled (too large for the BPF stack).
+#[map]
+static EXEC_SCRATCH: PerCpuArray<periscope_ebpf::ProcessExecEvent> = PerCpuArray::with_max_entries(1, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -76,17 +93,25 @@ fn count_lost(probe_id: u32) {
 /// failure against `probe_id`.
 #[inline(always)]
 fn output_bytes(data: *const c_void, size: u64, probe_id: u32) {
-    let ret = unsafe {
-        generated::bpf_ringbuf_output(
-            core::ptr::addr_of!(EVENTS) as *mut c_void,
-            data as *mut c_void,
-            size,
-            0,
-        )
-    };
+    const BPF_RB_NO_WAKEUP: u64 = 1;
+    const BPF_RB_FORCE_WAKEUP: u64 = 2;
+    const BPF_RB_AVAIL_DATA: u64 = 0;
+    let ring = core::ptr::addr_of!(EVENTS) as *mut c_void;
+    let unread = unsafe { generated::bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA) };
+    let flags = if unread >= WAKEUP_BYTES.load() { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    let ret = unsafe { generated::bpf_ringbuf_output(ring, data as *mut c_void, size, flags) };
     if ret < 0 {
         count_lost(probe_id);
     }
+}
+
+/// `n` clamped to `max` in a way the verifier can follow: LLVM otherwise
+/// proves a clamp redundant from earlier checks and passes the unclamped
+/// register to a helper, whose bounds the verifier then cannot see.
+#[inline(always)]
+pub fn bounded(n: u32, max: u32) -> u32 {
+    let n = core::hint::black_box(n);
+    if n > max { max } else { n }
 }
 
 #[inline(always)]

@@ -17,7 +17,7 @@ use periscope_ebpf::{
     direction, kind, nr, probe, source, syscall,
 };
 
-use super::{OFFSETS, PAYLOAD_CAP, SCRATCH, SELF_TGID, output_bytes, read_kernel, read_tuple, tcp_family};
+use super::{OFFSETS, PAYLOAD_CAP, SCRATCH, SELF_TGID, bounded, output_bytes, read_kernel, read_tuple, tcp_family};
 
 const MSG_PEEK: i32 = 2;
 
@@ -159,15 +159,6 @@ fn copy_tail(buf: &mut DataEventBuf, at: u32, src: u64) -> u32 {
         )
     };
     if ret < 0 { 0 } else { TAIL_CAPTURE }
-}
-
-/// `n` clamped to `max` in a way the verifier can follow: LLVM otherwise
-/// proves the clamp redundant from earlier checks and passes the unclamped
-/// register to the helper, whose bounds the verifier cannot see.
-#[inline(always)]
-fn bounded(n: u32, max: u32) -> u32 {
-    let n = core::hint::black_box(n);
-    if n > max { max } else { n }
 }
 
 #[inline(always)]

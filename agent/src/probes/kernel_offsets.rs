@@ -31,6 +31,13 @@ pub fn from_btf(btf: &Btf) -> Result<KernelOffsets> {
         pt_regs_si: field_offset(btf, "pt_regs", "si")?,
         pt_regs_dx: field_offset(btf, "pt_regs", "dx")?,
         pt_regs_orig_ax: field_offset(btf, "pt_regs", "orig_ax")?,
+        binprm_file: field_offset(btf, "linux_binprm", "file")?,
+        binprm_filename: field_offset(btf, "linux_binprm", "filename")?,
+        file_dentry: field_offset(btf, "file", "f_path")? + field_offset(btf, "path", "dentry")?,
+        dentry_name: field_offset(btf, "dentry", "d_name")? + field_offset(btf, "qstr", "name")?,
+        task_mm: field_offset(btf, "task_struct", "mm")?,
+        mm_env_start: field_offset(btf, "mm_struct", "env_start")?,
+        mm_env_end: field_offset(btf, "mm_struct", "env_end")?,
     })
 }
 

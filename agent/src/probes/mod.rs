@@ -20,6 +20,7 @@ pub const PROGRAMS: &[&str] = &[
     "inet_sock_set_state",
     "tcp_destroy_sock",
     "sched_process_exit",
+    "sched_process_exec",
     "sock_send_length",
     "sock_recv_length",
 ];
@@ -59,10 +60,13 @@ impl Probes {
         let self_tgid = std::process::id();
         let payload_cap = settings.payload_cap.min(MAX_PAYLOAD as u32);
         let offsets_pod = OffsetsPod(offsets);
+        // Wake the daemon early once a quarter of the ring is unread.
+        let wakeup_bytes = settings.ring_buffer_bytes as u64 / 4;
         let mut ebpf = EbpfLoader::new()
             .override_global("SELF_TGID", &self_tgid, true)
             .override_global("PAYLOAD_CAP", &payload_cap, true)
             .override_global("OFFSETS", &offsets_pod, true)
+            .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .map_max_entries("EVENTS", settings.ring_buffer_bytes)
             .load(EBPF_OBJECT)
             .context("loading the kernel programs (are you root / CAP_BPF+CAP_PERFMON?)")?;
