@@ -13,13 +13,17 @@ use crate::spans::model::Attribute;
 
 /// Default `OTEL_EXPORTER_OTLP_TIMEOUT`: 10 s (spec).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(10_000);
-/// Default `OTEL_BSP_MAX_QUEUE_SIZE` (spec).
-pub const DEFAULT_MAX_QUEUE_SIZE: usize = 2048;
-/// Default `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` (spec).
-pub const DEFAULT_MAX_EXPORT_BATCH_SIZE: usize = 512;
+/// Default `OTEL_BSP_MAX_QUEUE_SIZE`. The spec's 2048 suits an SDK inside
+/// one process; one agent exports for every process on a node, and at tens
+/// of thousands of spans per second 2048 overflows within one export round
+/// trip. 8192 spans stay within a few MiB.
+pub const DEFAULT_MAX_QUEUE_SIZE: usize = 8192;
+/// Default `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` (spec: 512): larger batches
+/// amortise the per-request cost at node-wide volumes.
+pub const DEFAULT_MAX_EXPORT_BATCH_SIZE: usize = 1024;
 /// Default `OTEL_BSP_SCHEDULE_DELAY`: 1 s. The spec says 5 s; an agent whose
 /// users watch a collector for their request wants it sooner, and batches
-/// still fill to 512 spans under load.
+/// still fill under load.
 pub const DEFAULT_SCHEDULE_DELAY: Duration = Duration::from_millis(1000);
 /// How long a shutdown may spend flushing what is queued.
 pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -415,8 +419,8 @@ mod tests {
     fn defaults_to_stdout() {
         let c = cfg(None, None, &[]).unwrap();
         assert_eq!(c.destination, Destination::Stdout(OutputFormat::Text));
-        assert_eq!(c.max_queue_size, 2048);
-        assert_eq!(c.max_export_batch_size, 512);
+        assert_eq!(c.max_queue_size, DEFAULT_MAX_QUEUE_SIZE);
+        assert_eq!(c.max_export_batch_size, DEFAULT_MAX_EXPORT_BATCH_SIZE);
         assert_eq!(c.schedule_delay, Duration::from_millis(1000));
         assert!(c.resource_attributes.is_empty());
         // A protocol alone does not turn OTLP on.
@@ -631,8 +635,8 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(c.max_queue_size, 2048);
-        assert_eq!(c.max_export_batch_size, 512);
+        assert_eq!(c.max_queue_size, DEFAULT_MAX_QUEUE_SIZE);
+        assert_eq!(c.max_export_batch_size, DEFAULT_MAX_EXPORT_BATCH_SIZE);
         assert_eq!(c.schedule_delay, DEFAULT_SCHEDULE_DELAY);
         assert_eq!(otlp(&c).timeout, DEFAULT_TIMEOUT);
     }

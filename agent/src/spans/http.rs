@@ -1,9 +1,10 @@
 //! HTTP/1 exchanges to spans, following the stable OpenTelemetry HTTP
-//! semantic conventions. Only the request line's path, the status, Host,
+//! semantic conventions: required and recommended attributes only (opt-in
+//! ones such as client.port, body sizes and network.local.* cost export
+//! bandwidth on every span and are left out). Only the request line's path, the status, Host,
 //! User-Agent and addresses are exported: never the query string, bodies or
 //! other headers.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use rand::Rng;
@@ -64,7 +65,6 @@ pub fn build(
     }
     attributes.push(Attribute::str("url.path", ex.path.clone()));
     attributes.push(Attribute::str("url.scheme", scheme));
-    attributes.push(Attribute::str("network.protocol.name", "http"));
     attributes.push(Attribute::str("network.protocol.version", if ex.version_minor == 0 { "1.0" } else { "1.1" }));
     if let Some(status) = ex.status {
         attributes.push(Attribute::int("http.response.status_code", status as i64));
@@ -79,14 +79,18 @@ pub fn build(
     let server_port = host_port.unwrap_or(server_side_addr.port());
     attributes.push(Attribute::str("server.address", server_address.clone()));
     attributes.push(Attribute::int("server.port", server_port as i64));
-    push_addr(&mut attributes, "network.peer", conn.peer);
-    push_addr(&mut attributes, "network.local", conn.local);
+    let peer_ip = conn.peer.ip().to_string();
+    attributes.push(Attribute::int("network.peer.port", conn.peer.port() as i64));
     match ex.side {
         Side::Server => {
-            attributes.push(Attribute::str("client.address", conn.peer.ip().to_string()));
-            attributes.push(Attribute::int("client.port", conn.peer.port() as i64));
+            attributes.push(Attribute::str("network.peer.address", peer_ip.clone()));
+            attributes.push(Attribute::str("client.address", peer_ip));
+            if let Some(ua) = &ex.user_agent {
+                attributes.push(Attribute::str("user_agent.original", ua.clone()));
+            }
         }
         Side::Client => {
+            attributes.push(Attribute::str("network.peer.address", peer_ip));
             let default_port = server_port == 80;
             let authority = match (server_address.contains(':'), default_port) {
                 (true, true) => format!("[{server_address}]"),
@@ -96,15 +100,6 @@ pub fn build(
             };
             attributes.push(Attribute::str("url.full", format!("{scheme}://{authority}{}", ex.path)));
         }
-    }
-    if let Some(ua) = &ex.user_agent {
-        attributes.push(Attribute::str("user_agent.original", ua.clone()));
-    }
-    if ex.response_body_bytes > 0 {
-        attributes.push(Attribute::int("http.response.body.size", ex.response_body_bytes as i64));
-    }
-    if ex.request_body_bytes > 0 {
-        attributes.push(Attribute::int("http.request.body.size", ex.request_body_bytes as i64));
     }
 
     let is_error = match (ex.side, ex.status) {
@@ -136,15 +131,6 @@ pub fn build(
         status,
         resource,
     }
-}
-
-fn push_addr(attributes: &mut Vec<Attribute>, prefix: &'static str, addr: SocketAddr) {
-    let (a, p) = match prefix {
-        "network.peer" => ("network.peer.address", "network.peer.port"),
-        _ => ("network.local.address", "network.local.port"),
-    };
-    attributes.push(Attribute::str(a, addr.ip().to_string()));
-    attributes.push(Attribute::int(p, addr.port() as i64));
 }
 
 #[cfg(test)]
