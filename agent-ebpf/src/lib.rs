@@ -24,6 +24,8 @@ pub mod kind {
     pub const CLOSE: u8 = 4;
     pub const PROCESS_EXIT: u8 = 5;
     pub const PROCESS_EXEC: u8 = 6;
+    pub const TLS_HANDSHAKE: u8 = 7;
+    pub const MMAP_EXEC: u8 = 8;
 }
 
 /// Direction of a data event, seen from the traced process.
@@ -62,7 +64,10 @@ pub mod probe {
     pub const DESTROY_SOCK: u32 = 3;
     pub const PROCESS_EXIT: u32 = 4;
     pub const PROCESS_EXEC: u32 = 5;
-    pub const COUNT: u32 = 6;
+    pub const TLS_DATA: u32 = 6;
+    pub const TLS_HANDSHAKE: u32 = 7;
+    pub const MMAP_EXEC: u32 = 8;
+    pub const COUNT: u32 = 9;
     pub const NAMES: [&str; COUNT as usize] = [
         "sock_send_length",
         "sock_recv_length",
@@ -70,6 +75,9 @@ pub mod probe {
         "tcp_destroy_sock",
         "sched_process_exit",
         "sched_process_exec",
+        "tls_read_write",
+        "tls_handshake",
+        "sys_enter_mmap",
     ];
 }
 
@@ -124,6 +132,8 @@ pub struct DataEvent {
     pub tail_len: u16,
     pub _pad2: u16,
     pub tuple: SockTuple,
+    /// When the call began, if known (TLS library calls), else `header.ts_ns`.
+    pub call_start_ns: u64,
 }
 
 /// A [`DataEvent`] with room for its payload; the kernel side builds it in a
@@ -197,6 +207,45 @@ pub struct ProcessExecEvent {
     pub env_len: u32,
     pub _pad: u32,
     pub env: [u8; EXEC_ENV_MAX],
+}
+
+/// Which TLS library a uprobe event came from.
+pub mod tls_library {
+    pub const OPENSSL: u8 = 1;
+    pub const GNUTLS: u8 = 2;
+}
+
+/// A TLS handshake completed (the call to SSL_do_handshake or
+/// gnutls_handshake that succeeded).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TlsHandshakeEvent {
+    /// `ts_ns` is when the handshake completed.
+    pub header: EventHeader,
+    /// The connection's socket; 0 when it could not be linked.
+    pub sock: u64,
+    /// When the first handshake call for this TLS session started.
+    pub start_ns: u64,
+    pub library: u8,
+    pub _pad: [u8; 7],
+    pub tuple: SockTuple,
+}
+
+/// A process mapped a file executable (a library being loaded, possibly by
+/// dlopen): its maps are worth scanning for TLS libraries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MmapExecEvent {
+    pub header: EventHeader,
+}
+
+/// Offsets of the `prot` and `fd` fields in the `syscalls:sys_enter_mmap`
+/// tracepoint record, from its format file.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmapTracepointOffsets {
+    pub prot: u32,
+    pub fd: u32,
 }
 
 /// Kernel struct field offsets (bytes) the programs need, read by the daemon

@@ -85,7 +85,9 @@ fn run(args: RunArgs) -> Result<()> {
             payload_cap: args.payload_cap,
             ring_buffer_bytes: args.ring_buffer_mib << 20,
         };
-        let (probes, ring) = Probes::load(&probe_settings)?;
+        let (mut probes, ring) = Probes::load(&probe_settings)?;
+        let mut tls_watch = discovery::tls_watch::TlsWatch::spawn("/proc").context("starting TLS discovery")?;
+        pipeline::attach_initial_tls(&mut probes, &mut tls_watch).await;
         let (sink, exporter) = export::spawn(export_config, stats.clone());
         let pipeline = Pipeline::new(
             PipelineSettings { max_connections: args.max_connections, ..Default::default() },
@@ -93,9 +95,10 @@ fn run(args: RunArgs) -> Result<()> {
             stats.clone(),
         );
         info!("periscope ready: {} kernel programs attached ({})", probes.attached.len(), probes.attached.join(", "));
-        let pipeline = pipeline::run(&probes, ring, pipeline, shutdown_signal()).await?;
+        let pipeline = pipeline::run(&mut probes, ring, pipeline, tls_watch, shutdown_signal()).await?;
         pipeline.into_sink().shutdown(exporter).await;
         let lost: u64 = probes.lost_events().iter().map(|(_, n)| n).sum();
+        info!("counters: {:?}; kernel losses per program: {:?}", stats, probes.lost_events());
         info!(
             "stopped: {} events, {} spans built, {} exported, {} dropped, {} events lost in kernel",
             Stats::get(&stats.events_received),

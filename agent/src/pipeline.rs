@@ -11,12 +11,14 @@ use log::{info, warn};
 use periscope_ebpf::{direction, source};
 use tokio::io::unix::AsyncFd;
 
-use crate::connections::{Admit, ConnectTiming, Connection, ConnectionTable, ProtocolState};
+use crate::connections::{Admit, ConnectTiming, Connection, ConnectionTable, ProtocolState, TlsState};
 use crate::discovery::process::ProcessCache;
+use crate::discovery::tls_watch::{Discovered, TlsWatch};
 use crate::events::{self, Event};
 use crate::export::SpanSink;
 use crate::probes::Probes;
-use crate::protocols::http1::{Chunk, Direction, Exchange, Feed};
+use crate::protocols::http1::{Chunk, Direction, Exchange, Feed, Limits};
+use crate::protocols::tls_records;
 use crate::spans::{clock::Clock, http};
 use crate::stats::Stats;
 
@@ -43,6 +45,8 @@ pub struct Pipeline {
     settings: PipelineSettings,
     decode_errors_logged: bool,
     table_full_logged: bool,
+    tls_scan_requests: Vec<u32>,
+    tls_not_visible_reported: std::collections::HashSet<String>,
 }
 
 impl Pipeline {
@@ -58,6 +62,8 @@ impl Pipeline {
             settings,
             decode_errors_logged: false,
             table_full_logged: false,
+            tls_scan_requests: Vec::new(),
+            tls_not_visible_reported: Default::default(),
         }
     }
 
@@ -78,10 +84,12 @@ impl Pipeline {
     fn handle(&mut self, event: Event<'_>) {
         match event {
             Event::Data { event, payload, tail } => {
-                if event.source != source::SOCKET {
+                self.processes.observe(event.header.tgid);
+                let from_tls = event.source == source::TLS;
+                if from_tls && event.sock == 0 {
+                    Stats::inc(&self.stats.tls_unlinked);
                     return;
                 }
-                self.processes.observe(event.header.tgid);
                 let conn = match self.connections.admit(event.sock, event.header.tgid, &event.tuple, event.header.ts_ns) {
                     Admit::Tracked(conn) => conn,
                     Admit::Full => {
@@ -93,16 +101,33 @@ impl Pipeline {
                         return;
                     }
                 };
+                let egress = event.direction == direction::EGRESS;
+                if from_tls {
+                    conn.start_plaintext(Limits::default());
+                } else {
+                    conn.socket_chunks += 1;
+                    if conn.tls.is_none() && conn.socket_chunks == 1 && tls_records::looks_like_tls_client_hello(payload) {
+                        conn.tls = Some(TlsState::new());
+                    }
+                    if let Some(tls) = &mut conn.tls {
+                        // Ciphertext: never HTTP. Its handshake tells the version.
+                        tls.observe_ciphertext(egress, payload);
+                        return;
+                    }
+                }
                 let ProtocolState::Http1(parser) = &mut conn.protocol else {
                     Stats::inc(&self.stats.events_unparsed);
                     return;
                 };
                 let chunk = Chunk {
-                    direction: if event.direction == direction::EGRESS { Direction::Egress } else { Direction::Ingress },
+                    direction: if egress { Direction::Egress } else { Direction::Ingress },
                     total_len: event.total_len,
                     bytes: payload,
                     tail,
                     ts_ns: event.header.ts_ns,
+                    // A write's bytes start leaving when the call begins; a
+                    // read's are there when it returns.
+                    start_ns: if egress { event.call_start_ns } else { event.header.ts_ns },
                 };
                 let errors_before = parser.errors();
                 let feed = parser.feed(chunk, &mut self.exchanges);
@@ -115,6 +140,18 @@ impl Pipeline {
                 let tgid = conn.tgid;
                 self.emit_exchanges(event.sock, tgid);
             }
+            Event::TlsHandshake(h) => {
+                if h.sock == 0 {
+                    Stats::inc(&self.stats.tls_unlinked);
+                    return;
+                }
+                if let Admit::Tracked(conn) = self.connections.admit(h.sock, h.header.tgid, &h.tuple, h.header.ts_ns) {
+                    let tls = conn.tls.get_or_insert_with(TlsState::new);
+                    tls.handshake_seen = true;
+                    tls.handshake_ns = Some(h.header.ts_ns.saturating_sub(h.start_ns));
+                }
+            }
+            Event::MmapExec(m) => self.tls_scan_requests.push(m.header.tgid),
             Event::Connect(c) => {
                 if c.failed == 0 {
                     let timing = ConnectTiming { syn_sent_ns: c.syn_sent_ns, established_ns: c.header.ts_ns };
@@ -127,7 +164,10 @@ impl Pipeline {
                     self.finish(conn, c.header.ts_ns);
                 }
             }
-            Event::ProcessExec(e) => self.processes.on_exec(e.header.tgid, &e),
+            Event::ProcessExec(e) => {
+                self.processes.on_exec(e.header.tgid, &e);
+                self.tls_scan_requests.push(e.header.tgid);
+            }
             Event::ProcessExit(e) => {
                 for conn in self.connections.remove_process(e.header.tgid) {
                     self.finish(conn, e.header.ts_ns);
@@ -143,18 +183,11 @@ impl Pipeline {
             return;
         }
         let resource = self.processes.resource(tgid);
-        let Some(conn) = self.connections.get(sock) else {
+        let Some(conn) = self.connections.get_mut(sock) else {
             self.exchanges.clear();
             return;
         };
-        for ex in self.exchanges.drain(..) {
-            let span = http::build(&ex, conn, resource.clone(), &self.clock, &mut self.rng);
-            Stats::inc(&self.stats.spans_built);
-            if ex.incomplete.is_some() {
-                Stats::inc(&self.stats.spans_incomplete);
-            }
-            self.sink.submit(span);
-        }
+        emit(&mut self.exchanges, conn, &resource, &self.clock, &mut self.rng, &self.sink, &self.stats);
     }
 
     /// A connection ended: flush what its parser still holds.
@@ -162,18 +195,42 @@ impl Pipeline {
         if let ProtocolState::Http1(parser) = &mut conn.protocol {
             parser.close(ts_ns, &mut self.exchanges);
         }
+        if let Some(tls) = &conn.tls {
+            if !tls.plaintext_seen && !tls.handshake_seen {
+                self.report_tls_not_visible(conn.tgid);
+            }
+        }
         if self.exchanges.is_empty() {
             return;
         }
         let resource = self.processes.resource(conn.tgid);
-        for ex in self.exchanges.drain(..) {
-            let span = http::build(&ex, &conn, resource.clone(), &self.clock, &mut self.rng);
-            Stats::inc(&self.stats.spans_built);
-            if ex.incomplete.is_some() {
-                Stats::inc(&self.stats.spans_incomplete);
-            }
-            self.sink.submit(span);
+        emit(&mut self.exchanges, &mut conn, &resource, &self.clock, &mut self.rng, &self.sink, &self.stats);
+    }
+
+    /// A connection carried TLS that no uprobe saw: the process's TLS is
+    /// not visible (statically linked without symbols, or an unsupported
+    /// library). Said once per executable.
+    fn report_tls_not_visible(&mut self, tgid: u32) {
+        Stats::inc(&self.stats.tls_not_visible_connections);
+        let resource = self.processes.resource(tgid);
+        let exe = resource
+            .attributes
+            .iter()
+            .find(|a| a.key == "process.executable.path")
+            .map(|a| format!("{:?}", a.value))
+            .unwrap_or_else(|| resource.service_name().to_string());
+        if self.tls_not_visible_reported.insert(exe.clone()) {
+            warn!(
+                "TLS not visible: {} (pid {tgid} used TLS on a connection, but no hooked TLS library saw it: statically linked or stripped TLS)",
+                exe.trim_matches('"')
+            );
         }
+    }
+
+    /// Pids whose maps should be scanned for TLS libraries (new programs,
+    /// new executable mappings), taken once per drain.
+    pub fn take_tls_scan_requests(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.tls_scan_requests)
     }
 
     /// Periodic upkeep: forget idle connections, refresh the clock offset.
@@ -204,12 +261,75 @@ impl Pipeline {
 /// when the ring is a quarter full, so this bounds how late spans are built.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
+/// Hooks a TLS library found by discovery, or reports why it cannot be.
+fn attach_tls(probes: &mut Probes, found: Discovered) {
+    match found {
+        Discovered::Attach(target) => {
+            let symbols: Vec<(&str, u64)> = target.symbols.iter().map(|&(s, o)| (s, o)).collect();
+            let (attached, errors) = probes.attach_tls(&target.attach_path, &symbols);
+            if attached.is_empty() {
+                warn!("TLS not visible: {} (attaching failed: {})", target.display_path, errors.join("; "));
+            } else {
+                info!(
+                    "TLS library attached: {} ({}, {} symbols: {})",
+                    target.display_path,
+                    target.kind.as_str(),
+                    attached.len(),
+                    attached.join(", ")
+                );
+                for e in errors {
+                    warn!("TLS library {}: could not attach {e}", target.display_path);
+                }
+            }
+        }
+        Discovered::NotVisible { display_path, reason } => warn!("TLS not visible: {display_path} ({reason})"),
+        Discovered::InitialScanDone => {}
+    }
+}
+
+/// Attaches everything TLS discovery finds at start, so that "ready" means
+/// the TLS libraries already on the machine are hooked.
+pub async fn attach_initial_tls(probes: &mut Probes, tls_watch: &mut TlsWatch) {
+    while let Some(found) = tls_watch.found.recv().await {
+        if let Discovered::InitialScanDone = found {
+            return;
+        }
+        attach_tls(probes, found);
+    }
+}
+
+/// Spans for `exchanges` on `conn`; the first span of a TLS connection
+/// carries its handshake duration.
+fn emit(
+    exchanges: &mut Vec<Exchange>,
+    conn: &mut Connection,
+    resource: &std::sync::Arc<crate::spans::model::Resource>,
+    clock: &Clock,
+    rng: &mut rand::rngs::ThreadRng,
+    sink: &SpanSink,
+    stats: &Stats,
+) {
+    for ex in exchanges.drain(..) {
+        let tls = conn.tls.as_mut().filter(|t| t.plaintext_seen).map(|t| http::TlsSpanInfo {
+            version: t.version,
+            handshake_ns: t.handshake_ns.take(),
+        });
+        let span = http::build(&ex, conn, tls, resource.clone(), clock, rng);
+        Stats::inc(&stats.spans_built);
+        if ex.incomplete.is_some() {
+            Stats::inc(&stats.spans_incomplete);
+        }
+        sink.submit(span);
+    }
+}
+
 /// Reads the ring buffer until `stop` resolves: every `DRAIN_INTERVAL`, and
 /// at once when the kernel signals a filling ring. Never busy-polls.
 pub async fn run(
-    probes: &Probes,
+    probes: &mut Probes,
     ring: RingBuf<MapData>,
     mut pipeline: Pipeline,
+    mut tls_watch: TlsWatch,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<Pipeline> {
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged
@@ -230,13 +350,16 @@ pub async fn run(
                     pipeline.handle_record(&record);
                 }
                 guard.clear_ready();
+                tls_watch.scan(pipeline.take_tls_scan_requests());
             }
             _ = drain.tick() => {
                 let ring = ring.get_mut();
                 while let Some(record) = ring.next() {
                     pipeline.handle_record(&record);
                 }
+                tls_watch.scan(pipeline.take_tls_scan_requests());
             }
+            Some(found) = tls_watch.found.recv() => attach_tls(probes, found),
             _ = tick.tick() => {
                 pipeline.tick();
                 let lost: u64 = probes.lost_events().iter().map(|(_, n)| n).sum();

@@ -18,6 +18,10 @@ pub struct Stats {
     /// Connections given up as not HTTP after inspection.
     pub connections_not_http: AtomicU64,
     pub connections_tracked: AtomicU64,
+    /// TLS plaintext or handshakes that could not be tied to a socket.
+    pub tls_unlinked: AtomicU64,
+    /// Connections that carried TLS no uprobe saw.
+    pub tls_not_visible_connections: AtomicU64,
     pub spans_built: AtomicU64,
     /// Spans built from incomplete data (marked with an attribute).
     pub spans_incomplete: AtomicU64,

@@ -3,18 +3,18 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_ktime_get_ns, generated},
-    macros::btf_tracepoint,
-    programs::BtfTracePointContext,
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use core::ffi::c_void;
 use periscope_ebpf::{
     AcceptEvent, CloseEvent, ConnectEvent, EXEC_ENV_MAX, EXEC_FILENAME_MAX, EXEC_NAME_MAX, EventHeader,
-    ProcessExitEvent, SockTuple, kind, probe,
+    MmapExecEvent, ProcessExitEvent, SockTuple, kind, probe,
 };
 
 use super::{
-    CONNECTING, ConnectStart, EXEC_SCRATCH, OFFSETS, SELF_TGID, bounded, current_tgid, output, read_kernel,
-    read_tuple, tcp_family,
+    CONNECTING, ConnectStart, EXEC_SCRATCH, MMAP_OFFSETS, OFFSETS, SELF_TGID, bounded, current_tgid, output,
+    output_now, read_kernel, read_tuple, tcp_family,
 };
 
 const TCP_ESTABLISHED: i32 = 1;
@@ -151,6 +151,30 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
             }
         }
     }
-    output(ev, probe::PROCESS_EXEC);
+    output_now(ev, probe::PROCESS_EXEC);
+    0
+}
+
+const PROT_EXEC: u64 = 4;
+
+/// A file mapped executable: the dynamic loader or dlopen bringing in a
+/// library. The daemon rescans the process's maps for TLS libraries.
+#[tracepoint]
+pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
+    let off = MMAP_OFFSETS.load();
+    if off.prot == 0 {
+        return 0;
+    }
+    let prot: u64 = unsafe { ctx.read_at(off.prot as usize) }.unwrap_or(0);
+    let fd: u64 = unsafe { ctx.read_at(off.fd as usize) }.unwrap_or(u64::MAX);
+    if prot & PROT_EXEC == 0 || (fd as i64 as i32) < 0 {
+        return 0;
+    }
+    let tgid = current_tgid();
+    if tgid == SELF_TGID.load() {
+        return 0;
+    }
+    let ev = MmapExecEvent { header: header(kind::MMAP_EXEC, tgid, unsafe { bpf_ktime_get_ns() }) };
+    output_now(&ev, probe::MMAP_EXEC);
     0
 }

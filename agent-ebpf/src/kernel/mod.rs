@@ -2,6 +2,7 @@
 
 mod lifecycle;
 mod socket_io;
+mod tls;
 
 use aya_ebpf::{
     Global,
@@ -27,6 +28,11 @@ static PAYLOAD_CAP: Global<u32> = Global::new(DEFAULT_PAYLOAD_CAP);
 /// wake-up per event (the default) costs a context switch per event.
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: Global<u64> = Global::new(1 << 20);
+
+/// Field offsets in the sys_enter_mmap tracepoint record (from its format file).
+#[unsafe(no_mangle)]
+static MMAP_OFFSETS: Global<periscope_ebpf::MmapTracepointOffsets> =
+    Global::new(periscope_ebpf::MmapTracepointOffsets { prot: 0, fd: 0 });
 
 /// Field offsets from the running kernel's BTF, set by the loader.
 #[unsafe(no_mangle)]
@@ -93,12 +99,24 @@ fn count_lost(probe_id: u32) {
 /// failure against `probe_id`.
 #[inline(always)]
 fn output_bytes(data: *const c_void, size: u64, probe_id: u32) {
+    output_bytes_flags(data, size, probe_id, false)
+}
+
+/// Like `output`, but wakes the daemon at once: for rare events it must act
+/// on quickly (a new program or library to hook).
+#[inline(always)]
+fn output_now<T>(event: &T, probe_id: u32) {
+    output_bytes_flags(event as *const T as *const c_void, core::mem::size_of::<T>() as u64, probe_id, true);
+}
+
+#[inline(always)]
+fn output_bytes_flags(data: *const c_void, size: u64, probe_id: u32, wake_now: bool) {
     const BPF_RB_NO_WAKEUP: u64 = 1;
     const BPF_RB_FORCE_WAKEUP: u64 = 2;
     const BPF_RB_AVAIL_DATA: u64 = 0;
     let ring = core::ptr::addr_of!(EVENTS) as *mut c_void;
     let unread = unsafe { generated::bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA) };
-    let flags = if unread >= WAKEUP_BYTES.load() { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    let flags = if wake_now || unread >= WAKEUP_BYTES.load() { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
     let ret = unsafe { generated::bpf_ringbuf_output(ring, data as *mut c_void, size, flags) };
     if ret < 0 {
         count_lost(probe_id);

@@ -13,10 +13,11 @@ use aya_ebpf::{
 };
 use core::ffi::c_void;
 use periscope_ebpf::{
-    DataEvent, DataEventBuf, EventHeader, KernelOffsets, MAX_IOVECS, MAX_PAYLOAD, TAIL_CAPTURE,
+    DataEvent, DataEventBuf, EventHeader, KernelOffsets, MAX_IOVECS, MAX_PAYLOAD, SockTuple, TAIL_CAPTURE,
     direction, kind, nr, probe, source, syscall,
 };
 
+use super::tls::{CALL_HANDSHAKE, LAST_RECV, TLS_CALLS};
 use super::{OFFSETS, PAYLOAD_CAP, SCRATCH, SELF_TGID, bounded, output_bytes, read_kernel, read_tuple, tcp_family};
 
 const MSG_PEEK: i32 = 2;
@@ -55,53 +56,98 @@ fn on_socket_io(ctx: &BtfTracePointContext, dir: u8, probe_id: u32) -> Option<()
     }
     let off = OFFSETS.load();
     let family = tcp_family(sk, &off)?;
+    if dir == direction::INGRESS {
+        let _ = LAST_RECV.insert(&pid_tgid, &sk, 0);
+    }
+    // Inside a TLS library call: remember the socket for the plaintext
+    // event; the ciphertext itself is only wanted during handshakes.
+    if let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
+        let call = unsafe { &mut *call };
+        call.sock = sk;
+        if call.kind != CALL_HANDSHAKE {
+            return None;
+        }
+    }
 
     let buf = unsafe { &mut *SCRATCH.get_ptr_mut(0)? };
-    let ev: &mut DataEvent = &mut buf.event;
-    ev.header = EventHeader { kind: kind::DATA, _pad: [0; 3], tgid, ts_ns: unsafe { bpf_ktime_get_ns() } };
-    ev.sock = sk;
-    ev.tid = pid_tgid as u32;
-    ev.total_len = ret as u32;
-    ev.direction = dir;
-    ev.source = source::SOCKET;
-    ev._pad = 0;
-    ev._pad2 = 0;
-    read_tuple(sk, family, &off, &mut ev.tuple);
-
-    let mut cap = PAYLOAD_CAP.load();
-    if cap > MAX_PAYLOAD as u32 {
-        cap = MAX_PAYLOAD as u32;
-    }
-    let total = ret as u32;
-    // A call larger than the cap keeps its head and its last bytes.
-    let want = if total <= cap {
-        Want { head: total, tail: 0, total }
-    } else if cap >= 2 * TAIL_CAPTURE {
-        Want { head: cap - TAIL_CAPTURE, tail: TAIL_CAPTURE, total }
-    } else {
-        Want { head: cap, tail: 0, total }
-    };
+    start_data_event(buf, tgid, pid_tgid as u32, sk, dir, source::SOCKET, ret as u32);
+    read_tuple(sk, family, &off, &mut buf.event.tuple);
+    let want = Want::for_call(ret as u32);
     let (sys, fd, head, tail) = copy_syscall_payload(buf, &off, &want);
     buf.event.syscall = sys;
     buf.event.fd = fd;
+    finish_data_event(buf, head, tail, probe_id);
+    Some(())
+}
+
+/// Fills the scratch event's header fields for one call.
+#[inline(always)]
+pub(super) fn start_data_event(buf: &mut DataEventBuf, tgid: u32, tid: u32, sk: u64, dir: u8, src: u8, total: u32) {
+    let ev: &mut DataEvent = &mut buf.event;
+    let now = unsafe { bpf_ktime_get_ns() };
+    ev.header = EventHeader { kind: kind::DATA, _pad: [0; 3], tgid, ts_ns: now };
+    ev.call_start_ns = now;
+    ev.sock = sk;
+    ev.tid = tid;
+    ev.fd = -1;
+    ev.total_len = total;
+    ev.direction = dir;
+    ev.syscall = syscall::OTHER;
+    ev.source = src;
+    ev._pad = 0;
+    ev._pad2 = 0;
+    ev.tuple = SockTuple::default();
+}
+
+/// Records what was copied and writes the event out at its real size.
+#[inline(always)]
+pub(super) fn finish_data_event(buf: &mut DataEventBuf, head: u32, tail: u32, probe_id: u32) {
     buf.event.captured_len = head + tail;
     buf.event.tail_len = tail as u16;
-    let captured = head + tail;
-
-    let mut size = core::mem::size_of::<DataEvent>() as u64 + captured as u64;
+    let mut size = core::mem::size_of::<DataEvent>() as u64 + (head + tail) as u64;
     if size > core::mem::size_of::<DataEventBuf>() as u64 {
         size = core::mem::size_of::<DataEventBuf>() as u64;
     }
     output_bytes(buf as *const DataEventBuf as *const c_void, size, probe_id);
-    Some(())
+}
+
+/// Copies head and tail of a flat user buffer of `total` bytes.
+#[inline(always)]
+pub(super) fn copy_flat_call(buf: &mut DataEventBuf, src: u64, total: u32) -> (u32, u32) {
+    let want = Want::for_call(total);
+    let head = copy_flat(buf, src, &want);
+    let tail = if want.tail > 0 && head == want.head {
+        copy_tail(buf, head, src + (want.total - want.tail) as u64)
+    } else {
+        0
+    };
+    (head, tail)
 }
 
 /// How much of a call to copy: its first `head` bytes and its last `tail`
 /// bytes (of `total`).
-struct Want {
+pub(super) struct Want {
     head: u32,
     tail: u32,
     total: u32,
+}
+
+impl Want {
+    /// A call larger than the cap keeps its head and its last bytes.
+    #[inline(always)]
+    fn for_call(total: u32) -> Self {
+        let mut cap = PAYLOAD_CAP.load();
+        if cap > MAX_PAYLOAD as u32 {
+            cap = MAX_PAYLOAD as u32;
+        }
+        if total <= cap {
+            Want { head: total, tail: 0, total }
+        } else if cap >= 2 * TAIL_CAPTURE {
+            Want { head: cap - TAIL_CAPTURE, tail: TAIL_CAPTURE, total }
+        } else {
+            Want { head: cap, tail: 0, total }
+        }
+    }
 }
 
 /// Finds the user buffer(s) of the system call in progress and copies what

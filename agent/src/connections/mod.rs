@@ -9,6 +9,39 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use periscope_ebpf::{AF_INET, SockTuple};
 
 use crate::protocols::http1::{Http1Connection, Limits, Side};
+use crate::protocols::tls_records::HandshakeObserver;
+
+/// What is known about a connection that speaks TLS.
+#[derive(Default)]
+pub struct TlsState {
+    /// Plaintext arrived from a TLS library uprobe: HTTP is parsed from it.
+    pub plaintext_seen: bool,
+    /// Handshake duration (ns), until it is reported on the first span.
+    pub handshake_ns: Option<u64>,
+    pub handshake_seen: bool,
+    pub version: Option<&'static str>,
+    /// Reads the handshake records in the ciphertext (version, SNI).
+    pub observer: Option<Box<HandshakeObserver>>,
+}
+
+impl TlsState {
+    pub fn new() -> Self {
+        Self { observer: Some(Box::new(HandshakeObserver::new())), ..Default::default() }
+    }
+
+    /// Ciphertext seen on the socket: only the handshake is of interest.
+    pub fn observe_ciphertext(&mut self, egress: bool, bytes: &[u8]) {
+        if let Some(observer) = &mut self.observer {
+            observer.feed(egress, bytes);
+            if let Some(v) = observer.version() {
+                self.version = Some(v.as_str());
+            }
+            if observer.done() {
+                self.observer = None;
+            }
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnectTiming {
@@ -31,6 +64,25 @@ pub struct Connection {
     pub connect: Option<ConnectTiming>,
     pub protocol: ProtocolState,
     pub last_seen_ns: u64,
+    /// Socket-level data events seen (the first one decides TLS or not).
+    pub socket_chunks: u32,
+    pub tls: Option<TlsState>,
+}
+
+impl Connection {
+    /// Starts parsing HTTP from TLS plaintext (the ciphertext parser, if
+    /// any, had given up on this connection or was never fed).
+    pub fn start_plaintext(&mut self, limits: Limits) {
+        let tls = self.tls.get_or_insert_with(TlsState::new);
+        if !tls.plaintext_seen {
+            tls.plaintext_seen = true;
+            let mut http = Http1Connection::new(limits);
+            if let Some(side) = self.side {
+                http.set_side_hint(side);
+            }
+            self.protocol = ProtocolState::Http1(Box::new(http));
+        }
+    }
 }
 
 pub fn socket_addrs(tuple: &SockTuple) -> (SocketAddr, SocketAddr) {
@@ -118,6 +170,8 @@ impl ConnectionTable {
                 connect: known.and_then(|k| k.connect),
                 protocol: ProtocolState::Http1(Box::new(http)),
                 last_seen_ns: now_ns,
+                socket_chunks: 0,
+                tls: None,
             }
         });
         conn.tgid = tgid;
@@ -125,8 +179,8 @@ impl ConnectionTable {
         Admit::Tracked(conn)
     }
 
-    pub fn get(&self, sock: u64) -> Option<&Connection> {
-        self.by_sock.get(&sock)
+    pub fn get_mut(&mut self, sock: u64) -> Option<&mut Connection> {
+        self.by_sock.get_mut(&sock)
     }
 
     pub fn remove(&mut self, sock: u64) -> Option<Connection> {

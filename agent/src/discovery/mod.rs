@@ -2,3 +2,5 @@
 //! event flow: the OpenTelemetry resource of each process.
 
 pub mod process;
+pub mod tls_libraries;
+pub mod tls_watch;

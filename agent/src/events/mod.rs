@@ -3,7 +3,8 @@
 //! error value, never a panic.
 
 use periscope_ebpf::{
-    AcceptEvent, CloseEvent, ConnectEvent, DataEvent, EventHeader, ProcessExecEvent, ProcessExitEvent, kind,
+    AcceptEvent, CloseEvent, ConnectEvent, DataEvent, EventHeader, MmapExecEvent, ProcessExecEvent,
+    ProcessExitEvent, TlsHandshakeEvent, kind,
 };
 
 pub enum Event<'a> {
@@ -15,6 +16,8 @@ pub enum Event<'a> {
     Close(CloseEvent),
     ProcessExit(ProcessExitEvent),
     ProcessExec(Box<ProcessExecEvent>),
+    TlsHandshake(TlsHandshakeEvent),
+    MmapExec(MmapExecEvent),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -52,6 +55,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         kind::CLOSE => read(bytes).map(Event::Close).ok_or_else(short),
         kind::PROCESS_EXIT => read(bytes).map(Event::ProcessExit).ok_or_else(short),
         kind::PROCESS_EXEC => read(bytes).map(|e| Event::ProcessExec(Box::new(e))).ok_or_else(short),
+        kind::TLS_HANDSHAKE => read(bytes).map(Event::TlsHandshake).ok_or_else(short),
+        kind::MMAP_EXEC => read(bytes).map(Event::MmapExec).ok_or_else(short),
         other => Err(DecodeError::UnknownKind(other)),
     }
 }
@@ -80,6 +85,7 @@ mod tests {
             tail_len,
             _pad2: 0,
             tuple: SockTuple::default(),
+            call_start_ns: 7,
         };
         let mut out = vec![0u8; size_of::<DataEvent>()];
         unsafe { std::ptr::write_unaligned(out.as_mut_ptr().cast::<DataEvent>(), ev) };

@@ -91,6 +91,10 @@ pub struct Chunk<'a> {
     pub tail: &'a [u8],
     /// Kernel monotonic timestamp at completion of the call.
     pub ts_ns: u64,
+    /// When the call began, if known (`ts_ns` otherwise): a message whose
+    /// head starts in this call started being sent then. For reads it is
+    /// the completion time too: the bytes were there when the call returned.
+    pub start_ns: u64,
 }
 
 /// What the caller should do with the connection after a chunk.
@@ -246,6 +250,7 @@ impl Http1Connection {
         if unsynced_seek && !bytes.is_empty() && looks_like_other_protocol(bytes) {
             return self.give_up();
         }
+        self.streams[i].call_start_ts = chunk.start_ns.min(chunk.ts_ns);
         self.streams[i].feed(&mut self.sh, bytes, gap, tail, chunk.ts_ns);
         if !self.sh.synced && !bytes.is_empty() && matches!(self.streams[i].state, State::Seeking) {
             let s = &mut self.streams[i];
@@ -507,6 +512,8 @@ struct Stream {
     buf: Vec<u8>,
     /// ts of the chunk holding the first byte of the head in `buf`.
     head_ts: u64,
+    /// When the call being fed began (see `Chunk::start_ns`).
+    call_start_ts: u64,
     /// ts of the last chunk appended to `buf`.
     head_last_ts: u64,
     /// The head in `buf` began at a chunk start while out of sync.
@@ -568,6 +575,7 @@ impl Stream {
             state: State::Seeking,
             buf: Vec::new(),
             head_ts: 0,
+            call_start_ts: 0,
             head_last_ts: 0,
             from_seek: true,
             cur: None,
@@ -728,7 +736,7 @@ impl Stream {
             if pos == bytes.len() {
                 return pos;
             }
-            self.head_ts = ts;
+            self.head_ts = self.call_start_ts.min(ts);
             prev_ts = ts;
         }
         self.head_last_ts = ts;
@@ -1578,6 +1586,7 @@ mod tests {
             bytes,
             tail: &[],
             ts_ns,
+            start_ns: ts_ns,
         }
     }
 
@@ -1589,6 +1598,7 @@ mod tests {
             bytes,
             tail: &[],
             ts_ns,
+            start_ns: ts_ns,
         }
     }
 
@@ -2491,6 +2501,7 @@ HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
             bytes: &call[..head],
             tail: &call[call.len() - tail..],
             ts_ns,
+            start_ns: ts_ns,
         }
     }
 
@@ -2705,6 +2716,17 @@ HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
                 ..get(Side::Client, "/1", 200, 10, 20)
             }]
         );
+    }
+
+    #[test]
+    fn egress_message_starts_when_its_call_began() {
+        let req = Chunk { start_ns: 4, ..ch(E, b"GET /a HTTP/1.1\r\n\r\n", 10) };
+        let resp = ch(I, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 30);
+        let out = run(&[req, resp], 40);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].request_start_ns, 4);
+        assert_eq!(out[0].request_end_ns, 10);
+        assert_eq!(out[0].response_end_ns, Some(30));
     }
 
     #[test]
@@ -3206,7 +3228,7 @@ HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
                 // Sometimes a tail that does not fit (must be ignored).
                 let total_len = (bytes.len() + tail.len()) as u32 + gap;
                 let total_len = if *gap == 1 { 1 } else { total_len };
-                let c = Chunk { direction: d, total_len, bytes, tail, ts_ns: k as u64 };
+                let c = Chunk { direction: d, total_len, bytes, tail, ts_ns: k as u64, start_ns: k as u64 };
                 let _ = conn.feed(c, &mut out);
                 if *close {
                     conn.close(k as u64, &mut out);

@@ -1,3 +1,4 @@
 //! Protocol parsers: bytes in, messages out. No I/O, no BPF, fuzzable.
 
 pub mod http1;
+pub mod tls_records;

@@ -48,14 +48,23 @@ pub fn split_host(host: &str) -> (&str, Option<u16>) {
     }
 }
 
+/// TLS facts for one span: the connection's protocol version, and the
+/// handshake duration on the connection's first span only.
+#[derive(Clone, Copy, Default)]
+pub struct TlsSpanInfo {
+    pub version: Option<&'static str>,
+    pub handshake_ns: Option<u64>,
+}
+
 pub fn build(
     ex: &Exchange,
     conn: &Connection,
+    tls: Option<TlsSpanInfo>,
     resource: Arc<Resource>,
     clock: &Clock,
     rng: &mut impl Rng,
 ) -> Span {
-    let scheme = "http";
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let method_known = KNOWN_METHODS.contains(&ex.method.as_str());
     let method = if method_known { ex.method.as_str() } else { "_OTHER" };
     let mut attributes = Vec::with_capacity(14);
@@ -91,7 +100,7 @@ pub fn build(
         }
         Side::Client => {
             attributes.push(Attribute::str("network.peer.address", peer_ip));
-            let default_port = server_port == 80;
+            let default_port = server_port == if tls.is_some() { 443 } else { 80 };
             let authority = match (server_address.contains(':'), default_port) {
                 (true, true) => format!("[{server_address}]"),
                 (true, false) => format!("[{server_address}]:{server_port}"),
@@ -102,6 +111,15 @@ pub fn build(
         }
     }
 
+    if let Some(tls) = tls {
+        attributes.push(Attribute::str("tls.protocol.name", "tls"));
+        if let Some(version) = tls.version {
+            attributes.push(Attribute::str("tls.protocol.version", version));
+        }
+        if let Some(ns) = tls.handshake_ns {
+            attributes.push(Attribute::int("periscope.tls.handshake.duration_ns", ns as i64));
+        }
+    }
     let is_error = match (ex.side, ex.status) {
         (Side::Server, Some(s)) => s >= 500,
         (Side::Client, Some(s)) => s >= 400,
@@ -170,6 +188,8 @@ mod tests {
             connect: None,
             protocol: ProtocolState::Ignored,
             last_seen_ns: 0,
+            socket_chunks: 0,
+            tls: None,
         }
     }
 
@@ -180,7 +200,7 @@ mod tests {
     #[test]
     fn client_span_attributes() {
         let clock = Clock::new();
-        let span = build(&exchange(Side::Client, Some(404)), &conn(), resource(), &clock, &mut rand::rng());
+        let span = build(&exchange(Side::Client, Some(404)), &conn(), None, resource(), &clock, &mut rand::rng());
         assert_eq!(span.kind, SpanKind::Client);
         assert_eq!(span.name, "GET");
         assert_eq!(span.attr("url.full"), Some(&AttrValue::Str("http://shop.example:8080/items/7".into())));
@@ -197,11 +217,11 @@ mod tests {
         let clock = Clock::new();
         let mut c = conn();
         std::mem::swap(&mut c.local, &mut c.peer);
-        let s404 = build(&exchange(Side::Server, Some(404)), &c, resource(), &clock, &mut rand::rng());
+        let s404 = build(&exchange(Side::Server, Some(404)), &c, None, resource(), &clock, &mut rand::rng());
         assert_eq!(s404.kind, SpanKind::Server);
         assert_eq!(s404.status, SpanStatus::Unset);
         assert_eq!(s404.attr("client.address"), Some(&AttrValue::Str("127.0.0.1".into())));
-        let s500 = build(&exchange(Side::Server, Some(500)), &c, resource(), &clock, &mut rand::rng());
+        let s500 = build(&exchange(Side::Server, Some(500)), &c, None, resource(), &clock, &mut rand::rng());
         assert!(matches!(s500.status, SpanStatus::Error { .. }));
         assert_eq!(s500.attr("error.type"), Some(&AttrValue::Str("500".into())));
     }
@@ -212,11 +232,28 @@ mod tests {
         ex.method = "PURGE".into();
         ex.incomplete = Some("no_response");
         ex.response_end_ns = None;
-        let span = build(&ex, &conn(), resource(), &Clock::new(), &mut rand::rng());
+        let span = build(&ex, &conn(), None, resource(), &Clock::new(), &mut rand::rng());
         assert_eq!(span.name, "HTTP");
         assert_eq!(span.attr("http.request.method"), Some(&AttrValue::Str("_OTHER".into())));
         assert_eq!(span.attr("periscope.incomplete"), Some(&AttrValue::Str("no_response".into())));
         assert_eq!(span.end_unix_nano - span.start_unix_nano, 1_000);
+    }
+
+    #[test]
+    fn tls_span_attributes() {
+        let tls = TlsSpanInfo { version: Some("1.3"), handshake_ns: Some(1_500_000) };
+        let ex = exchange(Side::Client, Some(200));
+        let mut c = conn();
+        c.peer = "127.0.0.1:443".parse().unwrap();
+        let mut ex443 = ex.clone();
+        ex443.host = None;
+        let span = build(&ex443, &c, Some(tls), resource(), &Clock::new(), &mut rand::rng());
+        assert_eq!(span.attr("url.scheme"), Some(&AttrValue::Str("https".into())));
+        assert_eq!(span.attr("url.full"), Some(&AttrValue::Str("https://127.0.0.1/items/7".into())));
+        assert_eq!(span.attr("tls.protocol.version"), Some(&AttrValue::Str("1.3".into())));
+        assert_eq!(span.attr("periscope.tls.handshake.duration_ns"), Some(&AttrValue::Int(1_500_000)));
+        let plain = build(&ex, &conn(), None, resource(), &Clock::new(), &mut rand::rng());
+        assert_eq!(plain.attr("tls.protocol.name"), None);
     }
 
     #[test]
