@@ -414,6 +414,12 @@ fn looks_like_tls_name(path: &Path) -> bool {
         return false;
     };
     let name = name.to_string_lossy().to_ascii_lowercase();
+    // Helper libraries of a TLS stack (libgnutls-dane, libgnutlsxx,
+    // libgnutls-openssl's siblings) are not implementations to hook.
+    const HELPERS: &[&str] = &["libgnutls-dane", "libgnutlsxx", "libssl-dev"];
+    if HELPERS.iter().any(|h| name.starts_with(h)) {
+        return false;
+    }
     name.contains("ssl") || name.contains("gnutls")
 }
 

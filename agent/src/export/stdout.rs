@@ -24,7 +24,8 @@ use crate::spans::model::{AttrValue, Attribute, Span, SpanKind, SpanStatus};
 /// - `duration`: milliseconds with three decimals (`0.042ms`, `1500.000ms`).
 /// - `from -> to`: caller then callee. From `network.peer.*` and
 ///   `network.local.*`, falling back to `client.*` (server spans) or
-///   `server.*` (client spans); `?` where unknown; IPv6 as `[addr]:port`.
+///   `server.*` (client spans); an unknown caller is left out (`-> to`),
+///   an unknown callee is `?`; IPv6 as `[addr]:port`.
 /// - then every attribute not already shown, in the span's order; string
 ///   values containing spaces, quotes, `=`, `\` or control characters, and
 ///   empty ones, are JSON-quoted.
@@ -91,12 +92,12 @@ pub fn format_text(span: &Span) -> String {
         SpanKind::Client => (local, peer),
         _ => (peer, local),
     };
-    let _ = write!(
-        out,
-        " {from} -> {to} trace={} span={}",
-        hex(&span.trace_id),
-        hex(&span.span_id)
-    );
+    // A client's own address is opt-in and usually not exported: the
+    // arrow then starts at the process already named on the line.
+    if from != "?" {
+        let _ = write!(out, " {from}");
+    }
+    let _ = write!(out, " -> {to} trace={} span={}", hex(&span.trace_id), hex(&span.span_id));
     if let Some(p) = &span.parent_span_id {
         let _ = write!(out, " parent={}", hex(p));
     }
@@ -389,7 +390,7 @@ mod tests {
         assert_eq!(
             format_text(&s),
             "2026-11-24T23:10:00.123Z CLIENT nginx[1234] POST http://api/v1/x ERROR 1500.000ms \
-             ? -> [::1]:80 trace=4bf92f3577b34da6a3ce929d0e0e4736 span=00f067aa0ba902b7 \
+             -> [::1]:80 trace=4bf92f3577b34da6a3ce929d0e0e4736 span=00f067aa0ba902b7 \
              parent=0102030405060708 error=\"connection reset\" periscope.incomplete=true empty=\"\""
         );
     }
@@ -407,7 +408,7 @@ mod tests {
         ];
         let line = format_text(&s);
         assert!(
-            line.starts_with("2026-11-24T23:10:00.123Z CLIENT nginx[1234] DNS query - 0.042ms ? -> 10.0.0.53:53 trace="),
+            line.starts_with("2026-11-24T23:10:00.123Z CLIENT nginx[1234] DNS query - 0.042ms -> 10.0.0.53:53 trace="),
             "{line}"
         );
         assert!(line.ends_with(" dns.question.name=example.com"), "{line}");

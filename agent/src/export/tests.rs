@@ -620,7 +620,7 @@ async fn stdout_lines() {
             OutputFormat::Text => {
                 assert!(
                     lines[0].starts_with(
-                        "2026-11-24T23:10:00.000Z SERVER web[7] GET /1 - 1.000ms ? -> ? trace="
+                        "2026-11-24T23:10:00.000Z SERVER web[7] GET /1 - 1.000ms -> ? trace="
                     ),
                     "{}",
                     lines[0]
