@@ -277,6 +277,36 @@ pub struct KernelOffsets {
     pub mm_env_end: u32,
 }
 
+/// Runtime control, shared with the daemon through the `CONTROL` array map
+/// (index `control::FEATURES_DISABLED` and `control::FILTERS`) and the
+/// filter hash maps.
+pub mod control {
+    /// Index of the disabled-features bitmask in `CONTROL`.
+    pub const FEATURES_DISABLED: u32 = 0;
+    /// Index of the active-filters bitmask in `CONTROL`.
+    pub const FILTERS: u32 = 1;
+    pub const CONTROL_LEN: u32 = 2;
+
+    /// Socket-level payload capture (plain HTTP).
+    pub const FEATURE_HTTP: u32 = 1 << 0;
+    /// TLS plaintext uprobes.
+    pub const FEATURE_TLS: u32 = 1 << 1;
+
+    /// `PID_FILTER` has entries (include or exclude).
+    pub const FILTER_PIDS: u32 = 1 << 0;
+    /// Only pids marked `INCLUDE` in `PID_FILTER` are traced.
+    pub const FILTER_PIDS_INCLUDE_ONLY: u32 = 1 << 1;
+    /// `PORT_FILTER` has entries.
+    pub const FILTER_PORTS: u32 = 1 << 2;
+    /// Only connections with a port marked `INCLUDE` are traced.
+    pub const FILTER_PORTS_INCLUDE_ONLY: u32 = 1 << 3;
+    /// Only processes in a cgroup listed in `CGROUP_FILTER` are traced.
+    pub const FILTER_CGROUPS_INCLUDE_ONLY: u32 = 1 << 4;
+
+    pub const INCLUDE: u8 = 1;
+    pub const EXCLUDE: u8 = 2;
+}
+
 /// x86_64 system call numbers the socket probes recognise.
 pub mod nr {
     pub const READ: u64 = 0;

@@ -47,6 +47,35 @@ pub struct Pipeline {
     table_full_logged: bool,
     tls_scan_requests: Vec<u32>,
     tls_not_visible_reported: std::collections::HashSet<String>,
+    sampler: Sampler,
+}
+
+/// Head sampling by trace id (like the OpenTelemetry TraceIdRatioBased
+/// sampler): the same decision for every span of one trace.
+#[derive(Clone, Copy, Debug)]
+pub struct Sampler {
+    ratio: f64,
+    threshold: u64,
+}
+
+impl Sampler {
+    pub fn new(ratio: f64) -> Self {
+        let ratio = if ratio.is_nan() { 1.0 } else { ratio.clamp(0.0, 1.0) };
+        Self { ratio, threshold: (ratio * u64::MAX as f64) as u64 }
+    }
+
+    pub fn ratio(&self) -> f64 {
+        self.ratio
+    }
+
+    pub fn keep(&self, trace_id: &[u8; 16]) -> bool {
+        if self.ratio >= 1.0 {
+            return true;
+        }
+        let mut low = [0u8; 8];
+        low.copy_from_slice(&trace_id[8..]);
+        u64::from_be_bytes(low) < self.threshold
+    }
 }
 
 impl Pipeline {
@@ -64,6 +93,7 @@ impl Pipeline {
             table_full_logged: false,
             tls_scan_requests: Vec::new(),
             tls_not_visible_reported: Default::default(),
+            sampler: Sampler::new(1.0),
         }
     }
 
@@ -187,7 +217,15 @@ impl Pipeline {
             self.exchanges.clear();
             return;
         };
-        emit(&mut self.exchanges, conn, &resource, &self.clock, &mut self.rng, &self.sink, &self.stats);
+        emit(&mut self.exchanges, conn, &resource, &self.clock, &mut self.rng, &self.sink, &self.stats, self.sampler);
+    }
+
+    pub fn set_sampler(&mut self, sampler: Sampler) {
+        self.sampler = sampler;
+    }
+
+    pub fn sampler(&self) -> Sampler {
+        self.sampler
     }
 
     /// A connection ended: flush what its parser still holds.
@@ -204,7 +242,7 @@ impl Pipeline {
             return;
         }
         let resource = self.processes.resource(conn.tgid);
-        emit(&mut self.exchanges, &mut conn, &resource, &self.clock, &mut self.rng, &self.sink, &self.stats);
+        emit(&mut self.exchanges, &mut conn, &resource, &self.clock, &mut self.rng, &self.sink, &self.stats, self.sampler);
     }
 
     /// A connection carried TLS that no uprobe saw: the process's TLS is
@@ -266,8 +304,11 @@ fn attach_tls(probes: &mut Probes, found: Discovered) {
     match found {
         Discovered::Attach(target) => {
             let symbols: Vec<(&str, u64)> = target.symbols.iter().map(|&(s, o)| (s, o)).collect();
-            let (attached, errors) = probes.attach_tls(&target.attach_path, &symbols);
-            if attached.is_empty() {
+            let (attached, errors) =
+                probes.attach_tls(&target.attach_path, &target.display_path, target.kind.as_str(), &symbols);
+            if !probes.tls_enabled() {
+                info!("TLS library found: {} ({}); not attached while tls is disabled", target.display_path, target.kind.as_str());
+            } else if attached.is_empty() {
                 warn!("TLS not visible: {} (attaching failed: {})", target.display_path, errors.join("; "));
             } else {
                 info!(
@@ -298,6 +339,7 @@ pub async fn attach_initial_tls(probes: &mut Probes, tls_watch: &mut TlsWatch) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Spans for `exchanges` on `conn`; the first span of a TLS connection
 /// carries its handshake duration.
 fn emit(
@@ -308,6 +350,7 @@ fn emit(
     rng: &mut rand::rngs::ThreadRng,
     sink: &SpanSink,
     stats: &Stats,
+    sampler: Sampler,
 ) {
     for ex in exchanges.drain(..) {
         let tls = conn.tls.as_mut().filter(|t| t.plaintext_seen).map(|t| http::TlsSpanInfo {
@@ -318,6 +361,10 @@ fn emit(
         Stats::inc(&stats.spans_built);
         if ex.incomplete.is_some() {
             Stats::inc(&stats.spans_incomplete);
+        }
+        if !sampler.keep(&span.trace_id) {
+            Stats::inc(&stats.spans_sampled_out);
+            continue;
         }
         sink.submit(span);
     }
@@ -379,5 +426,35 @@ pub async fn run(
                 return Ok(pipeline);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sampler;
+
+    #[test]
+    fn sampler_ratio_is_by_trace_id() {
+        let all = Sampler::new(1.0);
+        let none = Sampler::new(0.0);
+        let half = Sampler::new(0.5);
+        let low = [0u8; 16];
+        let mut high = [0u8; 16];
+        high[8] = 0xff;
+        assert!(all.keep(&high) && all.keep(&low));
+        assert!(!none.keep(&low) && !none.keep(&high));
+        assert!(half.keep(&low) && !half.keep(&high));
+        // Roughly the ratio over many random ids, and the same id always
+        // gets the same decision.
+        let kept = (0..10_000u32)
+            .filter(|i| {
+                let mut id = [0u8; 16];
+                id[8..12].copy_from_slice(&i.wrapping_mul(2_654_435_761).to_be_bytes());
+                half.keep(&id) && half.keep(&id)
+            })
+            .count();
+        assert!((4_000..6_000).contains(&kept), "{kept}");
+        assert_eq!(Sampler::new(f64::NAN).ratio(), 1.0);
+        assert_eq!(Sampler::new(7.0).ratio(), 1.0);
     }
 }

@@ -25,6 +25,8 @@ pub struct Stats {
     pub spans_built: AtomicU64,
     /// Spans built from incomplete data (marked with an attribute).
     pub spans_incomplete: AtomicU64,
+    /// Spans left out by head sampling.
+    pub spans_sampled_out: AtomicU64,
     pub spans_exported: AtomicU64,
     /// Spans dropped because the export queue was full or the backend
     /// refused them for good.

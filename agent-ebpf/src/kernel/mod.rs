@@ -1,5 +1,6 @@
 //! Maps, load-time globals and helpers shared by the programs.
 
+mod filter;
 mod lifecycle;
 mod socket_io;
 mod tls;

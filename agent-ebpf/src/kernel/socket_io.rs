@@ -17,7 +17,9 @@ use periscope_ebpf::{
     direction, kind, nr, probe, source, syscall,
 };
 
+use super::filter::{feature_enabled, ports_traced, process_traced};
 use super::tls::{CALL_HANDSHAKE, LAST_RECV, TLS_CALLS};
+use periscope_ebpf::control::{FEATURE_HTTP, FEATURE_TLS};
 use super::{OFFSETS, PAYLOAD_CAP, SCRATCH, SELF_TGID, bounded, output_bytes, read_kernel, read_tuple, tcp_family};
 
 const MSG_PEEK: i32 = 2;
@@ -54,6 +56,9 @@ fn on_socket_io(ctx: &BtfTracePointContext, dir: u8, probe_id: u32) -> Option<()
     if tgid == 0 || tgid == SELF_TGID.load() {
         return None;
     }
+    if !process_traced(tgid) {
+        return None;
+    }
     let off = OFFSETS.load();
     let family = tcp_family(sk, &off)?;
     if dir == direction::INGRESS {
@@ -61,17 +66,27 @@ fn on_socket_io(ctx: &BtfTracePointContext, dir: u8, probe_id: u32) -> Option<()
     }
     // Inside a TLS library call: remember the socket for the plaintext
     // event; the ciphertext itself is only wanted during handshakes.
+    let mut in_handshake = false;
     if let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
         let call = unsafe { &mut *call };
         call.sock = sk;
         if call.kind != CALL_HANDSHAKE {
             return None;
         }
+        in_handshake = true;
+    }
+    // Socket payloads serve HTTP, and the TLS version during handshakes.
+    let wanted = if in_handshake { FEATURE_TLS } else { FEATURE_HTTP };
+    if !feature_enabled(wanted) {
+        return None;
     }
 
     let buf = unsafe { &mut *SCRATCH.get_ptr_mut(0)? };
     start_data_event(buf, tgid, pid_tgid as u32, sk, dir, source::SOCKET, ret as u32);
     read_tuple(sk, family, &off, &mut buf.event.tuple);
+    if !ports_traced(buf.event.tuple.src_port, buf.event.tuple.dst_port) {
+        return None;
+    }
     let want = Want::for_call(ret as u32);
     let (sys, fd, head, tail) = copy_syscall_payload(buf, &off, &want);
     buf.event.syscall = sys;

@@ -21,7 +21,9 @@ use aya_ebpf::{
 };
 use periscope_ebpf::{EventHeader, SockTuple, TlsHandshakeEvent, direction, kind, probe, source, tls_library};
 
+use super::filter::{feature_enabled, ports_traced, process_traced};
 use super::socket_io::{copy_flat_call, finish_data_event, start_data_event};
+use periscope_ebpf::control::FEATURE_TLS;
 use super::{OFFSETS, SCRATCH, SELF_TGID, output, read_tuple, tcp_family};
 
 pub const CALL_READ: u8 = 0;
@@ -77,7 +79,7 @@ fn enter(session: Option<u64>, buf: Option<u64>, len_ptr: u64, kind: u8, library
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let Some(session) = session else { return 0 };
-    if tgid == SELF_TGID.load() {
+    if tgid == SELF_TGID.load() || !feature_enabled(FEATURE_TLS) || !process_traced(tgid) {
         return 0;
     }
     let now = unsafe { bpf_ktime_get_ns() };
@@ -220,6 +222,9 @@ fn finish_read_write(n: u32) -> u32 {
         let off = OFFSETS.load();
         if let Some(family) = tcp_family(sock, &off) {
             read_tuple(sock, family, &off, &mut buf.event.tuple);
+        }
+        if !ports_traced(buf.event.tuple.src_port, buf.event.tuple.dst_port) {
+            return 0;
         }
     }
     let (head, tail) = copy_flat_call(buf, call.buf, n);

@@ -9,10 +9,13 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use aya::{
     Btf, Ebpf, EbpfLoader, Pod,
-    maps::{MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, TracePoint, UProbe, uprobe::UProbeAttachLocation, uprobe::UProbeScope},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        BtfTracePoint, TracePoint, UProbe,
+        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
+    },
 };
-use periscope_ebpf::{KernelOffsets, MAX_PAYLOAD, MmapTracepointOffsets, probe};
+use periscope_ebpf::{KernelOffsets, MAX_PAYLOAD, MmapTracepointOffsets, control, probe};
 
 /// The compiled kernel programs (built by build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/periscope-ebpf"));
@@ -69,12 +72,44 @@ struct MmapOffsetsPod(MmapTracepointOffsets);
 // SAFETY: repr(C), two u32 fields, no padding.
 unsafe impl Pod for MmapOffsetsPod {}
 
+/// One library file with TLS uprobes: what it has, so they can be detached
+/// (feature disabled) and attached again.
+pub struct TlsAttachment {
+    pub path: std::path::PathBuf,
+    pub display_path: String,
+    pub library: &'static str,
+    pub symbols: Vec<(String, u64)>,
+    links: Vec<(&'static str, UProbeLinkId)>,
+}
+
+impl TlsAttachment {
+    pub fn attached(&self) -> bool {
+        !self.links.is_empty()
+    }
+}
+
+/// Filter entries as the kernel maps hold them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KernelFilter {
+    pub pids: Vec<(u32, u8)>,
+    pub ports: Vec<(u16, u8)>,
+    pub cgroups: Vec<u64>,
+    /// `control::FILTER_*` bits.
+    pub flags: u32,
+}
+
 pub struct Probes {
     /// Keeps the programs loaded and attached for as long as it lives.
     ebpf: Ebpf,
     pub attached: Vec<&'static str>,
-    pub offsets: KernelOffsets,
     lost: PerCpuArray<MapData, u64>,
+    control: Array<MapData, u32>,
+    pid_filter: BpfHashMap<MapData, u32, u8>,
+    port_filter: BpfHashMap<MapData, u16, u8>,
+    cgroup_filter: BpfHashMap<MapData, u64, u8>,
+    pub tls: Vec<TlsAttachment>,
+    tls_enabled: bool,
+    kernel_filter: KernelFilter,
 }
 
 impl Probes {
@@ -124,40 +159,163 @@ impl Probes {
         }
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
         let lost = PerCpuArray::try_from(ebpf.take_map("LOST_EVENTS").context("LOST_EVENTS map missing")?)?;
-        Ok((Self { ebpf, attached, offsets, lost }, ring))
+        let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("{name} map missing"));
+        let control = Array::try_from(take("CONTROL")?)?;
+        let pid_filter = BpfHashMap::try_from(take("PID_FILTER")?)?;
+        let port_filter = BpfHashMap::try_from(take("PORT_FILTER")?)?;
+        let cgroup_filter = BpfHashMap::try_from(take("CGROUP_FILTER")?)?;
+        log::debug!("kernel offsets: {offsets:?}");
+        let probes = Self {
+            ebpf,
+            attached,
+            lost,
+            control,
+            pid_filter,
+            port_filter,
+            cgroup_filter,
+            tls: Vec::new(),
+            tls_enabled: true,
+            kernel_filter: KernelFilter::default(),
+        };
+        Ok((probes, ring))
+    }
+
+    /// Features switched off in the kernel (`control::FEATURE_*` bits).
+    /// TLS uprobes are also detached, so a disabled TLS feature costs no
+    /// trap per library call.
+    pub fn set_features_disabled(&mut self, disabled: u32) -> Result<()> {
+        self.control.set(control::FEATURES_DISABLED, disabled, 0).context("writing CONTROL")?;
+        let tls_on = disabled & control::FEATURE_TLS == 0;
+        if tls_on != self.tls_enabled {
+            self.tls_enabled = tls_on;
+            for i in 0..self.tls.len() {
+                if tls_on {
+                    self.reattach_tls(i);
+                } else {
+                    self.detach_tls(i);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn tls_enabled(&self) -> bool {
+        self.tls_enabled
+    }
+
+    /// Replaces the kernel's filter maps with `filter`.
+    pub fn set_filter(&mut self, filter: KernelFilter) -> Result<()> {
+        // Switch filtering off while the maps change, then on with the new flags.
+        self.control.set(control::FILTERS, 0, 0)?;
+        for (pid, _) in &self.kernel_filter.pids {
+            let _ = self.pid_filter.remove(pid);
+        }
+        for (port, _) in &self.kernel_filter.ports {
+            let _ = self.port_filter.remove(port);
+        }
+        for cgroup in &self.kernel_filter.cgroups {
+            let _ = self.cgroup_filter.remove(cgroup);
+        }
+        for &(pid, mark) in &filter.pids {
+            self.pid_filter.insert(pid, mark, 0).context("PID_FILTER full")?;
+        }
+        for &(port, mark) in &filter.ports {
+            self.port_filter.insert(port, mark, 0).context("PORT_FILTER full")?;
+        }
+        for &cgroup in &filter.cgroups {
+            self.cgroup_filter.insert(cgroup, control::INCLUDE, 0).context("CGROUP_FILTER full")?;
+        }
+        self.control.set(control::FILTERS, filter.flags, 0)?;
+        self.kernel_filter = filter;
+        Ok(())
+    }
+
+    /// Adds one pid to the pid filter (a new process of a filtered executable).
+    pub fn mark_pid(&mut self, pid: u32, mark: u8) -> Result<()> {
+        self.pid_filter.insert(pid, mark, 0).context("PID_FILTER full")?;
+        self.kernel_filter.pids.push((pid, mark));
+        Ok(())
+    }
+
+    fn detach_tls(&mut self, index: usize) {
+        let links = std::mem::take(&mut self.tls[index].links);
+        for (prog, link) in links {
+            if let Some(Ok(p)) = self.ebpf.program_mut(prog).map(<&mut UProbe>::try_from) {
+                let _ = p.detach(link);
+            }
+        }
+    }
+
+    fn reattach_tls(&mut self, index: usize) {
+        let t = &self.tls[index];
+        let (path, symbols) = (t.path.clone(), t.symbols.clone());
+        let symbols: Vec<(&str, u64)> = symbols.iter().map(|(s, o)| (s.as_str(), *o)).collect();
+        let (links, errors) = self.attach_uprobes(&path, &symbols);
+        for e in errors {
+            log::warn!("re-attaching TLS uprobes on {}: {e}", path.display());
+        }
+        self.tls[index].links = links;
     }
 
     /// Attaches the TLS uprobes to one library or executable file, for every
-    /// process that maps it. `symbols` are (name, file offset) pairs.
-    /// Returns the symbols attached; a symbol that fails is skipped and
-    /// reported in the error list.
-    pub fn attach_tls(&mut self, path: &Path, symbols: &[(&str, u64)]) -> (Vec<String>, Vec<String>) {
-        let mut ok = Vec::new();
+    /// process that maps it (right away if TLS is enabled, else when it is).
+    /// `symbols` are (name, file offset) pairs. Returns the symbols attached;
+    /// a symbol that fails is skipped and reported in the error list.
+    pub fn attach_tls(
+        &mut self,
+        path: &Path,
+        display_path: &str,
+        library: &'static str,
+        symbols: &[(&str, u64)],
+    ) -> (Vec<String>, Vec<String>) {
+        let (links, errors) =
+            if self.tls_enabled { self.attach_uprobes(path, symbols) } else { (Vec::new(), Vec::new()) };
+        let mut attached: Vec<String> = Vec::new();
+        for (prog, _) in &links {
+            if let Some((s, _, _)) = TLS_UPROBES.iter().find(|(_, entry, _)| entry == prog) {
+                attached.push(s.to_string());
+            }
+        }
+        self.tls.push(TlsAttachment {
+            path: path.to_path_buf(),
+            display_path: display_path.to_string(),
+            library,
+            symbols: symbols.iter().map(|(s, o)| (s.to_string(), *o)).collect(),
+            links,
+        });
+        (attached, errors)
+    }
+
+    fn attach_uprobes(
+        &mut self,
+        path: &Path,
+        symbols: &[(&str, u64)],
+    ) -> (Vec<(&'static str, UProbeLinkId)>, Vec<String>) {
+        let mut links = Vec::new();
         let mut errors = Vec::new();
         for &(symbol, offset) in symbols {
             let Some(&(_, entry, ret)) = TLS_UPROBES.iter().find(|(s, _, _)| *s == symbol) else { continue };
-            let mut result = Ok(());
-            for prog in [entry, ret] {
+            // Return probe first: an entry without its return would leave
+            // calls recorded that never complete.
+            for prog in [ret, entry] {
                 let attached = self
                     .ebpf
                     .program_mut(prog)
                     .ok_or_else(|| anyhow::anyhow!("program {prog} missing"))
-                    .and_then(|p| -> Result<()> {
+                    .and_then(|p| -> Result<UProbeLinkId> {
                         let p: &mut UProbe = p.try_into()?;
-                        p.attach(UProbeAttachLocation::AbsoluteOffset(offset), path, UProbeScope::AllProcesses)?;
-                        Ok(())
+                        Ok(p.attach(UProbeAttachLocation::AbsoluteOffset(offset), path, UProbeScope::AllProcesses)?)
                     });
-                if let Err(e) = attached {
-                    result = Err(format!("{symbol} ({prog}): {e:#}"));
-                    break;
+                match attached {
+                    Ok(link) => links.push((prog, link)),
+                    Err(e) => {
+                        errors.push(format!("{symbol} ({prog}): {e:#}"));
+                        break;
+                    }
                 }
             }
-            match result {
-                Ok(()) => ok.push(symbol.to_string()),
-                Err(e) => errors.push(e),
-            }
         }
-        (ok, errors)
+        (links, errors)
     }
 
     /// Failed ring-buffer writes so far, per emitting program (summed over CPUs).
