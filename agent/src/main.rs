@@ -1,6 +1,7 @@
 //! `periscope`: the daemon (`periscope run`) and, later, its control client.
 
 mod connections;
+mod control;
 mod discovery;
 mod events;
 mod export;
@@ -32,6 +33,8 @@ struct Cli {
 enum Command {
     /// Run the tracing daemon (needs root: loads eBPF programs).
     Run(RunArgs),
+    #[command(flatten)]
+    Control(control::client::ControlCommand),
 }
 
 #[derive(clap::Args)]
@@ -43,18 +46,28 @@ struct RunArgs {
     /// `grpc` (default) or `http/protobuf`. Default: $OTEL_EXPORTER_OTLP_PROTOCOL.
     #[arg(long)]
     otlp_protocol: Option<String>,
-    /// Stdout format when no OTLP endpoint is set.
-    #[arg(long, value_enum, default_value = "text")]
-    output: OutputFormat,
-    /// Payload bytes captured per socket call (max 4096).
-    #[arg(long, default_value_t = periscope_ebpf::DEFAULT_PAYLOAD_CAP)]
-    payload_cap: u32,
-    /// Kernel ring buffer size in MiB (power of two).
-    #[arg(long, default_value_t = 8)]
-    ring_buffer_mib: u32,
-    /// Most connections tracked at once; beyond it new ones are counted, not traced.
-    #[arg(long, default_value_t = 65_536)]
-    max_connections: usize,
+    /// Stdout format when no OTLP endpoint is set [default: text].
+    #[arg(long, value_enum)]
+    output: Option<OutputFormat>,
+    /// Payload bytes captured per socket call, max 4096 [default: 4096].
+    #[arg(long)]
+    payload_cap: Option<u32>,
+    /// Kernel ring buffer size in MiB, a power of two [default: 8].
+    #[arg(long)]
+    ring_buffer_mib: Option<u32>,
+    /// Most connections tracked at once; beyond it new ones are counted, not traced [default: 65536].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Control socket for `periscope status/enable/disable/filter/sample` [default: /run/periscope/control.sock].
+    #[arg(long)]
+    socket: Option<std::path::PathBuf>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464); off by default.
+    #[arg(long)]
+    metrics_address: Option<std::net::SocketAddr>,
+    /// TOML file with the same settings, plus disabled_features, filter and sample_ratio.
+    /// Flags win over environment variables, which win over the file.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
 }
 
 fn main() {
@@ -62,6 +75,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Control(cmd) => std::process::exit(control::client::run(&cmd)),
     };
     if let Err(e) = result {
         error!("{e:#}");
@@ -70,10 +84,33 @@ fn main() {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    if !args.ring_buffer_mib.is_power_of_two() {
-        anyhow::bail!("--ring-buffer-mib must be a power of two");
+    let file = args.config.as_deref().map(control::config_file::load).transpose()?.unwrap_or_default();
+    let ring_buffer_mib = args.ring_buffer_mib.or(file.ring_buffer_mib).unwrap_or(8);
+    if !ring_buffer_mib.is_power_of_two() {
+        anyhow::bail!("ring buffer size must be a power of two (MiB), got {ring_buffer_mib}");
     }
-    let export_config = ExportConfig::from_env_and_flags(args.otlp_endpoint, args.otlp_protocol, args.output)?;
+    let output = match (args.output, &file.output) {
+        (Some(o), _) => o,
+        (None, Some(o)) => o.parse().map_err(|e| anyhow::anyhow!("config file: output: {e}"))?,
+        (None, None) => OutputFormat::Text,
+    };
+    // Flags, then the standard variables (read by ExportConfig), then the file.
+    let env_set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    let otlp_endpoint = args.otlp_endpoint.or_else(|| {
+        (!env_set("OTEL_EXPORTER_OTLP_ENDPOINT") && !env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+            .then(|| file.otlp_endpoint.clone())
+            .flatten()
+    });
+    let otlp_protocol = args.otlp_protocol.or_else(|| {
+        (!env_set("OTEL_EXPORTER_OTLP_PROTOCOL") && !env_set("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"))
+            .then(|| file.otlp_protocol.clone())
+            .flatten()
+    });
+    let export_config = ExportConfig::from_env_and_flags(otlp_endpoint, otlp_protocol, output)?;
+    let socket = args.socket.or(file.socket.clone()).unwrap_or_else(|| control::DEFAULT_SOCKET.into());
+    let metrics_address = args.metrics_address.or(file.metrics_address);
+    let payload_cap = args.payload_cap.or(file.payload_cap).unwrap_or(periscope_ebpf::DEFAULT_PAYLOAD_CAP);
+    let max_connections = args.max_connections.or(file.max_connections).unwrap_or(65_536);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -81,21 +118,54 @@ fn run(args: RunArgs) -> Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         let stats = Arc::new(Stats::default());
-        let probe_settings = ProbeSettings {
-            payload_cap: args.payload_cap,
-            ring_buffer_bytes: args.ring_buffer_mib << 20,
-        };
+        let probe_settings = ProbeSettings { payload_cap, ring_buffer_bytes: ring_buffer_mib << 20 };
         let (mut probes, ring) = Probes::load(&probe_settings)?;
-        let mut tls_watch = discovery::tls_watch::TlsWatch::spawn("/proc").context("starting TLS discovery")?;
-        pipeline::attach_initial_tls(&mut probes, &mut tls_watch).await;
+        let (ctl_tx, ctl_rx) = tokio::sync::mpsc::channel(16);
+        let control_server = control::server::serve(socket.clone(), ctl_tx.clone())?;
+        let metrics_task = match metrics_address {
+            Some(addr) => {
+                let (bound, task) = control::metrics::serve_prometheus(addr, ctl_tx.clone()).await?;
+                info!("Prometheus metrics on http://{bound}/metrics");
+                Some(task)
+            }
+            None => None,
+        };
         let (sink, exporter) = export::spawn(export_config, stats.clone());
-        let pipeline = Pipeline::new(
-            PipelineSettings { max_connections: args.max_connections, ..Default::default() },
-            sink,
-            stats.clone(),
+        let mut pipeline = Pipeline::new(PipelineSettings { max_connections, ..Default::default() }, sink.clone(), stats.clone());
+        let mut control = pipeline::Control {
+            state: control::daemon::ControlState::new(),
+            calls: ctl_rx,
+            sink: sink.clone(),
+            stats: stats.clone(),
+        };
+        drop(sink);
+        // Settings from the config file, applied like the CLI would.
+        for feature in &file.disabled_features {
+            let response = control.state.set_feature(*feature, false, &mut probes);
+            info!("config file: {}", serde_json::to_string(&response).unwrap_or_default());
+        }
+        if !file.filter.is_empty() {
+            let request = control::protocol::Request::Filter { set: Some(file.filter.clone()), clear: false };
+            let response = control.state.handle(request, &mut probes, &mut pipeline, &control.sink, &stats);
+            info!("config file: {}", serde_json::to_string(&response).unwrap_or_default());
+        }
+        pipeline.set_tls_enabled(control.state.tls_enabled());
+        if let Some(ratio) = file.sample_ratio {
+            pipeline.set_sampler(pipeline::Sampler::new(ratio));
+        }
+        let mut tls_watch = discovery::tls_watch::TlsWatch::spawn("/proc").context("starting TLS discovery")?;
+        pipeline::attach_initial_tls(&mut probes, &mut pipeline, &mut tls_watch).await;
+        info!(
+            "periscope ready: {} kernel programs attached ({}); control socket {}",
+            probes.attached.len(),
+            probes.attached.join(", "),
+            socket.display()
         );
-        info!("periscope ready: {} kernel programs attached ({})", probes.attached.len(), probes.attached.join(", "));
-        let pipeline = pipeline::run(&mut probes, ring, pipeline, tls_watch, shutdown_signal()).await?;
+        let pipeline = pipeline::run(&mut probes, ring, pipeline, tls_watch, control, shutdown_signal()).await?;
+        control_server.shutdown().await;
+        if let Some(task) = metrics_task {
+            task.abort();
+        }
         pipeline.into_sink().shutdown(exporter).await;
         let lost: u64 = probes.lost_events().iter().map(|(_, n)| n).sum();
         info!("counters: {:?}; kernel losses per program: {:?}", stats, probes.lost_events());

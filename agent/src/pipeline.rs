@@ -13,6 +13,8 @@ use tokio::io::unix::AsyncFd;
 
 use crate::connections::{Admit, ConnectTiming, Connection, ConnectionTable, ProtocolState, TlsState};
 use crate::discovery::process::ProcessCache;
+use crate::control::daemon::ControlState;
+use crate::control::server::ControlCall;
 use crate::discovery::tls_watch::{Discovered, TlsWatch};
 use crate::events::{self, Event};
 use crate::export::SpanSink;
@@ -47,7 +49,12 @@ pub struct Pipeline {
     table_full_logged: bool,
     tls_scan_requests: Vec<u32>,
     tls_not_visible_reported: std::collections::HashSet<String>,
+    /// Executables or libraries whose TLS cannot be seen, with the reason.
+    tls_not_visible: Vec<(String, String)>,
+    /// Programs started since the last drain: (pid, executable path).
+    execs: Vec<(u32, String)>,
     sampler: Sampler,
+    tls_enabled: bool,
 }
 
 /// Head sampling by trace id (like the OpenTelemetry TraceIdRatioBased
@@ -93,7 +100,10 @@ impl Pipeline {
             table_full_logged: false,
             tls_scan_requests: Vec::new(),
             tls_not_visible_reported: Default::default(),
+            tls_not_visible: Vec::new(),
+            execs: Vec::new(),
             sampler: Sampler::new(1.0),
+            tls_enabled: true,
         }
     }
 
@@ -197,6 +207,9 @@ impl Pipeline {
             Event::ProcessExec(e) => {
                 self.processes.on_exec(e.header.tgid, &e);
                 self.tls_scan_requests.push(e.header.tgid);
+                if let Some(exe) = self.processes.executable_path(e.header.tgid) {
+                    self.execs.push((e.header.tgid, exe));
+                }
             }
             Event::ProcessExit(e) => {
                 for conn in self.connections.remove_process(e.header.tgid) {
@@ -220,6 +233,12 @@ impl Pipeline {
         emit(&mut self.exchanges, conn, &resource, &self.clock, &mut self.rng, &self.sink, &self.stats, self.sampler);
     }
 
+    /// Whether TLS uprobes are on (a TLS connection they miss is then worth
+    /// reporting as not visible).
+    pub fn set_tls_enabled(&mut self, enabled: bool) {
+        self.tls_enabled = enabled;
+    }
+
     pub fn set_sampler(&mut self, sampler: Sampler) {
         self.sampler = sampler;
     }
@@ -234,7 +253,8 @@ impl Pipeline {
             parser.close(ts_ns, &mut self.exchanges);
         }
         if let Some(tls) = &conn.tls {
-            if !tls.plaintext_seen && !tls.handshake_seen {
+            // With TLS switched off nothing is expected to see it.
+            if self.tls_enabled && !tls.plaintext_seen && !tls.handshake_seen {
                 self.report_tls_not_visible(conn.tgid);
             }
         }
@@ -250,19 +270,39 @@ impl Pipeline {
     /// library). Said once per executable.
     fn report_tls_not_visible(&mut self, tgid: u32) {
         Stats::inc(&self.stats.tls_not_visible_connections);
-        let resource = self.processes.resource(tgid);
-        let exe = resource
-            .attributes
-            .iter()
-            .find(|a| a.key == "process.executable.path")
-            .map(|a| format!("{:?}", a.value))
-            .unwrap_or_else(|| resource.service_name().to_string());
+        let exe = self
+            .processes
+            .executable_path(tgid)
+            .unwrap_or_else(|| self.processes.resource(tgid).service_name().to_string());
         if self.tls_not_visible_reported.insert(exe.clone()) {
-            warn!(
-                "TLS not visible: {} (pid {tgid} used TLS on a connection, but no hooked TLS library saw it: statically linked or stripped TLS)",
-                exe.trim_matches('"')
+            let reason = format!(
+                "pid {tgid} used TLS on a connection, but no hooked TLS library saw it: statically linked or stripped TLS"
             );
+            warn!("TLS not visible: {exe} ({reason})");
+            self.note_tls_not_visible(exe, reason);
         }
+    }
+
+    pub fn note_tls_not_visible(&mut self, what: String, reason: String) {
+        self.tls_not_visible.push((what, reason));
+    }
+
+    pub fn tls_not_visible(&self) -> &[(String, String)] {
+        &self.tls_not_visible
+    }
+
+    /// Processes seen with network traffic.
+    pub fn processes(&self) -> impl Iterator<Item = &std::sync::Arc<crate::spans::model::Resource>> {
+        self.processes.with_traffic()
+    }
+
+    pub fn connections_open(&self) -> usize {
+        self.connections.len()
+    }
+
+    /// Programs started since the last call: (pid, executable path).
+    pub fn take_execs(&mut self) -> Vec<(u32, String)> {
+        std::mem::take(&mut self.execs)
     }
 
     /// Pids whose maps should be scanned for TLS libraries (new programs,
@@ -299,8 +339,28 @@ impl Pipeline {
 /// when the ring is a quarter full, so this bounds how late spans are built.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
+/// The daemon's control plane as the event loop sees it.
+pub struct Control {
+    pub state: ControlState,
+    pub calls: tokio::sync::mpsc::Receiver<ControlCall>,
+    pub sink: SpanSink,
+    pub stats: std::sync::Arc<Stats>,
+}
+
+/// Work after each drain of the ring: TLS scans of new programs, and the
+/// executable filter applied to them.
+fn after_batch(probes: &mut Probes, pipeline: &mut Pipeline, tls_watch: &TlsWatch, control: &ControlState) {
+    tls_watch.scan(pipeline.take_tls_scan_requests());
+    let execs = pipeline.take_execs();
+    if control.filter_has_exes() {
+        for (pid, exe) in execs {
+            control.on_exec(pid, &exe, probes);
+        }
+    }
+}
+
 /// Hooks a TLS library found by discovery, or reports why it cannot be.
-fn attach_tls(probes: &mut Probes, found: Discovered) {
+fn attach_tls(probes: &mut Probes, pipeline: &mut Pipeline, found: Discovered) {
     match found {
         Discovered::Attach(target) => {
             let symbols: Vec<(&str, u64)> = target.symbols.iter().map(|&(s, o)| (s, o)).collect();
@@ -309,7 +369,9 @@ fn attach_tls(probes: &mut Probes, found: Discovered) {
             if !probes.tls_enabled() {
                 info!("TLS library found: {} ({}); not attached while tls is disabled", target.display_path, target.kind.as_str());
             } else if attached.is_empty() {
-                warn!("TLS not visible: {} (attaching failed: {})", target.display_path, errors.join("; "));
+                let reason = format!("attaching failed: {}", errors.join("; "));
+                warn!("TLS not visible: {} ({reason})", target.display_path);
+                pipeline.note_tls_not_visible(target.display_path.clone(), reason);
             } else {
                 info!(
                     "TLS library attached: {} ({}, {} symbols: {})",
@@ -323,19 +385,22 @@ fn attach_tls(probes: &mut Probes, found: Discovered) {
                 }
             }
         }
-        Discovered::NotVisible { display_path, reason } => warn!("TLS not visible: {display_path} ({reason})"),
+        Discovered::NotVisible { display_path, reason } => {
+            warn!("TLS not visible: {display_path} ({reason})");
+            pipeline.note_tls_not_visible(display_path, reason);
+        }
         Discovered::InitialScanDone => {}
     }
 }
 
 /// Attaches everything TLS discovery finds at start, so that "ready" means
 /// the TLS libraries already on the machine are hooked.
-pub async fn attach_initial_tls(probes: &mut Probes, tls_watch: &mut TlsWatch) {
+pub async fn attach_initial_tls(probes: &mut Probes, pipeline: &mut Pipeline, tls_watch: &mut TlsWatch) {
     while let Some(found) = tls_watch.found.recv().await {
         if let Discovered::InitialScanDone = found {
             return;
         }
-        attach_tls(probes, found);
+        attach_tls(probes, pipeline, found);
     }
 }
 
@@ -377,6 +442,7 @@ pub async fn run(
     ring: RingBuf<MapData>,
     mut pipeline: Pipeline,
     mut tls_watch: TlsWatch,
+    mut control: Control,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<Pipeline> {
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged
@@ -397,16 +463,26 @@ pub async fn run(
                     pipeline.handle_record(&record);
                 }
                 guard.clear_ready();
-                tls_watch.scan(pipeline.take_tls_scan_requests());
+                after_batch(probes, &mut pipeline, &tls_watch, &control.state);
             }
             _ = drain.tick() => {
                 let ring = ring.get_mut();
                 while let Some(record) = ring.next() {
                     pipeline.handle_record(&record);
                 }
-                tls_watch.scan(pipeline.take_tls_scan_requests());
+                after_batch(probes, &mut pipeline, &tls_watch, &control.state);
             }
-            Some(found) = tls_watch.found.recv() => attach_tls(probes, found),
+            Some(found) = tls_watch.found.recv() => attach_tls(probes, &mut pipeline, found),
+            Some(call) = control.calls.recv() => {
+                // Events already in the ring are handled before the change.
+                let ring = ring.get_mut();
+                while let Some(record) = ring.next() {
+                    pipeline.handle_record(&record);
+                }
+                let response = control.state.handle(call.request, probes, &mut pipeline, &control.sink, &control.stats);
+                pipeline.set_tls_enabled(control.state.tls_enabled());
+                let _ = call.reply.send(response);
+            }
             _ = tick.tick() => {
                 pipeline.tick();
                 let lost: u64 = probes.lost_events().iter().map(|(_, n)| n).sum();

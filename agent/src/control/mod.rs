@@ -5,12 +5,15 @@
 //! The wire protocol is documented in [`protocol`].
 
 pub mod client;
+pub mod daemon;
 pub mod config_file;
 pub mod metrics;
 pub mod protocol;
 pub mod server;
 
+#[allow(unused_imports)] // conveniences for the daemon; which ones it needs varies
 pub use protocol::{Feature, Filter, Request, Response, StatusReport};
+#[allow(unused_imports)]
 pub use server::{ControlCall, ControlServer};
 
 /// Where the daemon listens and the client connects unless `--socket` says otherwise.

@@ -11,6 +11,8 @@ use crate::spans::model::{Attribute, Resource};
 
 pub struct ProcessCache {
     by_pid: HashMap<u32, Arc<Resource>>,
+    /// Pids seen with network traffic (the others were only seen starting).
+    with_traffic: std::collections::HashSet<u32>,
     host_name: String,
     proc_root: std::path::PathBuf,
 }
@@ -24,7 +26,7 @@ impl ProcessCache {
         let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "unknown".into());
-        Self { by_pid: HashMap::new(), host_name, proc_root: root.into() }
+        Self { by_pid: HashMap::new(), with_traffic: Default::default(), host_name, proc_root: root.into() }
     }
 
     /// The resource of `pid`, read from /proc on first use. A process that
@@ -53,10 +55,27 @@ impl ProcessCache {
         if !self.by_pid.contains_key(&pid) {
             self.resource(pid);
         }
+        self.with_traffic.insert(pid);
+    }
+
+    /// The executable path of `pid`, if known.
+    pub fn executable_path(&self, pid: u32) -> Option<String> {
+        self.by_pid.get(&pid)?.attributes.iter().find(|a| a.key == "process.executable.path").and_then(|a| {
+            match &a.value {
+                crate::spans::model::AttrValue::Str(s) => Some(s.clone()),
+                _ => None,
+            }
+        })
+    }
+
+    /// Processes seen with network traffic.
+    pub fn with_traffic(&self) -> impl Iterator<Item = &Arc<Resource>> {
+        self.with_traffic.iter().filter_map(|pid| self.by_pid.get(pid))
     }
 
     pub fn forget(&mut self, pid: u32) {
         self.by_pid.remove(&pid);
+        self.with_traffic.remove(&pid);
     }
 
 }

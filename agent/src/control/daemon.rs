@@ -1,0 +1,339 @@
+//! The daemon's side of the control protocol: applies feature switches,
+//! filters and sampling to the kernel programs and the pipeline, and
+//! reports status. Runs on the event loop, between ring-buffer drains, so
+//! every change applies at once and nothing in flight is lost.
+
+use std::collections::{BTreeMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use periscope_ebpf::control::{
+    EXCLUDE, FEATURE_HTTP, FEATURE_TLS, FILTER_CGROUPS_INCLUDE_ONLY, FILTER_PIDS, FILTER_PIDS_INCLUDE_ONLY,
+    FILTER_PORTS, FILTER_PORTS_INCLUDE_ONLY, INCLUDE,
+};
+
+use super::metrics::counters_from_stats;
+use super::protocol::{
+    ExporterStatus, Feature, FeatureChange, FeatureStatus, Filter, FilterChange, KernelFeature, ProcessStatus,
+    Request, Response, SampleChange, StatusReport, TlsLibraryStatus, TlsState,
+};
+use crate::export::{ExporterHealth, SpanSink};
+use crate::pipeline::{Pipeline, Sampler};
+use crate::probes::{KernelFilter, PROGRAMS, Probes, TLS_UPROBES};
+use crate::stats::Stats;
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// Most cgroups a subtree filter expands to.
+const MAX_CGROUPS: usize = 1000;
+
+pub struct ControlState {
+    started: Instant,
+    features: BTreeMap<Feature, bool>,
+    filter: Filter,
+}
+
+impl ControlState {
+    pub fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            features: Feature::ALL.into_iter().map(|f| (f, true)).collect(),
+            filter: Filter::default(),
+        }
+    }
+
+    pub fn handle(
+        &mut self,
+        request: Request,
+        probes: &mut Probes,
+        pipeline: &mut Pipeline,
+        sink: &SpanSink,
+        stats: &Stats,
+    ) -> Response {
+        match request {
+            Request::Status => Response::ok(&self.status(probes, pipeline, sink, stats)),
+            Request::Enable { feature } => self.set_feature(feature, true, probes),
+            Request::Disable { feature } => self.set_feature(feature, false, probes),
+            Request::Filter { set: None, clear: false } => Response::ok(&FilterChange::shown(&self.filter)),
+            Request::Filter { set, clear } => {
+                let new = if clear { Filter::default() } else { set.unwrap_or_default() };
+                match self.apply_filter(&new, probes) {
+                    Ok(()) => {
+                        let change = FilterChange::set(&new, &self.filter);
+                        self.filter = new;
+                        Response::ok(&change)
+                    }
+                    Err(e) => Response::refused(format!("filter not applied: {e:#}")),
+                }
+            }
+            Request::Sample { ratio } => {
+                let previous = pipeline.sampler().ratio();
+                pipeline.set_sampler(Sampler::new(ratio));
+                Response::ok(&SampleChange::new(pipeline.sampler().ratio(), previous))
+            }
+        }
+    }
+
+    pub fn tls_enabled(&self) -> bool {
+        self.features[&Feature::Tls]
+    }
+
+    pub fn set_feature(&mut self, feature: Feature, enabled: bool, probes: &mut Probes) -> Response {
+        let was = self.features.get(&feature).copied().unwrap_or(true);
+        self.features.insert(feature, enabled);
+        if let Err(e) = probes.set_features_disabled(self.kernel_disabled_bits()) {
+            self.features.insert(feature, was);
+            return Response::refused(format!("{feature} not changed: {e:#}"));
+        }
+        log::info!("feature {feature} {}", if enabled { "enabled" } else { "disabled" });
+        Response::ok(&FeatureChange::new(feature, enabled, was))
+    }
+
+    fn kernel_disabled_bits(&self) -> u32 {
+        let mut bits = 0;
+        if !self.features[&Feature::Http] {
+            bits |= FEATURE_HTTP;
+        }
+        if !self.features[&Feature::Tls] {
+            bits |= FEATURE_TLS;
+        }
+        bits
+    }
+
+    fn apply_filter(&self, filter: &Filter, probes: &mut Probes) -> anyhow::Result<()> {
+        let mut k = KernelFilter::default();
+        let exe_pids = |names: &[String]| -> Vec<u32> {
+            if names.is_empty() {
+                return Vec::new();
+            }
+            pids_running(|exe| names.iter().any(|n| exe_matches(n, exe)))
+        };
+        for pid in filter.include_pids.iter().copied().chain(exe_pids(&filter.include_exes)) {
+            k.pids.push((pid, INCLUDE));
+        }
+        for pid in filter.exclude_pids.iter().copied().chain(exe_pids(&filter.exclude_exes)) {
+            k.pids.push((pid, EXCLUDE));
+        }
+        if !k.pids.is_empty() {
+            k.flags |= FILTER_PIDS;
+        }
+        if !filter.include_pids.is_empty() || !filter.include_exes.is_empty() {
+            k.flags |= FILTER_PIDS | FILTER_PIDS_INCLUDE_ONLY;
+        }
+        for &port in &filter.include_ports {
+            k.ports.push((port, INCLUDE));
+        }
+        for &port in &filter.exclude_ports {
+            k.ports.push((port, EXCLUDE));
+        }
+        if !k.ports.is_empty() {
+            k.flags |= FILTER_PORTS;
+        }
+        if !filter.include_ports.is_empty() {
+            k.flags |= FILTER_PORTS_INCLUDE_ONLY;
+        }
+        for path in &filter.include_cgroups {
+            let ids = cgroup_ids(path)?;
+            k.cgroups.extend(ids);
+        }
+        if !filter.include_cgroups.is_empty() {
+            k.flags |= FILTER_CGROUPS_INCLUDE_ONLY;
+        }
+        probes.set_filter(k)
+    }
+
+    /// A process started a new program: executables in the filter apply to it.
+    pub fn on_exec(&self, pid: u32, exe: &str, probes: &mut Probes) {
+        let f = &self.filter;
+        let mark = if f.exclude_exes.iter().any(|n| exe_matches(n, exe)) {
+            EXCLUDE
+        } else if f.include_exes.iter().any(|n| exe_matches(n, exe)) {
+            INCLUDE
+        } else {
+            return;
+        };
+        if let Err(e) = probes.mark_pid(pid, mark) {
+            log::warn!("filter: cannot mark pid {pid} ({exe}): {e:#}");
+        }
+    }
+
+    pub fn filter_has_exes(&self) -> bool {
+        !self.filter.include_exes.is_empty() || !self.filter.exclude_exes.is_empty()
+    }
+
+    fn status(&self, probes: &Probes, pipeline: &Pipeline, sink: &SpanSink, stats: &Stats) -> StatusReport {
+        let mut features = BTreeMap::new();
+        let socket_programs = ["tp_btf/sock_send_length", "tp_btf/sock_recv_length"];
+        for f in Feature::ALL {
+            let programs: Vec<String> = match f {
+                Feature::Http => socket_programs.iter().map(|s| s.to_string()).collect(),
+                Feature::Tls => probes
+                    .tls
+                    .iter()
+                    .filter(|t| t.attached())
+                    .map(|t| format!("uprobe {} ({} symbols)", t.display_path, t.symbols.len()))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let note = match f {
+                Feature::Dns | Feature::Grpc => None,
+                Feature::Tls => Some(format!(
+                    "{} symbols per library: {}",
+                    TLS_UPROBES.len(),
+                    TLS_UPROBES.iter().map(|(s, _, _)| *s).collect::<Vec<_>>().join(", ")
+                )),
+                Feature::Http => None,
+            };
+            features.insert(
+                f,
+                FeatureStatus { enabled: self.features[&f], available: f.available(), programs, note },
+            );
+        }
+        let mut tls_libraries: Vec<TlsLibraryStatus> = probes
+            .tls
+            .iter()
+            .map(|t| TlsLibraryStatus {
+                path: t.display_path.clone(),
+                library: t.library.to_string(),
+                pids: Vec::new(),
+                symbols: t.symbols.iter().map(|(s, _)| s.clone()).collect(),
+                state: TlsState::Attached,
+                reason: (!t.attached()).then(|| "found; uprobes detached while tls is disabled".to_string()),
+            })
+            .collect();
+        tls_libraries.extend(pipeline.tls_not_visible().iter().map(|(path, reason)| TlsLibraryStatus {
+            path: path.clone(),
+            library: "unknown".into(),
+            state: TlsState::NotVisible,
+            reason: Some(reason.clone()),
+            ..Default::default()
+        }));
+        let state = sink.state();
+        let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).ok();
+        let (healthy, last_error, failing_since) = match &state.health {
+            ExporterHealth::Healthy => (true, None, None),
+            ExporterHealth::Failing { since, last_error } => (false, Some(last_error.clone()), unix(*since)),
+        };
+        let mut kernel = vec![
+            KernelFeature { name: "btf".into(), available: true, note: Some("/sys/kernel/btf/vmlinux".into()) },
+            KernelFeature { name: "tp_btf".into(), available: true, note: Some(PROGRAMS.join(", ")) },
+            KernelFeature { name: "ring_buffer".into(), available: true, note: None },
+            KernelFeature { name: "uprobes".into(), available: true, note: None },
+        ];
+        kernel.push(KernelFeature {
+            name: "kprobes".into(),
+            available: Path::new("/sys/kernel/tracing/kprobe_events").exists(),
+            note: Some("not used: tracepoints and uprobes only".into()),
+        });
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs(),
+            kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+            kernel,
+            features,
+            tls_libraries,
+            processes: pipeline
+                .processes()
+                .map(|r| ProcessStatus {
+                    pid: r.pid,
+                    service_name: r.service_name().to_string(),
+                    executable: r
+                        .attributes
+                        .iter()
+                        .find(|a| a.key == "process.executable.path")
+                        .map(|a| match &a.value {
+                            crate::spans::model::AttrValue::Str(s) => s.clone(),
+                            other => format!("{other:?}"),
+                        })
+                        .unwrap_or_default(),
+                })
+                .collect(),
+            connections_open: pipeline.connections_open() as u64,
+            counters: counters_from_stats(stats),
+            lost_per_probe: probes.lost_events().into_iter().map(|(n, v)| (n.to_string(), v)).collect(),
+            exporter: ExporterStatus {
+                destination: state.destination.clone(),
+                healthy,
+                last_error,
+                failing_since_unix_s: failing_since,
+                last_success_unix_s: state.last_success.and_then(unix),
+                queued: state.queued as u64,
+                queue_capacity: state.queue_capacity as u64,
+            },
+            filter: self.filter.clone(),
+            sample_ratio: pipeline.sampler().ratio(),
+        }
+    }
+}
+
+/// `name` is an executable's file name or full path.
+pub fn exe_matches(name: &str, exe: &str) -> bool {
+    if name.contains('/') { exe == name } else { exe.rsplit('/').next() == Some(name) }
+}
+
+/// Pids of running processes whose executable path satisfies `matches`.
+fn pids_running(matches: impl Fn(&str) -> bool) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|exe| matches(&exe.to_string_lossy()))
+        })
+        .collect()
+}
+
+/// The cgroup ids (cgroup v2 directory inodes) of `path` and everything
+/// below it.
+fn cgroup_ids(path: &str) -> anyhow::Result<Vec<u64>> {
+    let root = Path::new(CGROUP_ROOT).join(path.trim_start_matches('/'));
+    let meta = std::fs::metadata(&root).map_err(|e| anyhow::anyhow!("cgroup {path}: {e}"))?;
+    let mut ids = vec![meta.ino()];
+    let mut stack = vec![root];
+    let mut seen = HashSet::new();
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() && seen.insert(meta.ino()) {
+                if ids.len() >= MAX_CGROUPS {
+                    anyhow::bail!("cgroup {path} has more than {MAX_CGROUPS} cgroups below it");
+                }
+                ids.push(meta.ino());
+                stack.push(entry.path());
+            }
+        }
+    }
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn executable_names_and_paths() {
+        assert!(exe_matches("nginx", "/usr/sbin/nginx"));
+        assert!(exe_matches("/usr/sbin/nginx", "/usr/sbin/nginx"));
+        assert!(!exe_matches("ngin", "/usr/sbin/nginx"));
+        assert!(!exe_matches("/usr/bin/nginx", "/usr/sbin/nginx"));
+    }
+
+    #[test]
+    fn own_process_found_by_executable() {
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let pids = pids_running(|e| e == exe.to_string_lossy());
+        assert!(pids.contains(&std::process::id()));
+    }
+
+    #[test]
+    fn cgroup_root_expands_and_missing_cgroup_fails() {
+        let ids = cgroup_ids("/").expect("cgroup v2 mounted at /sys/fs/cgroup");
+        assert!(!ids.is_empty());
+        assert!(cgroup_ids("/no/such/cgroup").is_err());
+    }
+}
