@@ -12,6 +12,7 @@ mod spans;
 mod stats;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -130,6 +131,15 @@ fn run(args: RunArgs) -> Result<()> {
             }
             None => None,
         };
+        let metrics_export = match &export_config.destination {
+            export::config::Destination::Otlp(otlp) => export::metrics::spawn(
+                otlp,
+                export_config.resource_attributes.clone(),
+                ctl_tx.clone(),
+                Duration::from_secs(15),
+            )?,
+            _ => None,
+        };
         let (sink, exporter) = export::spawn(export_config, stats.clone());
         let mut pipeline = Pipeline::new(PipelineSettings { max_connections, ..Default::default() }, sink.clone(), stats.clone());
         let mut control = pipeline::Control {
@@ -163,7 +173,7 @@ fn run(args: RunArgs) -> Result<()> {
         );
         let pipeline = pipeline::run(&mut probes, ring, pipeline, tls_watch, control, shutdown_signal()).await?;
         control_server.shutdown().await;
-        if let Some(task) = metrics_task {
+        for task in metrics_task.into_iter().chain(metrics_export) {
             task.abort();
         }
         pipeline.into_sink().shutdown(exporter).await;

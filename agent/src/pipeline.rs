@@ -319,7 +319,6 @@ impl Pipeline {
         for conn in self.connections.remove_idle(cutoff) {
             self.finish(conn, now);
         }
-        self.stats.connections_tracked.store(self.connections.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn into_sink(self) -> SpanSink {

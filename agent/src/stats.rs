@@ -17,7 +17,6 @@ pub struct Stats {
     pub http_parse_errors: AtomicU64,
     /// Connections given up as not HTTP after inspection.
     pub connections_not_http: AtomicU64,
-    pub connections_tracked: AtomicU64,
     /// TLS plaintext or handshakes that could not be tied to a socket.
     pub tls_unlinked: AtomicU64,
     /// Connections that carried TLS no uprobe saw.

@@ -18,6 +18,7 @@
 //! dropped and counted. The exporter logs one warning when it starts failing
 //! and one info line when it recovers.
 
+pub mod metrics;
 pub mod config;
 pub mod otlp;
 pub mod stdout;
