@@ -48,6 +48,33 @@ pub fn split_host(host: &str) -> (&str, Option<u16>) {
     }
 }
 
+/// The trace and parent span of a W3C `traceparent` header
+/// (`00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`), if valid.
+pub fn parse_traceparent(value: &str) -> Option<([u8; 16], [u8; 8])> {
+    let mut parts = value.trim().split('-');
+    let version = parts.next()?;
+    let (trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?);
+    if version.len() != 2 || version == "ff" || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
+        return None;
+    }
+    // Version 00 has exactly four fields; later versions may append more.
+    if version == "00" && parts.next().is_some() {
+        return None;
+    }
+    let hex = |s: &str, out: &mut [u8]| -> Option<()> {
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(())
+    };
+    let (mut t, mut p) = ([0u8; 16], [0u8; 8]);
+    hex(trace, &mut t)?;
+    hex(span, &mut p)?;
+    hex(version, &mut [0u8; 1])?;
+    hex(flags, &mut [0u8; 1])?;
+    (t != [0; 16] && p != [0; 8]).then_some((t, p))
+}
+
 /// TLS facts for one span: the connection's protocol version, and the
 /// handshake duration on the connection's first span only.
 #[derive(Clone, Copy, Default)]
@@ -137,10 +164,20 @@ pub fn build(
     }
 
     let end_ns = ex.response_end_ns.unwrap_or(ex.request_end_ns).max(ex.request_start_ns);
+    // A request that arrives with a traceparent (an instrumented caller or a
+    // proxy) puts the server span into that trace, as the caller's child.
+    let remote_parent = match ex.side {
+        Side::Server => ex.traceparent.as_deref().and_then(parse_traceparent),
+        Side::Client => None,
+    };
+    let (trace_id, parent_span_id) = match remote_parent {
+        Some((trace, parent)) => (trace, Some(parent)),
+        None => (new_trace_id(rng), None),
+    };
     Span {
-        trace_id: new_trace_id(rng),
+        trace_id,
         span_id: new_span_id(rng),
-        parent_span_id: None,
+        parent_span_id,
         name: method.strip_prefix('_').map(|_| "HTTP").unwrap_or(method).to_string(),
         kind,
         start_unix_nano: clock.to_unix_nanos(ex.request_start_ns),
@@ -254,6 +291,41 @@ mod tests {
         assert_eq!(span.attr("periscope.tls.handshake.duration_ns"), Some(&AttrValue::Int(1_500_000)));
         let plain = build(&ex, &conn(), None, resource(), &Clock::new(), &mut rand::rng());
         assert_eq!(plain.attr("tls.protocol.name"), None);
+    }
+
+    #[test]
+    fn traceparent_parsing() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let (t, p) = parse_traceparent(tp).unwrap();
+        assert_eq!(t[0], 0x4b);
+        assert_eq!(p, [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]);
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-é4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(parse_traceparent(bad), None, "{bad}");
+        }
+        // A future version may carry more fields.
+        assert!(parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-xyz").is_some());
+    }
+
+    #[test]
+    fn server_span_joins_incoming_trace() {
+        let mut ex = exchange(Side::Server, Some(200));
+        ex.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        let span = build(&ex, &conn(), None, resource(), &Clock::new(), &mut rand::rng());
+        assert_eq!(span.trace_id[..2], [0x4b, 0xf9]);
+        assert_eq!(span.parent_span_id, Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]));
+        // A client only forwards what it was given: its span is not the header's child.
+        ex.side = Side::Client;
+        let client = build(&ex, &conn(), None, resource(), &Clock::new(), &mut rand::rng());
+        assert_eq!(client.parent_span_id, None);
     }
 
     #[test]
