@@ -336,14 +336,11 @@ pub fn render_status(r: &StatusReport) -> String {
         let state = match t.state {
             TlsState::Attached => "attached",
             TlsState::NotVisible => "not visible",
+            TlsState::Detached => "detached",
         };
         let mut line = format!("  {state:<11} {:<10} {}", t.library, t.path);
         if !t.symbols.is_empty() {
             let _ = write!(line, " ({})", short_list(&t.symbols, 6));
-        }
-        if !t.pids.is_empty() {
-            let pids: Vec<String> = t.pids.iter().map(u32::to_string).collect();
-            let _ = write!(line, " pids {}", short_list(&pids, 8));
         }
         if let Some(reason) = &t.reason {
             let _ = write!(line, ": {reason}");
@@ -597,7 +594,6 @@ mod tests {
         r.tls_libraries.push(TlsLibraryStatus {
             path: "/usr/lib/libssl.so.3".into(),
             library: "openssl".into(),
-            pids: vec![12],
             symbols: vec!["SSL_read".into(), "SSL_write".into()],
             state: TlsState::Attached,
             reason: None,
@@ -617,7 +613,7 @@ mod tests {
             "  http  enabled   1 program(s): sock_send_length",
             "  tls   unknown",
             "  dns   disabled  not yet available",
-            "  attached    openssl    /usr/lib/libssl.so.3 (SSL_read, SSL_write) pids 12",
+            "  attached    openssl    /usr/lib/libssl.so.3 (SSL_read, SSL_write)",
             "traced processes (1):",
             "     12  checkout             /usr/bin/python3",
             "connections open: 4",

@@ -195,10 +195,9 @@ impl ControlState {
             .map(|t| TlsLibraryStatus {
                 path: t.display_path.clone(),
                 library: t.library.to_string(),
-                pids: Vec::new(),
                 symbols: t.symbols.iter().map(|(s, _)| s.clone()).collect(),
-                state: TlsState::Attached,
-                reason: (!t.attached()).then(|| "found; uprobes detached while tls is disabled".to_string()),
+                state: if t.attached() { TlsState::Attached } else { TlsState::Detached },
+                reason: (!t.attached()).then(|| "tls is disabled".to_string()),
             })
             .collect();
         tls_libraries.extend(pipeline.tls_not_visible().iter().map(|(path, reason)| TlsLibraryStatus {

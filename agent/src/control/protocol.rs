@@ -473,6 +473,9 @@ pub enum TlsState {
     Attached,
     #[serde(rename = "not visible")]
     NotVisible,
+    /// Found, uprobes detached because the tls feature is disabled.
+    #[serde(rename = "detached")]
+    Detached,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -480,9 +483,6 @@ pub struct TlsLibraryStatus {
     pub path: String,
     /// `openssl`, `boringssl`, `gnutls`, ...
     pub library: String,
-    /// Processes that map it.
-    #[serde(default)]
-    pub pids: Vec<u32>,
     /// Symbols the uprobes are attached to.
     #[serde(default)]
     pub symbols: Vec<String>,
