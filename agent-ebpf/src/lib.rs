@@ -209,6 +209,15 @@ pub struct ProcessExecEvent {
     pub env: [u8; EXEC_ENV_MAX],
 }
 
+/// Events the kernel programs chose not to send, counted in the
+/// `KERNEL_COUNTERS` per-CPU array (index: these).
+pub mod kernel_counter {
+    /// TLS library calls that touched no socket and could not be tied to one
+    /// (in-memory TLS): not network traffic the daemon could place.
+    pub const TLS_UNLINKED: u32 = 0;
+    pub const COUNT: u32 = 1;
+}
+
 /// Which TLS library a uprobe event came from.
 pub mod tls_library {
     pub const OPENSSL: u8 = 1;

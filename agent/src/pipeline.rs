@@ -146,7 +146,7 @@ impl Pipeline {
                     conn.start_plaintext(Limits::default());
                 } else {
                     conn.socket_chunks += 1;
-                    if conn.tls.is_none() && conn.socket_chunks == 1 && tls_records::looks_like_tls_client_hello(payload) {
+                    if conn.tls.is_none() && conn.socket_chunks == 1 && tls_records::starts_tls_handshake(payload) {
                         conn.tls = Some(TlsState::new());
                     }
                     if let Some(tls) = &mut conn.tls {

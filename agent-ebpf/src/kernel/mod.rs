@@ -67,6 +67,17 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 #[map]
 static LOST_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(probe::COUNT, 0);
 
+/// Things the programs chose not to send (`kernel_counter::*`).
+#[map]
+static KERNEL_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(periscope_ebpf::kernel_counter::COUNT, 0);
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(counter) = KERNEL_COUNTERS.get_ptr_mut(index) {
+        unsafe { *counter += 1 };
+    }
+}
+
 /// Where a data event is assembled before it is copied out at its real size.
 #[map]
 static SCRATCH: PerCpuArray<DataEventBuf> = PerCpuArray::with_max_entries(1, 0);

@@ -18,7 +18,7 @@ use periscope_ebpf::{
 };
 
 use super::filter::{feature_enabled, ports_traced, process_traced};
-use super::tls::{CALL_HANDSHAKE, LAST_RECV, TLS_CALLS};
+use super::tls::{CALL_HANDSHAKE, ESTABLISHED, LAST_RECV, SessionKey, TLS_CALLS};
 use periscope_ebpf::control::{FEATURE_HTTP, FEATURE_TLS};
 use super::{OFFSETS, PAYLOAD_CAP, SCRATCH, SELF_TGID, bounded, output_bytes, read_kernel, read_tuple, tcp_family};
 
@@ -65,12 +65,14 @@ fn on_socket_io(ctx: &BtfTracePointContext, dir: u8, probe_id: u32) -> Option<()
         let _ = LAST_RECV.insert(&pid_tgid, &sk, 0);
     }
     // Inside a TLS library call: remember the socket for the plaintext
-    // event; the ciphertext itself is only wanted during handshakes.
+    // event. The ciphertext itself is only wanted during handshakes, which
+    // some programs (s_client, Node) leave to their first SSL_read/SSL_write.
     let mut in_handshake = false;
     if let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
         let call = unsafe { &mut *call };
         call.sock = sk;
-        if call.kind != CALL_HANDSHAKE {
+        let key = SessionKey { tgid, _pad: 0, session: call.ssl };
+        if call.kind != CALL_HANDSHAKE && unsafe { ESTABLISHED.get(&key) }.is_some() {
             return None;
         }
         in_handshake = true;

@@ -24,7 +24,8 @@ use periscope_ebpf::{EventHeader, SockTuple, TlsHandshakeEvent, direction, kind,
 use super::filter::{feature_enabled, ports_traced, process_traced};
 use super::socket_io::{copy_flat_call, finish_data_event, start_data_event};
 use periscope_ebpf::control::FEATURE_TLS;
-use super::{OFFSETS, SCRATCH, SELF_TGID, output, read_tuple, tcp_family};
+use super::{OFFSETS, SCRATCH, SELF_TGID, count, output, read_tuple, tcp_family};
+use periscope_ebpf::kernel_counter;
 
 pub const CALL_READ: u8 = 0;
 pub const CALL_WRITE: u8 = 1;
@@ -65,6 +66,11 @@ static SESSION_SOCKS: LruHashMap<SessionKey, u64> = LruHashMap::with_max_entries
 /// When each session's first handshake call started.
 #[map]
 static HANDSHAKE_STARTS: LruHashMap<SessionKey, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Sessions known to be past their handshake (a call returned data, or a
+/// handshake call succeeded): their ciphertext is no longer of interest.
+#[map]
+pub static ESTABLISHED: LruHashMap<SessionKey, u8> = LruHashMap::with_max_entries(65536, 0);
 
 /// The socket each thread last received from, keyed by pid_tgid.
 #[map]
@@ -212,20 +218,23 @@ fn finish_read_write(n: u32) -> u32 {
     if n == 0 {
         return 0;
     }
+    let _ = ESTABLISHED.insert(&key, &1, 0);
+    if sock == 0 {
+        count(kernel_counter::TLS_UNLINKED);
+        return 0;
+    }
     let Some(buf) = SCRATCH.get_ptr_mut(0) else { return 0 };
     let buf = unsafe { &mut *buf };
     let dir = if call.kind == CALL_READ { direction::INGRESS } else { direction::EGRESS };
     start_data_event(buf, tgid, pid_tgid as u32, sock, dir, source::TLS, n);
     buf.event.syscall = call.library;
     buf.event.call_start_ns = call.start_ns;
-    if sock != 0 {
-        let off = OFFSETS.load();
-        if let Some(family) = tcp_family(sock, &off) {
-            read_tuple(sock, family, &off, &mut buf.event.tuple);
-        }
-        if !ports_traced(buf.event.tuple.src_port, buf.event.tuple.dst_port) {
-            return 0;
-        }
+    let off = OFFSETS.load();
+    if let Some(family) = tcp_family(sock, &off) {
+        read_tuple(sock, family, &off, &mut buf.event.tuple);
+    }
+    if !ports_traced(buf.event.tuple.src_port, buf.event.tuple.dst_port) {
+        return 0;
     }
     let (head, tail) = copy_flat_call(buf, call.buf, n);
     finish_data_event(buf, head, tail, probe::TLS_DATA);
@@ -249,6 +258,7 @@ fn finish_handshake(ok: bool, failed: bool) -> u32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let start = unsafe { HANDSHAKE_STARTS.get(&key) }.copied().unwrap_or(now);
     let _ = HANDSHAKE_STARTS.remove(&key);
+    let _ = ESTABLISHED.insert(&key, &1, 0);
     let sock = linked_socket(&call, &key, pid_tgid);
     let mut ev = TlsHandshakeEvent {
         header: EventHeader { kind: kind::TLS_HANDSHAKE, _pad: [0; 3], tgid, ts_ns: now },

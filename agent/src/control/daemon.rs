@@ -251,7 +251,12 @@ impl ControlState {
                 })
                 .collect(),
             connections_open: pipeline.connections_open() as u64,
-            counters: counters_from_stats(stats),
+            counters: {
+                let mut c = counters_from_stats(stats);
+                // Unlinked TLS calls are counted in the kernel (never sent).
+                *c.entry("tls_unlinked".to_string()).or_default() += probes.tls_unlinked();
+                c
+            },
             lost_per_probe: probes.lost_events().into_iter().map(|(n, v)| (n.to_string(), v)).collect(),
             exporter: ExporterStatus {
                 destination: state.destination.clone(),

@@ -103,6 +103,7 @@ pub struct Probes {
     ebpf: Ebpf,
     pub attached: Vec<&'static str>,
     lost: PerCpuArray<MapData, u64>,
+    kernel_counters: PerCpuArray<MapData, u64>,
     control: Array<MapData, u32>,
     pid_filter: BpfHashMap<MapData, u32, u8>,
     port_filter: BpfHashMap<MapData, u16, u8>,
@@ -161,6 +162,7 @@ impl Probes {
         let lost = PerCpuArray::try_from(ebpf.take_map("LOST_EVENTS").context("LOST_EVENTS map missing")?)?;
         let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("{name} map missing"));
         let control = Array::try_from(take("CONTROL")?)?;
+        let kernel_counters = PerCpuArray::try_from(take("KERNEL_COUNTERS")?)?;
         let pid_filter = BpfHashMap::try_from(take("PID_FILTER")?)?;
         let port_filter = BpfHashMap::try_from(take("PORT_FILTER")?)?;
         let cgroup_filter = BpfHashMap::try_from(take("CGROUP_FILTER")?)?;
@@ -169,6 +171,7 @@ impl Probes {
             ebpf,
             attached,
             lost,
+            kernel_counters,
             control,
             pid_filter,
             port_filter,
@@ -316,6 +319,13 @@ impl Probes {
             }
         }
         (links, errors)
+    }
+
+    /// TLS library calls that could not be tied to any socket (in-memory
+    /// TLS), counted in the kernel instead of being sent.
+    pub fn tls_unlinked(&self) -> u64 {
+        let i = periscope_ebpf::kernel_counter::TLS_UNLINKED;
+        self.kernel_counters.get(&i, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
     }
 
     /// Failed ring-buffer writes so far, per emitting program (summed over CPUs).
