@@ -9,22 +9,27 @@
 //! - [`nginx`], [`servers`]: servers with configs of their own.
 //! - [`clients`]: curl and Python clients, reporting pids and timings.
 //! - [`expect`]: collect all mismatches, then fail once with the spans.
+//! - [`certs`], [`tls`], [`node`]: a test certificate; OpenSSL, GnuTLS (in a
+//!   network namespace), Python, Node and pip-grpcio TLS programs.
 //!
 //! Nothing here skips: a missing program or package is an error that says how
 //! to install it (`cargo xtask setup --test-deps`).
 
 pub mod agent;
+pub mod certs;
 pub mod clients;
 pub mod expect;
 pub mod nginx;
+pub mod node;
 pub mod proc;
 pub mod rotel;
 pub mod servers;
 pub mod span;
+pub mod tls;
 
 pub use agent::{Agent, AgentOptions};
 pub use expect::Expect;
-pub use nginx::{AccessLogEntry, Nginx, NginxOptions};
+pub use nginx::{AccessLogEntry, Nginx, NginxOptions, NginxTls};
 pub use rotel::Rotel;
 pub use servers::{PyHttpServer, Redis};
 pub use span::{AttrValue, Span, SpanKind, StatusCode, dump};
@@ -142,3 +147,5 @@ pub const KNOWN_METHODS: &[&str] = &[
 pub fn with_spans(msg: impl std::fmt::Display, spans: &[Span]) -> String {
     format!("{msg}\nspans ({}):\n{}", spans.len(), dump(spans, 300))
 }
+
+pub mod control;

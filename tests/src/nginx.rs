@@ -6,8 +6,14 @@
 //! `Transfer-Encoding: chunked`), plus whatever location blocks the caller adds.
 //! `sendfile on` as in Debian's default nginx.conf: static bodies leave through
 //! sendfile(2), not write(2).
+//!
+//! With [`NginxOptions::tls`] the server listens with TLS instead
+//! (`listen ... ssl`, the given certificate and `ssl_protocols`, HTTP/2
+//! optional), and a second log, `tls.log`, records per request the TLS
+//! protocol nginx negotiated ([`Nginx::tls_log`]).
 
 use crate::proc::{Proc, StopWith, TempDir, children_of, free_port, wait_for_port};
+use crate::tls::TlsVersion;
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,6 +30,8 @@ pub struct NginxOptions {
     /// Extra http-level directives.
     pub extra_http: String,
     pub sendfile: bool,
+    /// Serve HTTPS instead of HTTP.
+    pub tls: Option<NginxTls>,
 }
 
 impl Default for NginxOptions {
@@ -32,7 +40,75 @@ impl Default for NginxOptions {
             extra_locations: String::new(),
             extra_http: String::new(),
             sendfile: true,
+            tls: None,
         }
+    }
+}
+
+/// HTTPS for [`Nginx`]: `listen 127.0.0.1:PORT ssl [http2]`.
+#[derive(Clone, Debug)]
+pub struct NginxTls {
+    /// PEM certificate and key (e.g. from [`crate::certs::TestCert`]).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// `ssl_protocols`: only these versions are accepted.
+    pub protocols: Vec<TlsVersion>,
+    /// Offer HTTP/2 through ALPN (`listen ... ssl http2`). Off by default:
+    /// clients then speak HTTP/1.1.
+    pub http2: bool,
+}
+
+impl NginxTls {
+    /// Only `version`, HTTP/1.1.
+    pub fn only(cert: &Path, key: &Path, version: TlsVersion) -> NginxTls {
+        NginxTls {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            protocols: vec![version],
+            http2: false,
+        }
+    }
+}
+
+/// One `tls.log` line: what nginx negotiated for a request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TlsLogEntry {
+    /// Connection serial number (`$connection`), as in the access log.
+    pub connection: u64,
+    pub connection_requests: u64,
+    /// `$ssl_protocol`: `TLSv1.2`, `TLSv1.3`.
+    pub protocol: String,
+    /// `$ssl_session_reused`: `r` if the session was resumed, else `.`.
+    pub session_reused: bool,
+    pub request_uri: String,
+    pub status: u16,
+    pub pid: u32,
+}
+
+impl TlsLogEntry {
+    pub fn parse(line: &str) -> Result<TlsLogEntry> {
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() != 7 {
+            bail!("tls log line has {} fields, want 7: {line:?}", f.len());
+        }
+        let num = |i: usize| -> Result<u64> {
+            f[i].parse()
+                .with_context(|| format!("field {i} of {line:?}"))
+        };
+        Ok(TlsLogEntry {
+            connection: num(0)?,
+            connection_requests: num(1)?,
+            protocol: f[2].into(),
+            session_reused: f[3] == "r",
+            request_uri: f[4].into(),
+            status: num(5)? as u16,
+            pid: num(6)? as u32,
+        })
+    }
+
+    /// The negotiated version, if nginx logged a known one.
+    pub fn version(&self) -> Option<TlsVersion> {
+        TlsVersion::from_openssl_name(&self.protocol)
     }
 }
 
@@ -40,6 +116,7 @@ pub struct Nginx {
     proc: Proc,
     port: u16,
     dir: TempDir,
+    tls: bool,
 }
 
 /// One access-log line (`log_format periscope`, tab-separated).
@@ -158,6 +235,27 @@ impl Nginx {
             std::fs::create_dir_all(dir.join(d))?;
         }
         let d = dir.path().display();
+        let (listen_opts, tls_server, tls_http) = match &opts.tls {
+            None => (String::new(), String::new(), String::new()),
+            Some(t) => {
+                if t.protocols.is_empty() {
+                    bail!("NginxTls::protocols is empty");
+                }
+                let protocols: Vec<&str> = t.protocols.iter().map(|v| v.openssl_name()).collect();
+                (
+                    format!(" ssl{}", if t.http2 { " http2" } else { "" }),
+                    format!(
+                        "ssl_certificate {};\n        ssl_certificate_key {};\n        ssl_protocols {};",
+                        t.cert.display(),
+                        t.key.display(),
+                        protocols.join(" ")
+                    ),
+                    format!(
+                        "log_format periscope_tls \"$connection\\t$connection_requests\\t$ssl_protocol\\t$ssl_session_reused\\t$request_uri\\t$status\\t$pid\";\n    access_log {d}/tls.log periscope_tls;"
+                    ),
+                )
+            }
+        };
         let conf = format!(
             r#"daemon off;
 master_process on;
@@ -170,6 +268,7 @@ http {{
     default_type application/octet-stream;
     log_format periscope "$remote_addr\t$pid\t$msec\t$request_time\t$status\t$request_length\t$bytes_sent\t$request_method\t$request_uri\t$uri\t$server_protocol\t$connection\t$connection_requests";
     access_log {d}/access.log periscope;
+    {tls_http}
     client_body_temp_path {d}/tmp/client_body;
     proxy_temp_path {d}/tmp/proxy;
     fastcgi_temp_path {d}/tmp/fastcgi;
@@ -179,8 +278,9 @@ http {{
     keepalive_timeout 65;
     {extra_http}
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{listen_opts};
         server_name localhost;
+        {tls_server}
         root {d}/www;
         location / {{ index index.html; }}
         location = /status/404 {{ return 404; }}
@@ -226,7 +326,12 @@ http {{
                 );
             }
         }
-        let nginx = Nginx { proc, port, dir };
+        let nginx = Nginx {
+            proc,
+            port,
+            dir,
+            tls: opts.tls.is_some(),
+        };
         // The worker must exist before tests look for it.
         crate::proc::poll(Duration::from_secs(5), Duration::from_millis(20), || {
             (!nginx.worker_pids().is_empty()).then_some(())
@@ -239,8 +344,13 @@ http {{
         self.port
     }
 
+    /// `http` or `https`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
+    }
+
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("{}://127.0.0.1:{}{path}", self.scheme(), self.port)
     }
 
     pub fn dir(&self) -> &Path {
@@ -279,6 +389,33 @@ http {{
             .filter(|l| !l.is_empty())
             .map(AccessLogEntry::parse)
             .collect()
+    }
+
+    /// `tls.log` (HTTPS only): the TLS protocol of every request.
+    pub fn tls_log(&self) -> Result<Vec<TlsLogEntry>> {
+        let text = std::fs::read_to_string(self.dir.join("tls.log")).unwrap_or_default();
+        text.lines()
+            .filter(|l| !l.is_empty())
+            .map(TlsLogEntry::parse)
+            .collect()
+    }
+
+    /// Wait until `tls.log` has at least `n` lines.
+    pub fn wait_for_tls_log(&self, n: usize, timeout: Duration) -> Result<Vec<TlsLogEntry>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let entries = self.tls_log()?;
+            if entries.len() >= n {
+                return Ok(entries);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "nginx tls.log has {} lines after {timeout:?}, want {n}:\n{entries:#?}",
+                    entries.len()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Wait until the access log has at least `n` lines.

@@ -1,7 +1,9 @@
 //! `cargo xtask bench [--quick]`: what the agent costs an unmodified server.
 //!
 //! nginx (one worker, static page, loopback) is loaded by wrk (HTTP/1.1
-//! keep-alive, as fast as it goes) and by hey (rate-limited to 5000 req/s),
+//! keep-alive, as fast as it goes), by hey (rate-limited to 5000 req/s) and
+//! by wrk over HTTPS (TLS 1.3 on a second nginx port, keep-alive; the agent
+//! then runs uprobes in both nginx and wrk, which use the system libssl),
 //! without the agent and with it, interleaved in rounds within one run on one
 //! machine: every figure is compared with a baseline measured minutes apart,
 //! never with a number from another day. The agent exports to a real OTLP
@@ -13,8 +15,19 @@
 //! CPU time it used (utime+stime from /proc) per 1000 requests, its peak RSS
 //! (VmHWM), the events it lost in the kernel and the spans it exported against
 //! the requests the load generator completed (both from the line the agent
-//! logs when it stops). The targets (throughput >= 95% of baseline, RSS < 64
-//! MiB, no lost events at 5k req/s) are judged and a miss is reported as one.
+//! logs when it stops). The targets (throughput >= 95% of baseline, HTTPS
+//! throughput >= 90% of baseline, RSS < 64 MiB, no lost events at 5k req/s)
+//! are judged and a miss is reported as one.
+//!
+//! It also measures what one hooked TLS library call costs: Debian's Python
+//! pushes records through an in-memory TLS pair (`ssl.MemoryBIO`, so no
+//! socket and no syscalls: `SSL_write_ex` + `SSL_read_ex` per iteration)
+//! without and with the agent, and the difference in CPU time per call is the
+//! uprobe + uretprobe cost. A proxy from the HTTPS runs is reported beside it
+//! (nginx's extra CPU per request over its estimated uprobe hits per request).
+//!
+//! `PERISCOPE_BIN=PATH` benches that agent binary instead of building
+//! `target/release/periscope`.
 //!
 //! Results go to `OUT_DIR/summary.md` (also printed), `OUT_DIR/raw.json`
 //! (every run's numbers and raw tool output) and `OUT_DIR/logs/`.
@@ -36,6 +49,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Targets from the issue.
 const TARGET_THROUGHPUT_RATIO: f64 = 0.95;
+const TARGET_HTTPS_THROUGHPUT_RATIO: f64 = 0.90;
+/// Iterations of the in-memory TLS loop (two library calls each).
+const UPROBE_ITERATIONS: u32 = 100_000;
+const UPROBE_ITERATIONS_QUICK: u32 = 30_000;
 const TARGET_RSS_MIB: f64 = 64.0;
 const RATE_LIMITED_RPS: u32 = 5000;
 /// hey rate-limits per worker: `-c HEY_WORKERS -q RATE/HEY_WORKERS`.
@@ -86,11 +103,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let plan = Plan::new(&args);
     eprintln!(
-        "bench: {} round(s) of [no agent, agent] x [wrk {} s, hey {} req/s {} s]; results in {}",
+        "bench: {} round(s) of [no agent, agent] x [wrk {} s, hey {} req/s {} s, wrk https {} s] + TLS call cost; results in {}",
         plan.rounds,
         plan.wrk_secs,
         RATE_LIMITED_RPS,
         plan.hey_secs,
+        plan.wrk_secs,
         args.out_dir.display()
     );
 
@@ -98,10 +116,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     ensure_apt_tools()?;
     let rotel_agent = ensure_rotel()?;
     ensure_tracefs()?;
-    if args.build {
+    // PERISCOPE_BIN (as in the end-to-end tests): bench that binary, unbuilt.
+    let given_bin = std::env::var_os("PERISCOPE_BIN").filter(|p| !p.is_empty()).map(PathBuf::from);
+    if args.build && given_bin.is_none() {
         build_agent()?;
     }
-    let agent_bin = crate::cmd::target_dir().join("release").join("periscope");
+    let agent_bin = given_bin.unwrap_or_else(|| crate::cmd::target_dir().join("release").join("periscope"));
     if !agent_bin.is_file() {
         bail!("{} is missing: build it with `cargo build --release -p periscope`", agent_bin.display());
     }
@@ -131,7 +151,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     wait_for_port(&mut rotel, grpc_port, Duration::from_secs(30))?;
 
     let nginx_port = free_port()?;
-    let nginx_conf = write_nginx_files(&tmp.0, nginx_port)?;
+    let https_port = free_port()?;
+    let (cert, key) = make_test_cert(&tmp.0)?;
+    let nginx_conf = write_nginx_files(&tmp.0, nginx_port, Some((https_port, &cert, &key)))?;
     let mut nginx_cmd = Command::new("nginx");
     nginx_cmd.arg("-c").arg(&nginx_conf).arg("-p").arg(&tmp.0).arg("-e").arg(tmp.0.join("error.log"));
     let nginx_shown = show(&nginx_cmd);
@@ -139,10 +161,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     wait_for_port(&mut nginx, nginx_port, Duration::from_secs(15))?;
     check_http_ok(nginx_port).context("nginx does not answer GET / with 200")?;
     let url = format!("http://127.0.0.1:{nginx_port}/");
+    let https_url = format!("https://127.0.0.1:{https_port}/");
 
-    let wrk_args = |secs: u32| -> Vec<String> {
-        vec!["-t1".into(), format!("-c{WRK_CONNECTIONS}"), format!("-d{secs}s"), "--latency".into(), url.clone()]
+    let wrk_to = |secs: u32, url: &str| -> Vec<String> {
+        vec!["-t1".into(), format!("-c{WRK_CONNECTIONS}"), format!("-d{secs}s"), "--latency".into(), url.to_string()]
     };
+    let wrk_args = |secs: u32| wrk_to(secs, &url);
     let hey_args = |secs: u32| -> Vec<String> {
         vec![
             "-z".into(),
@@ -158,12 +182,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let workloads = [
         Workload { kind: WorkloadKind::Wrk, program: "wrk", args: wrk_args(plan.wrk_secs), secs: plan.wrk_secs },
         Workload { kind: WorkloadKind::Hey, program: "hey", args: hey_args(plan.hey_secs), secs: plan.hey_secs },
+        Workload {
+            kind: WorkloadKind::WrkHttps,
+            program: "wrk",
+            args: wrk_to(plan.wrk_secs, &https_url),
+            secs: plan.wrk_secs,
+        },
     ];
 
     // 3. Warm nginx up (page cache, first connections); not measured.
     eprintln!("bench: warm-up (wrk 2 s, not measured)");
     let warm = Workload { kind: WorkloadKind::Wrk, program: "wrk", args: wrk_args(2), secs: 2 };
     run_load(&warm, &out_dir, "warmup")?;
+    let warm = Workload { kind: WorkloadKind::WrkHttps, program: "wrk", args: wrk_to(2, &https_url), secs: 2 };
+    let (_, _, w) = run_load(&warm, &out_dir, "warmup-https")?;
+    if w.requests == 0 || w.errors > 0 || w.non_2xx > 0 {
+        bail!(
+            "nginx over HTTPS does not answer wrk cleanly ({} requests, {} errors, {} non-2xx): see {}",
+            w.requests,
+            w.errors,
+            w.non_2xx,
+            out_dir.join("logs/warmup-https-wrk.txt").display()
+        );
+    }
 
     // 4. The rounds.
     let ctx = RunCtx {
@@ -174,6 +215,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         clk_tck: clk_tck(),
     };
     let mut samples: Vec<Sample> = Vec::new();
+    let mut tls_calls: Vec<TlsCallSample> = Vec::new();
     for round in 1..=plan.rounds {
         for w in &workloads {
             for config in [Config::Baseline, Config::Agent] {
@@ -187,6 +229,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 }
             }
         }
+        check_interrupted()?;
+        let t = measure_tls_calls(&ctx, round, plan.uprobe_iterations, &cert, &key)?;
+        eprintln!("bench: {}", t.one_line());
+        tls_calls.push(t);
     }
 
     // 5. Stop the servers (their logs go with the results), then report.
@@ -199,11 +245,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let commands = Commands {
         wrk: format!("wrk {}", workloads[0].args.join(" ")),
         hey: format!("hey {}", workloads[1].args.join(" ")),
+        wrk_https: format!("wrk {}", workloads[2].args.join(" ")),
+        tls_calls: format!("{SYSTEM_PYTHON} -c <in-memory TLS loop, see bench.rs> {} CERT KEY", plan.uprobe_iterations),
         agent: format!("{} {}", agent_bin.display(), agent_args.join(" ")),
         rotel: rotel_shown,
         nginx: nginx_shown,
     };
-    let report = Report::new(&plan, started, machine, commands, samples, t0.elapsed());
+    let report = Report::new(&plan, started, machine, commands, samples, tls_calls, t0.elapsed());
     let md = report.markdown();
     std::fs::write(out_dir.join("summary.md"), &md)?;
     std::fs::write(out_dir.join("raw.json"), serde_json::to_string_pretty(&report.json())? + "\n")?;
@@ -220,12 +268,19 @@ struct Plan {
     rounds: usize,
     wrk_secs: u32,
     hey_secs: u32,
+    uprobe_iterations: u32,
 }
 
 impl Plan {
     fn new(args: &BenchArgs) -> Plan {
         let (rounds, secs) = if args.quick { (1, 5) } else { (3, 10) };
-        Plan { quick: args.quick, rounds: args.rounds.unwrap_or(rounds).max(1), wrk_secs: secs, hey_secs: secs }
+        Plan {
+            quick: args.quick,
+            rounds: args.rounds.unwrap_or(rounds).max(1),
+            wrk_secs: secs,
+            hey_secs: secs,
+            uprobe_iterations: if args.quick { UPROBE_ITERATIONS_QUICK } else { UPROBE_ITERATIONS },
+        }
     }
 }
 
@@ -235,19 +290,26 @@ enum WorkloadKind {
     Wrk,
     /// Open loop at RATE_LIMITED_RPS.
     Hey,
+    /// Closed loop over HTTPS (TLS 1.3, keep-alive).
+    WrkHttps,
 }
+
+/// Every workload, in report order.
+const WORKLOADS: [WorkloadKind; 3] = [WorkloadKind::Wrk, WorkloadKind::Hey, WorkloadKind::WrkHttps];
 
 impl WorkloadKind {
     fn label(self) -> String {
         match self {
             WorkloadKind::Wrk => format!("wrk max, {WRK_CONNECTIONS} conns"),
             WorkloadKind::Hey => format!("hey {}k req/s", RATE_LIMITED_RPS / 1000),
+            WorkloadKind::WrkHttps => format!("wrk https max, {WRK_CONNECTIONS} conns"),
         }
     }
     fn key(self) -> &'static str {
         match self {
             WorkloadKind::Wrk => "wrk",
             WorkloadKind::Hey => "hey",
+            WorkloadKind::WrkHttps => "wrk_https",
         }
     }
 }
@@ -477,11 +539,148 @@ fn run_load(w: &Workload, out_dir: &Path, tag: &str) -> Result<(String, String, 
         bail!("`{shown}` failed ({status}):\n{}", p.text());
     }
     let parsed = match w.kind {
-        WorkloadKind::Wrk => parse_wrk(&out),
+        WorkloadKind::Wrk | WorkloadKind::WrkHttps => parse_wrk(&out),
         WorkloadKind::Hey => parse_hey(&out),
     }
     .with_context(|| format!("parsing the output of `{shown}`:\n{out}"))?;
     Ok((shown, out, parsed))
+}
+
+// ---------------------------------------------------------------------------
+// The cost of one hooked TLS call
+
+/// Debian's Python: its `ssl` module calls the system libssl (hooked by the
+/// agent); the Python on PATH may be another build.
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+/// An in-memory TLS 1.3 pair (no socket, no syscalls), then N iterations of
+/// `client.write(64 bytes)` (`SSL_write_ex`) and `server.read(64)`
+/// (`SSL_read_ex`); prints the CPU time of the loop alone.
+const TLS_CALLS_SCRIPT: &str = r#"
+import ssl, sys, time
+n = int(sys.argv[1])
+sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+sctx.load_cert_chain(sys.argv[2], sys.argv[3])
+cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+cctx.check_hostname = False
+cctx.verify_mode = ssl.CERT_NONE
+c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+c = cctx.wrap_bio(c_in, c_out, server_side=False)
+s = sctx.wrap_bio(s_in, s_out, server_side=True)
+done = {c: False, s: False}
+for _ in range(50):
+    for o in (c, s):
+        if not done[o]:
+            try:
+                o.do_handshake()
+                done[o] = True
+            except ssl.SSLWantReadError:
+                pass
+    d = c_out.read()
+    if d:
+        s_in.write(d)
+    d = s_out.read()
+    if d:
+        c_in.write(d)
+    if all(done.values()):
+        break
+assert all(done.values()), "in-memory handshake did not finish"
+msg = b"x" * 64
+t0 = time.process_time()
+for _ in range(n):
+    c.write(msg)
+    s_in.write(c_out.read())
+    s.read(64)
+cpu = time.process_time() - t0
+print("tls-calls %d cpu_s %.6f version %s" % (2 * n, cpu, c.version()), flush=True)
+"#;
+
+/// One round of the TLS call measurement.
+#[derive(Clone, Debug, Default)]
+struct TlsCallSample {
+    round: usize,
+    calls: u64,
+    baseline_cpu_s: f64,
+    agent_cpu_s: f64,
+    /// Events the agent counted while it ran (from its `stopped:` line).
+    agent_events: Option<u64>,
+    others: Vec<u32>,
+}
+
+impl TlsCallSample {
+    /// Extra CPU per library call with the agent (one uprobe + one uretprobe).
+    fn ns_per_call(&self) -> Option<f64> {
+        (self.calls > 0).then(|| (self.agent_cpu_s - self.baseline_cpu_s) * 1e9 / self.calls as f64)
+    }
+    fn one_line(&self) -> String {
+        format!(
+            "round {} TLS calls: {} calls, {:.3} s CPU without agent, {:.3} s with: {} ns extra per call{}",
+            self.round,
+            self.calls,
+            self.baseline_cpu_s,
+            self.agent_cpu_s,
+            fmt_f(self.ns_per_call(), 0),
+            self.agent_events.map_or(String::new(), |e| format!(" ({e} agent events)"))
+        )
+    }
+}
+
+fn run_tls_calls(iterations: u32, cert: &Path, key: &Path, out_dir: &Path, tag: &str) -> Result<(u64, f64)> {
+    let mut cmd = Command::new(SYSTEM_PYTHON);
+    cmd.arg("-c").arg(TLS_CALLS_SCRIPT).arg(iterations.to_string()).arg(cert).arg(key);
+    let mut p = Proc::spawn("python3-tls-calls", &mut cmd, libc::SIGTERM, Duration::from_secs(2))?;
+    let st = p.wait_exit(Duration::from_secs(600))?;
+    let out = p.text();
+    std::fs::write(out_dir.join(format!("logs/{tag}-tls-calls.txt")), &out).ok();
+    if !st.success() {
+        bail!("the TLS call loop failed ({st}):\n{out}");
+    }
+    parse_tls_calls(&out).with_context(|| format!("parsing the TLS call loop's output:\n{out}"))
+}
+
+/// `tls-calls N cpu_s S version V` -> (N, S).
+fn parse_tls_calls(text: &str) -> Result<(u64, f64)> {
+    let line = text.lines().find(|l| l.starts_with("tls-calls ")).context("no `tls-calls` line")?;
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.len() < 4 || f[2] != "cpu_s" {
+        bail!("unexpected line {line:?}");
+    }
+    Ok((f[1].parse()?, f[3].parse()?))
+}
+
+/// The loop without the agent, then with it (started and stopped around it).
+fn measure_tls_calls(ctx: &RunCtx, round: usize, iterations: u32, cert: &Path, key: &Path) -> Result<TlsCallSample> {
+    wait_for_other_agents(Duration::from_secs(180))?;
+    let mut others = other_periscopes(None);
+    let tag = format!("r{round}");
+    eprintln!("bench: {tag}: TLS call loop, {iterations} iterations, without and with the agent");
+    let (calls, baseline_cpu_s) = run_tls_calls(iterations, cert, key, ctx.out_dir, &format!("{tag}-base"))?;
+    let mut cmd = Command::new(ctx.agent_bin);
+    cmd.args(ctx.agent_args).env("RUST_LOG", "info");
+    let mut p = Proc::spawn("periscope", &mut cmd, libc::SIGINT, Duration::from_secs(10))?;
+    let log_path = ctx.out_dir.join(format!("logs/agent-{tag}-tls-calls.log"));
+    if let Err(e) = p.wait_line(Duration::from_secs(120), |l| l.contains("periscope ready")) {
+        p.stop();
+        std::fs::write(&log_path, p.text()).ok();
+        return Err(e);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    others.extend(other_periscopes(Some(p.pid)));
+    let run = run_tls_calls(iterations, cert, key, ctx.out_dir, &format!("{tag}-agent"));
+    p.stop();
+    let log = p.text();
+    std::fs::write(&log_path, &log).ok();
+    let (_, agent_cpu_s) = run?;
+    others.sort_unstable();
+    others.dedup();
+    Ok(TlsCallSample {
+        round,
+        calls,
+        baseline_cpu_s,
+        agent_cpu_s,
+        agent_events: log.lines().rev().find_map(parse_stop_line).map(|s| s.events),
+        others,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -671,6 +870,8 @@ fn parse_stop_line(line: &str) -> Option<StopLine> {
 struct Commands {
     wrk: String,
     hey: String,
+    wrk_https: String,
+    tls_calls: String,
     agent: String,
     rotel: String,
     nginx: String,
@@ -691,6 +892,7 @@ struct Report {
     machine: Machine,
     commands: Commands,
     samples: Vec<Sample>,
+    tls_calls: Vec<TlsCallSample>,
 }
 
 /// Aggregates for one (workload, config) over the rounds.
@@ -709,6 +911,8 @@ struct Agg {
     exported: Option<u64>,
     built: Option<u64>,
     dropped: Option<u64>,
+    /// Events the agent received, summed over runs.
+    events: Option<u64>,
     /// Agent runs without a `stopped:` line.
     missing_stop: usize,
 }
@@ -730,6 +934,17 @@ impl Verdict {
     }
 }
 
+/// See [`Report::tls_call_proxy`].
+struct TlsProxy {
+    nginx_extra_ns_https: Option<f64>,
+    nginx_extra_ns_http: Option<f64>,
+    events_per_req_https: Option<f64>,
+    events_per_req_http: Option<f64>,
+    nginx_calls_per_req: Option<f64>,
+    ns_per_call: Option<f64>,
+    ns_per_call_net: Option<f64>,
+}
+
 struct Target {
     name: String,
     measured: String,
@@ -743,9 +958,54 @@ impl Report {
         machine: Machine,
         commands: Commands,
         samples: Vec<Sample>,
+        tls_calls: Vec<TlsCallSample>,
         elapsed: Duration,
     ) -> Report {
-        Report { quick: plan.quick, rounds: plan.rounds, started, elapsed, machine, commands, samples }
+        Report { quick: plan.quick, rounds: plan.rounds, started, elapsed, machine, commands, samples, tls_calls }
+    }
+
+    /// Median extra CPU per hooked TLS call, from the in-memory loop.
+    fn tls_call_ns(&self) -> Option<f64> {
+        median(self.tls_calls.iter().filter_map(|t| t.ns_per_call()))
+    }
+
+    /// The proxy from the HTTPS runs: nginx's extra CPU per request with the
+    /// agent, over its estimated hooked calls per request (see [`TlsProxy`]).
+    fn tls_call_proxy(&self) -> TlsProxy {
+        let delta_ns = |w: WorkloadKind| -> Option<f64> {
+            let b = self.agg(w, Config::Baseline).nginx_cpu_1k?;
+            let a = self.agg(w, Config::Agent).nginx_cpu_1k?;
+            Some((a - b) * 1e6 / 1000.0)
+        };
+        let per_req = |w: WorkloadKind| -> Option<f64> {
+            let a = self.agg(w, Config::Agent);
+            let e = a.events?;
+            (a.requests > 0).then(|| e as f64 / a.requests as f64)
+        };
+        let https = delta_ns(WorkloadKind::WrkHttps);
+        let http = delta_ns(WorkloadKind::Wrk);
+        let (ev_https, ev_http) = (per_req(WorkloadKind::WrkHttps), per_req(WorkloadKind::Wrk));
+        // On a TLS connection the agent's events are the plaintext of the
+        // SSL_read/SSL_write calls that moved data (it stops sending the
+        // ciphertext once the handshake is seen: events per HTTPS request
+        // are about those per plain HTTP request), and nginx and wrk each
+        // make half of them. Calls that moved nothing (a read that would
+        // block) trap too but send no event: the count is low, so the cost
+        // per call is, if anything, overstated.
+        let calls = ev_https.filter(|e| *e > 0.0).map(|e| e / 2.0);
+        let per_call = |d: Option<f64>| match (d, calls) {
+            (Some(d), Some(c)) if c > 0.0 => Some(d / c),
+            _ => None,
+        };
+        TlsProxy {
+            nginx_extra_ns_https: https,
+            nginx_extra_ns_http: http,
+            events_per_req_https: ev_https,
+            events_per_req_http: ev_http,
+            nginx_calls_per_req: calls,
+            ns_per_call: per_call(https),
+            ns_per_call_net: per_call(https.zip(http).map(|(a, b)| a - b)),
+        }
     }
 
     fn runs(&self, w: WorkloadKind, c: Config) -> impl Iterator<Item = &Sample> {
@@ -772,6 +1032,7 @@ impl Report {
             exported: all_stopped.then(|| stops.iter().map(|s| s.exported).sum()),
             built: all_stopped.then(|| stops.iter().map(|s| s.spans_built).sum()),
             dropped: all_stopped.then(|| stops.iter().map(|s| s.dropped).sum()),
+            events: all_stopped.then(|| stops.iter().map(|s| s.events).sum()),
             missing_stop: agents.len() - stops.len(),
         }
     }
@@ -797,10 +1058,7 @@ impl Report {
                 None => Verdict::Unknown,
             },
         });
-        let rss = [WorkloadKind::Wrk, WorkloadKind::Hey]
-            .iter()
-            .filter_map(|w| self.agg(*w, Config::Agent).peak_rss_mib)
-            .reduce(f64::max);
+        let rss = WORKLOADS.iter().filter_map(|w| self.agg(*w, Config::Agent).peak_rss_mib).reduce(f64::max);
         t.push(Target {
             name: format!("agent peak RSS < {TARGET_RSS_MIB:.0} MiB (VmHWM, worst run)"),
             measured: rss.map_or("n/a".into(), |m| format!("{m:.1} MiB")),
@@ -812,6 +1070,7 @@ impl Report {
         });
         let hey = self.agg(WorkloadKind::Hey, Config::Agent);
         let achieved = hey.rps.unwrap_or(0.0);
+        let https_ratio = self.ratio(WorkloadKind::WrkHttps);
         let rate_ok = achieved >= RATE_LIMITED_RPS as f64 * 0.9;
         t.push(Target {
             name: format!("zero events lost at {}k req/s (hey, all runs)", RATE_LIMITED_RPS / 1000),
@@ -822,6 +1081,18 @@ impl Report {
             verdict: match hey.lost {
                 Some(0) if rate_ok => Verdict::Met,
                 Some(0) => Verdict::Unknown,
+                Some(_) => Verdict::Missed,
+                None => Verdict::Unknown,
+            },
+        });
+        t.push(Target {
+            name: format!(
+                "HTTPS throughput with agent >= {:.0}% of without (wrk https, TLS 1.3, median req/s)",
+                TARGET_HTTPS_THROUGHPUT_RATIO * 100.0
+            ),
+            measured: https_ratio.map_or("n/a".into(), |r| format!("{:.1}%", r * 100.0)),
+            verdict: match https_ratio {
+                Some(r) if r >= TARGET_HTTPS_THROUGHPUT_RATIO => Verdict::Met,
                 Some(_) => Verdict::Missed,
                 None => Verdict::Unknown,
             },
@@ -839,7 +1110,8 @@ impl Report {
             self.elapsed.as_secs_f64()
         ));
         m.push_str(&format!(
-            "nginx (1 worker, static 47-byte page, keep-alive with nginx's default 1000 requests per connection) on 127.0.0.1; \
+            "nginx (1 worker, static 47-byte page, keep-alive with nginx's default 1000 requests per connection; HTTPS on a \
+             second port with TLS 1.3 and a self-signed RSA-2048 certificate) on 127.0.0.1; \
              the agent exports OTLP/gRPC to Rotel (blackhole exporter). {} CPU(s): nginx has 1 worker and wrk 1 thread, \
              the agent and Rotel share what is left: nothing is pinned. Kernel {}, load average at start {}. \
              Configurations are interleaved per round ([no agent, agent] for each workload); figures are medians over rounds, \
@@ -867,7 +1139,7 @@ impl Report {
         m.push_str("## Results (medians over rounds)\n\n");
         m.push_str("| workload | config | req/s | ratio | p50 | p99 | agent CPU ms / 1k req | agent peak RSS MiB | events lost | spans exported / requests | nginx CPU ms / 1k req | target met |\n");
         m.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
-        for w in [WorkloadKind::Wrk, WorkloadKind::Hey] {
+        for w in WORKLOADS {
             for c in [Config::Baseline, Config::Agent] {
                 let a = self.agg(w, c);
                 let ratio = match c {
@@ -887,6 +1159,9 @@ impl Report {
                     (_, Config::Baseline) => "-".to_string(),
                     (WorkloadKind::Wrk, Config::Agent) => format!("throughput: {}", targets[0].verdict.word()),
                     (WorkloadKind::Hey, Config::Agent) => format!("zero lost: {}", targets[2].verdict.word()),
+                    (WorkloadKind::WrkHttps, Config::Agent) => {
+                        format!("https throughput: {}", targets[3].verdict.word())
+                    }
                 };
                 m.push_str(&format!(
                     "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
@@ -914,7 +1189,7 @@ impl Report {
         );
 
         let mut notes = Vec::new();
-        for w in [WorkloadKind::Wrk, WorkloadKind::Hey] {
+        for w in WORKLOADS {
             for c in [Config::Baseline, Config::Agent] {
                 let a = self.agg(w, c);
                 if a.errors > 0 || a.non_2xx > 0 {
@@ -979,6 +1254,8 @@ impl Report {
             m.push('\n');
         }
 
+        m.push_str(&self.tls_call_markdown());
+
         m.push_str("## Every run\n\n| round | workload | config | req/s | requests | p50 | p99 | agent CPU ms | ms / 1k req | peak RSS MiB | drain ms | events | spans exported | lost |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         for s in &self.samples {
             let (cpu, per1k, rss, drain, events, exported, lost) = match &s.agent {
@@ -1005,8 +1282,14 @@ impl Report {
             ));
         }
         m.push_str(&format!(
-            "\n## Commands\n\n```\n{}\n{}\n{}\n{}\n{}\n```\n",
-            self.commands.nginx, self.commands.rotel, self.commands.agent, self.commands.wrk, self.commands.hey
+            "\n## Commands\n\n```\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n```\n",
+            self.commands.nginx,
+            self.commands.rotel,
+            self.commands.agent,
+            self.commands.wrk,
+            self.commands.hey,
+            self.commands.wrk_https,
+            self.commands.tls_calls
         ));
         if !self.machine.versions.is_empty() {
             m.push_str("\nVersions: ");
@@ -1014,6 +1297,86 @@ impl Report {
             m.push('\n');
         }
         m
+    }
+
+    fn tls_call_markdown(&self) -> String {
+        let mut m = String::from("## Uprobe cost per TLS library call\n\n");
+        let direct = self.tls_call_ns();
+        m.push_str(&format!(
+            "- **Measured directly: {} ns of CPU per hooked call** (one uprobe + one uretprobe + the agent's kernel program), \
+             median over {} round(s). Method: Debian's Python (`{SYSTEM_PYTHON}`, system libssl) pushes 64-byte records through \
+             an in-memory TLS 1.3 pair (`ssl.MemoryBIO`: no socket, no syscalls), `SSL_write_ex` + `SSL_read_ex` per iteration; \
+             the loop's CPU time (`time.process_time`) with the agent minus without, over the number of calls. The agent \
+             cannot tie these calls to a socket, so it does less with them than with real traffic: this is the cost of the \
+             trap and the program's first steps, the floor for any hooked call.\n",
+            fmt_f(direct, 0),
+            self.tls_calls.len()
+        ));
+        let p = self.tls_call_proxy();
+        m.push_str(&format!(
+            "- Proxy from the HTTPS runs: {} ns per call = nginx's extra CPU per HTTPS request with the agent ({} ns) / \
+             nginx's estimated hooked calls per request ({}). Calls per request are estimated from the agent's event count: \
+             events per HTTPS request ({}) / 2, because each SSL_read/SSL_write that moves data is one event, nginx and wrk \
+             each make half of them, and the ciphertext is no longer sent once the handshake is seen (events per plain \
+             HTTP request, for comparison: {}). Calls that move nothing (a read that would block) trap too but send no \
+             event, so the calls are undercounted and the cost overstated. nginx's extra CPU also includes the socket \
+             tracepoints that plain HTTP pays too ({} ns per plain request); without that part: {} ns per call.\n",
+            fmt_f(p.ns_per_call, 0),
+            fmt_f(p.nginx_extra_ns_https, 0),
+            fmt_f(p.nginx_calls_per_req, 2),
+            fmt_f(p.events_per_req_https, 2),
+            fmt_f(p.events_per_req_http, 2),
+            fmt_f(p.nginx_extra_ns_http, 0),
+            fmt_f(p.ns_per_call_net, 0),
+        ));
+        if !self.tls_calls.is_empty() {
+            m.push_str("\n| round | calls | CPU s without agent | CPU s with agent | ns per call | agent events |\n|---|---|---|---|---|---|\n");
+            for t in &self.tls_calls {
+                m.push_str(&format!(
+                    "| {} | {} | {:.3} | {:.3} | {} | {} |\n",
+                    t.round,
+                    t.calls,
+                    t.baseline_cpu_s,
+                    t.agent_cpu_s,
+                    fmt_f(t.ns_per_call(), 0),
+                    t.agent_events.map_or("n/a".into(), |e| e.to_string())
+                ));
+            }
+            for t in self.tls_calls.iter().filter(|t| !t.others.is_empty()) {
+                m.push_str(&format!(
+                    "\nRound {}: other periscope process(es) {:?} were running during the TLS call loop: its figures are disturbed.\n",
+                    t.round, t.others
+                ));
+            }
+        }
+        m.push('\n');
+        m
+    }
+
+    fn tls_call_json(&self) -> Value {
+        let p = self.tls_call_proxy();
+        json!({
+            "ns_per_call_direct_median": self.tls_call_ns(),
+            "rounds": self.tls_calls.iter().map(|t| json!({
+                "round": t.round,
+                "calls": t.calls,
+                "baseline_cpu_s": t.baseline_cpu_s,
+                "agent_cpu_s": t.agent_cpu_s,
+                "ns_per_call": t.ns_per_call(),
+                "agent_events": t.agent_events,
+                "other_periscope_pids": t.others,
+            })).collect::<Vec<_>>(),
+            "proxy": {
+                "nginx_extra_ns_per_https_request": p.nginx_extra_ns_https,
+                "nginx_extra_ns_per_http_request": p.nginx_extra_ns_http,
+                "agent_events_per_https_request": p.events_per_req_https,
+                "agent_events_per_http_request": p.events_per_req_http,
+                "nginx_hooked_calls_per_request_estimate": p.nginx_calls_per_req,
+                "method": "nginx extra CPU per HTTPS request (agent - baseline) / (agent events per HTTPS request / 2)",
+                "ns_per_call": p.ns_per_call,
+                "ns_per_call_without_the_http_delta": p.ns_per_call_net,
+            },
+        })
     }
 
     fn json(&self) -> Value {
@@ -1057,7 +1420,7 @@ impl Report {
             })
             .collect();
         let mut summary = serde_json::Map::new();
-        for w in [WorkloadKind::Wrk, WorkloadKind::Hey] {
+        for w in WORKLOADS {
             for c in [Config::Baseline, Config::Agent] {
                 let a = self.agg(w, c);
                 summary.insert(
@@ -1109,7 +1472,10 @@ impl Report {
                 "agent": self.commands.agent,
                 "wrk": self.commands.wrk,
                 "hey": self.commands.hey,
+                "wrk_https": self.commands.wrk_https,
+                "tls_calls": self.commands.tls_calls,
             },
+            "tls_call_cost": self.tls_call_json(),
             "targets": targets,
             "summary": summary,
             "runs": runs,
@@ -1149,8 +1515,12 @@ fn which(program: &str) -> Option<PathBuf> {
 }
 
 fn ensure_apt_tools() -> Result<()> {
-    let wanted = [("wrk", "wrk"), ("nginx", "nginx-light"), ("hey", "hey")];
-    let missing: Vec<&str> = wanted.iter().filter(|(bin, _)| which(bin).is_none()).map(|(_, pkg)| *pkg).collect();
+    let wanted = [("wrk", "wrk"), ("nginx", "nginx-light"), ("hey", "hey"), ("openssl", "openssl")];
+    let mut missing: Vec<&str> = wanted.iter().filter(|(bin, _)| which(bin).is_none()).map(|(_, pkg)| *pkg).collect();
+    // The TLS call loop needs Debian's own Python (the one on PATH may be another build).
+    if !Path::new(SYSTEM_PYTHON).is_file() {
+        missing.push("python3");
+    }
     if missing.is_empty() {
         return Ok(());
     }
@@ -1166,6 +1536,9 @@ fn ensure_apt_tools() -> Result<()> {
         if which(bin).is_none() {
             bail!("installed {pkg} but `{bin}` is still not on PATH");
         }
+    }
+    if !Path::new(SYSTEM_PYTHON).is_file() {
+        bail!("installed python3 but {SYSTEM_PYTHON} is still missing");
     }
     Ok(())
 }
@@ -1230,7 +1603,26 @@ fn run_cmd(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn write_nginx_files(dir: &Path, port: u16) -> Result<PathBuf> {
+/// A self-signed certificate for the HTTPS server: (cert, key).
+fn make_test_cert(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-days", "1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdin(Stdio::null())
+        .output()
+        .context("running openssl req")?;
+    if !out.status.success() {
+        bail!("openssl req failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((cert, key))
+}
+
+/// The nginx config; with `https` = (port, cert, key) a second server
+/// serves the same page over TLS 1.3.
+fn write_nginx_files(dir: &Path, port: u16, https: Option<(u16, &Path, &Path)>) -> Result<PathBuf> {
     let d = dir.display();
     std::fs::create_dir_all(dir.join("html"))?;
     std::fs::create_dir_all(dir.join("tmp"))?;
@@ -1241,6 +1633,22 @@ fn write_nginx_files(dir: &Path, port: u16) -> Result<PathBuf> {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
     }
     std::fs::set_permissions(dir.join("html/index.html"), std::fs::Permissions::from_mode(0o644))?;
+    let https_server = match https {
+        None => String::new(),
+        Some((tls_port, cert, key)) => format!(
+            "    server {{
+        listen 127.0.0.1:{tls_port} ssl;
+        ssl_certificate {};
+        ssl_certificate_key {};
+        ssl_protocols TLSv1.3;
+        root {d}/html;
+        index index.html;
+    }}
+",
+            cert.display(),
+            key.display()
+        ),
+    };
     let conf = format!(
         "# Written by `cargo xtask bench`: one worker, static page, nginx's keep-alive defaults.
 worker_processes 1;
@@ -1260,7 +1668,7 @@ http {{
         root {d}/html;
         index index.html;
     }}
-}}
+{https_server}}}
 "
     );
     let path = dir.join("nginx.conf");
@@ -1771,6 +2179,16 @@ mod tests {
         );
         assert_eq!(parse_stop_line("periscope ready: 9 kernel programs attached"), None);
         assert_eq!(parse_stop_line("stopped: 1 events, 2 spans built"), None);
+    }
+
+    #[test]
+    fn tls_calls_line() {
+        let (calls, cpu) = parse_tls_calls("noise\ntls-calls 200000 cpu_s 2.593399 version TLSv1.3\n").unwrap();
+        assert_eq!((calls, cpu), (200_000, 2.593399));
+        assert!(parse_tls_calls("tls-calls x\n").is_err());
+        assert!(parse_tls_calls("").is_err());
+        let t = TlsCallSample { calls: 200_000, baseline_cpu_s: 0.2, agent_cpu_s: 2.2, ..Default::default() };
+        assert!((t.ns_per_call().unwrap() - 10_000.0).abs() < 1e-6);
     }
 
     #[test]

@@ -25,6 +25,12 @@ pub const APT_PACKAGES: &[&str] = &[
     "redis-tools",
     "apache2-utils",
     "python3",
+    // TLS tests: s_server/s_client and test certificates, GnuTLS's
+    // gnutls-serv/gnutls-cli, and `ip netns` to give gnutls-serv (which
+    // binds every address) a namespace of its own.
+    "openssl",
+    "gnutls-bin",
+    "iproute2",
 ];
 
 /// Python packages: (import name to check, pip requirement).
@@ -36,6 +42,9 @@ pub const PIP_PACKAGES: &[(&str, &str)] = &[
         "opentelemetry.exporter.otlp.proto.grpc",
         "opentelemetry-exporter-otlp-proto-grpc",
     ),
+    // gRPC over TLS with a statically linked BoringSSL: the TLS the agent
+    // cannot see by symbol (tests/tests/tls.rs).
+    ("grpc", "grpcio"),
 ];
 
 /// The Python that runs tooling (Rotel, the OTel SDK); the test harness uses
