@@ -36,6 +36,8 @@
 //! xtask (`PR_SET_PDEATHSIG`) and is stopped by a guard on drop; Ctrl-C stops
 //! the bench between steps and the guards clean up.
 
+use periscope_tests::proc::children_of;
+use periscope_tests::workspace_root;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read};
@@ -45,7 +47,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Targets from the issue.
 const TARGET_THROUGHPUT_RATIO: f64 = 0.95;
@@ -179,22 +181,50 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ]
     };
     let agent_args: Vec<String> = vec!["run".into(), "--otlp-endpoint".into(), format!("http://127.0.0.1:{grpc_port}")];
+    let tls_off_config = out_dir.join("tls-off.toml");
+    std::fs::write(&tls_off_config, "disabled_features = [\"tls\"]\n")?;
     let workloads = [
-        Workload { kind: WorkloadKind::Wrk, program: "wrk", args: wrk_args(plan.wrk_secs), secs: plan.wrk_secs },
-        Workload { kind: WorkloadKind::Hey, program: "hey", args: hey_args(plan.hey_secs), secs: plan.hey_secs },
+        Workload {
+            kind: WorkloadKind::Wrk,
+            program: "wrk",
+            args: wrk_args(plan.wrk_secs),
+            secs: plan.wrk_secs,
+            agent_extra: Vec::new(),
+        },
+        Workload {
+            kind: WorkloadKind::Hey,
+            program: "hey",
+            args: hey_args(plan.hey_secs),
+            secs: plan.hey_secs,
+            agent_extra: Vec::new(),
+        },
         Workload {
             kind: WorkloadKind::WrkHttps,
             program: "wrk",
             args: wrk_to(plan.wrk_secs, &https_url),
             secs: plan.wrk_secs,
+            agent_extra: Vec::new(),
+        },
+        Workload {
+            kind: WorkloadKind::WrkHttpsTlsOff,
+            program: "wrk",
+            args: wrk_to(plan.wrk_secs, &https_url),
+            secs: plan.wrk_secs,
+            agent_extra: vec!["--config".into(), tls_off_config.display().to_string()],
         },
     ];
 
     // 3. Warm nginx up (page cache, first connections); not measured.
     eprintln!("bench: warm-up (wrk 2 s, not measured)");
-    let warm = Workload { kind: WorkloadKind::Wrk, program: "wrk", args: wrk_args(2), secs: 2 };
+    let warm = Workload { kind: WorkloadKind::Wrk, program: "wrk", args: wrk_args(2), secs: 2, agent_extra: Vec::new() };
     run_load(&warm, &out_dir, "warmup")?;
-    let warm = Workload { kind: WorkloadKind::WrkHttps, program: "wrk", args: wrk_to(2, &https_url), secs: 2 };
+    let warm = Workload {
+        kind: WorkloadKind::WrkHttps,
+        program: "wrk",
+        args: wrk_to(2, &https_url),
+        secs: 2,
+        agent_extra: Vec::new(),
+    };
     let (_, _, w) = run_load(&warm, &out_dir, "warmup-https")?;
     if w.requests == 0 || w.errors > 0 || w.non_2xx > 0 {
         bail!(
@@ -292,10 +322,17 @@ enum WorkloadKind {
     Hey,
     /// Closed loop over HTTPS (TLS 1.3, keep-alive).
     WrkHttps,
+    /// The same HTTPS load, the agent running with the tls feature disabled
+    /// (from a config file): what a switched-off feature still costs.
+    WrkHttpsTlsOff,
 }
 
 /// Every workload, in report order.
-const WORKLOADS: [WorkloadKind; 3] = [WorkloadKind::Wrk, WorkloadKind::Hey, WorkloadKind::WrkHttps];
+const WORKLOADS: [WorkloadKind; 4] =
+    [WorkloadKind::Wrk, WorkloadKind::Hey, WorkloadKind::WrkHttps, WorkloadKind::WrkHttpsTlsOff];
+
+/// A disabled feature must cost almost nothing: within 2% of no agent.
+const TARGET_TLS_OFF_RATIO: f64 = 0.98;
 
 impl WorkloadKind {
     fn label(self) -> String {
@@ -303,6 +340,7 @@ impl WorkloadKind {
             WorkloadKind::Wrk => format!("wrk max, {WRK_CONNECTIONS} conns"),
             WorkloadKind::Hey => format!("hey {}k req/s", RATE_LIMITED_RPS / 1000),
             WorkloadKind::WrkHttps => format!("wrk https max, {WRK_CONNECTIONS} conns"),
+            WorkloadKind::WrkHttpsTlsOff => format!("wrk https max, {WRK_CONNECTIONS} conns, tls disabled"),
         }
     }
     fn key(self) -> &'static str {
@@ -310,6 +348,7 @@ impl WorkloadKind {
             WorkloadKind::Wrk => "wrk",
             WorkloadKind::Hey => "hey",
             WorkloadKind::WrkHttps => "wrk_https",
+            WorkloadKind::WrkHttpsTlsOff => "wrk_https_tls_off",
         }
     }
 }
@@ -334,6 +373,8 @@ struct Workload {
     program: &'static str,
     args: Vec<String>,
     secs: u32,
+    /// Extra `periscope run` arguments for this workload's agent runs.
+    agent_extra: Vec<String>,
 }
 
 struct RunCtx<'a> {
@@ -446,7 +487,7 @@ fn measure(ctx: &RunCtx, round: usize, w: &Workload, config: Config) -> Result<S
     let mut startup_ms = 0;
     if config == Config::Agent {
         let mut cmd = Command::new(ctx.agent_bin);
-        cmd.args(ctx.agent_args).env("RUST_LOG", "info");
+        cmd.args(ctx.agent_args).args(&w.agent_extra).env("RUST_LOG", "info");
         let t = Instant::now();
         let mut p = Proc::spawn("periscope", &mut cmd, libc::SIGINT, Duration::from_secs(10))?;
         if let Err(e) = p.wait_line(Duration::from_secs(120), |l| l.contains("periscope ready")) {
@@ -539,7 +580,7 @@ fn run_load(w: &Workload, out_dir: &Path, tag: &str) -> Result<(String, String, 
         bail!("`{shown}` failed ({status}):\n{}", p.text());
     }
     let parsed = match w.kind {
-        WorkloadKind::Wrk | WorkloadKind::WrkHttps => parse_wrk(&out),
+        WorkloadKind::Wrk | WorkloadKind::WrkHttps | WorkloadKind::WrkHttpsTlsOff => parse_wrk(&out),
         WorkloadKind::Hey => parse_hey(&out),
     }
     .with_context(|| format!("parsing the output of `{shown}`:\n{out}"))?;
@@ -1097,6 +1138,19 @@ impl Report {
                 None => Verdict::Unknown,
             },
         });
+        let off_ratio = self.ratio(WorkloadKind::WrkHttpsTlsOff);
+        t.push(Target {
+            name: format!(
+                "HTTPS with tls disabled >= {:.0}% of no agent (wrk https, median req/s)",
+                TARGET_TLS_OFF_RATIO * 100.0
+            ),
+            measured: off_ratio.map_or("n/a".into(), |r| format!("{:.1}%", r * 100.0)),
+            verdict: match off_ratio {
+                Some(r) if r >= TARGET_TLS_OFF_RATIO => Verdict::Met,
+                Some(_) => Verdict::Missed,
+                None => Verdict::Unknown,
+            },
+        });
         t
     }
 
@@ -1161,6 +1215,9 @@ impl Report {
                     (WorkloadKind::Hey, Config::Agent) => format!("zero lost: {}", targets[2].verdict.word()),
                     (WorkloadKind::WrkHttps, Config::Agent) => {
                         format!("https throughput: {}", targets[3].verdict.word())
+                    }
+                    (WorkloadKind::WrkHttpsTlsOff, Config::Agent) => {
+                        format!("tls off cost: {}", targets[4].verdict.word())
                     }
                 };
                 m.push_str(&format!(
@@ -1750,20 +1807,6 @@ fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
     s.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok())
 }
 
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
-            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
-                out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-            }
-        }
-    }
-    out.sort_unstable();
-    out.dedup();
-    out
-}
-
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -2085,30 +2128,12 @@ fn show(cmd: &Command) -> String {
     s
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
-}
-
 /// `YYYYMMDD-HHMMSS`, or `YYYY-MM-DD HH:MM:SS` when `readable`, in UTC.
 fn utc_stamp(t: SystemTime, readable: bool) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let (hh, mm, ss) = (rem / 3600, rem / 60 % 60, rem % 60);
-    if readable {
-        format!("{y:04}-{m:02}-{d:02} {hh:02}:{mm:02}:{ss:02}")
-    } else {
-        format!("{y:04}{m:02}{d:02}-{hh:02}{mm:02}{ss:02}")
-    }
+    // humantime gives `YYYY-MM-DDTHH:MM:SSZ`.
+    let iso = humantime::format_rfc3339_seconds(t).to_string();
+    let (date, time) = iso.trim_end_matches('Z').split_once('T').unwrap_or((&iso, ""));
+    if readable { format!("{date} {time}") } else { format!("{}-{}", date.replace('-', ""), time.replace(':', "")) }
 }
 
 #[cfg(test)]
