@@ -53,6 +53,10 @@ pub struct Pipeline {
     tls_not_visible: Vec<(String, String)>,
     /// Programs started since the last drain: (pid, executable path).
     execs: Vec<(u32, String)>,
+    /// Sockets whose payloads the kernel may stop copying.
+    ignore_requests: Vec<u64>,
+    /// The same, with their ports, for the kernel (reused per drain).
+    ignore_batch: Vec<(u64, u16, u16)>,
     sampler: Sampler,
     tls_enabled: bool,
 }
@@ -102,6 +106,8 @@ impl Pipeline {
             tls_not_visible_reported: Default::default(),
             tls_not_visible: Vec::new(),
             execs: Vec::new(),
+            ignore_requests: Vec::new(),
+            ignore_batch: Vec::new(),
             sampler: Sampler::new(1.0),
             tls_enabled: true,
         }
@@ -150,13 +156,18 @@ impl Pipeline {
                         conn.tls = Some(TlsState::new());
                     }
                     if let Some(tls) = &mut conn.tls {
-                        // Ciphertext: never HTTP. Its handshake tells the version.
+                        // Ciphertext: never HTTP. Its handshake tells the version;
+                        // after that the kernel can stop copying it.
                         tls.observe_ciphertext(egress, payload);
+                        if tls.observer.is_none() {
+                            self.ignore_requests.push(event.sock);
+                        }
                         return;
                     }
                 }
                 let ProtocolState::Http1(parser) = &mut conn.protocol else {
                     Stats::inc(&self.stats.events_unparsed);
+                    self.ignore_requests.push(event.sock);
                     return;
                 };
                 let chunk = Chunk {
@@ -176,6 +187,7 @@ impl Pipeline {
                     conn.protocol = ProtocolState::Ignored;
                     Stats::inc(&self.stats.connections_not_http);
                     Stats::inc(&self.stats.events_unparsed);
+                    self.ignore_requests.push(event.sock);
                 }
                 let tgid = conn.tgid;
                 self.emit_exchanges(event.sock, tgid);
@@ -300,6 +312,21 @@ impl Pipeline {
         self.connections.len()
     }
 
+    /// Sockets to stop copying, with their ports, for connections still
+    /// open (a closed one's socket memory may already serve another).
+    pub fn take_ignore_batch(&mut self) -> &[(u64, u16, u16)] {
+        self.ignore_requests.sort_unstable();
+        self.ignore_requests.dedup();
+        self.ignore_batch.clear();
+        for &sock in &self.ignore_requests {
+            if let Some(c) = self.connections.get_mut(sock) {
+                self.ignore_batch.push((sock, c.local.port(), c.peer.port()));
+            }
+        }
+        self.ignore_requests.clear();
+        &self.ignore_batch
+    }
+
     /// Programs started since the last call: (pid, executable path).
     pub fn take_execs(&mut self) -> Vec<(u32, String)> {
         std::mem::take(&mut self.execs)
@@ -350,6 +377,9 @@ pub struct Control {
 /// executable filter applied to them.
 fn after_batch(probes: &mut Probes, pipeline: &mut Pipeline, tls_watch: &TlsWatch, control: &ControlState) {
     tls_watch.scan(pipeline.take_tls_scan_requests());
+    if !pipeline.ignore_requests.is_empty() {
+        probes.ignore_sockets(pipeline.take_ignore_batch());
+    }
     let execs = pipeline.take_execs();
     if control.filter_has_exes() {
         for (pid, exe) in execs {

@@ -20,6 +20,26 @@ static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
 #[map]
 static PORT_FILTER: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
 
+/// Sockets the daemon will not parse (not HTTP, or TLS past its handshake):
+/// their payloads are not copied. The value is the socket's port pair
+/// (`skc_portpair`): the daemon's request can arrive after the socket is
+/// gone and its memory reused by a new connection, which the port pair tells
+/// apart. Entries also leave when the socket is destroyed.
+#[map]
+pub static IGNORED_SOCKS: aya_ebpf::maps::LruHashMap<u64, u32> = aya_ebpf::maps::LruHashMap::with_max_entries(65536, 0);
+
+/// Whether `sk` is one the daemon asked not to copy (and still the same connection).
+#[inline(always)]
+pub fn ignored(sk: u64, portpair_offset: u32) -> bool {
+    let Some(&pair) = (unsafe { IGNORED_SOCKS.get(&sk) }) else { return false };
+    let current: u32 = super::read_kernel(sk, portpair_offset).unwrap_or(!pair);
+    if current == pair {
+        return true;
+    }
+    let _ = IGNORED_SOCKS.remove(&sk);
+    false
+}
+
 /// cgroup id -> INCLUDE.
 #[map]
 static CGROUP_FILTER: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);

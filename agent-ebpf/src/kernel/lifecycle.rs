@@ -74,6 +74,7 @@ pub fn tcp_destroy_sock(ctx: BtfTracePointContext) -> i32 {
     let off = OFFSETS.load();
     let Some(family) = tcp_family(sk, &off) else { return 0 };
     let _ = CONNECTING.remove(&sk);
+    let _ = super::filter::IGNORED_SOCKS.remove(&sk);
     let mut ev = CloseEvent {
         header: header(kind::CLOSE, 0, unsafe { bpf_ktime_get_ns() }),
         sock: sk,

@@ -17,7 +17,7 @@ use periscope_ebpf::{
     direction, kind, nr, probe, source, syscall,
 };
 
-use super::filter::{feature_enabled, ports_traced, process_traced};
+use super::filter::{feature_enabled, ignored, ports_traced, process_traced};
 use super::tls::{CALL_HANDSHAKE, ESTABLISHED, LAST_RECV, SessionKey, TLS_CALLS};
 use periscope_ebpf::control::{FEATURE_HTTP, FEATURE_TLS};
 use super::{OFFSETS, PAYLOAD_CAP, SCRATCH, SELF_TGID, bounded, output_bytes, read_kernel, read_tuple, tcp_family};
@@ -59,28 +59,35 @@ fn on_socket_io(ctx: &BtfTracePointContext, dir: u8, probe_id: u32) -> Option<()
     if !process_traced(tgid) {
         return None;
     }
-    let off = OFFSETS.load();
-    let family = tcp_family(sk, &off)?;
-    if dir == direction::INGRESS {
-        let _ = LAST_RECV.insert(&pid_tgid, &sk, 0);
-    }
+    let tls_on = feature_enabled(FEATURE_TLS);
     // Inside a TLS library call: remember the socket for the plaintext
     // event. The ciphertext itself is only wanted during handshakes, which
     // some programs (s_client, Node) leave to their first SSL_read/SSL_write.
     let mut in_handshake = false;
-    if let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
-        let call = unsafe { &mut *call };
-        call.sock = sk;
-        let key = SessionKey { tgid, _pad: 0, session: call.ssl };
-        if call.kind != CALL_HANDSHAKE && unsafe { ESTABLISHED.get(&key) }.is_some() {
-            return None;
+    if tls_on {
+        if let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
+            let call = unsafe { &mut *call };
+            call.sock = sk;
+            let key = SessionKey { tgid, _pad: 0, session: call.ssl };
+            if call.kind != CALL_HANDSHAKE && unsafe { ESTABLISHED.get(&key) }.is_some() {
+                return None;
+            }
+            in_handshake = true;
         }
-        in_handshake = true;
     }
-    // Socket payloads serve HTTP, and the TLS version during handshakes.
+    // Socket payloads serve HTTP, and the TLS version during handshakes;
+    // sockets the daemon will not parse cost this lookup and nothing more.
     let wanted = if in_handshake { FEATURE_TLS } else { FEATURE_HTTP };
     if !feature_enabled(wanted) {
         return None;
+    }
+    let off = OFFSETS.load();
+    if ignored(sk, off.skc_dport) {
+        return None;
+    }
+    let family = tcp_family(sk, &off)?;
+    if dir == direction::INGRESS && tls_on {
+        let _ = LAST_RECV.insert(&pid_tgid, &sk, 0);
     }
 
     let buf = unsafe { &mut *SCRATCH.get_ptr_mut(0)? };

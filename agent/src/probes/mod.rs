@@ -72,6 +72,13 @@ struct MmapOffsetsPod(MmapTracepointOffsets);
 // SAFETY: repr(C), two u32 fields, no padding.
 unsafe impl Pod for MmapOffsetsPod {}
 
+/// `sock_common.skc_portpair` as the kernel keeps it: the remote port in
+/// network byte order in the low half, the local port in host order in the
+/// high half (as read from memory on a little-endian machine).
+pub fn portpair(local_port: u16, remote_port: u16) -> u32 {
+    u32::from(u16::from_ne_bytes(remote_port.to_be_bytes())) | (u32::from(local_port) << 16)
+}
+
 /// One library file with TLS uprobes: what it has, so they can be detached
 /// (feature disabled) and attached again.
 pub struct TlsAttachment {
@@ -108,6 +115,7 @@ pub struct Probes {
     pid_filter: BpfHashMap<MapData, u32, u8>,
     port_filter: BpfHashMap<MapData, u16, u8>,
     cgroup_filter: BpfHashMap<MapData, u64, u8>,
+    ignored_socks: BpfHashMap<MapData, u64, u32>,
     pub tls: Vec<TlsAttachment>,
     tls_enabled: bool,
     kernel_filter: KernelFilter,
@@ -166,6 +174,7 @@ impl Probes {
         let pid_filter = BpfHashMap::try_from(take("PID_FILTER")?)?;
         let port_filter = BpfHashMap::try_from(take("PORT_FILTER")?)?;
         let cgroup_filter = BpfHashMap::try_from(take("CGROUP_FILTER")?)?;
+        let ignored_socks = BpfHashMap::try_from(take("IGNORED_SOCKS")?)?;
         log::debug!("kernel offsets: {offsets:?}");
         let probes = Self {
             ebpf,
@@ -176,6 +185,7 @@ impl Probes {
             pid_filter,
             port_filter,
             cgroup_filter,
+            ignored_socks,
             tls: Vec::new(),
             tls_enabled: true,
             kernel_filter: KernelFilter::default(),
@@ -231,6 +241,16 @@ impl Probes {
         self.control.set(control::FILTERS, filter.flags, 0)?;
         self.kernel_filter = filter;
         Ok(())
+    }
+
+    /// Stops payload capture on sockets the daemon will not parse, given as
+    /// (socket, local port, remote port). The kernel forgets them when they
+    /// are destroyed; the map is an LRU, so a full map only means some
+    /// payloads are copied for nothing.
+    pub fn ignore_sockets(&mut self, socks: &[(u64, u16, u16)]) {
+        for &(sock, local_port, remote_port) in socks {
+            let _ = self.ignored_socks.insert(sock, portpair(local_port, remote_port), 0);
+        }
     }
 
     /// Adds one pid to the pid filter (a new process of a filtered executable).
@@ -336,5 +356,22 @@ impl Probes {
                 (probe::NAMES[i as usize], n)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::portpair;
+
+    #[test]
+    fn portpair_matches_the_kernel_layout() {
+        // sock_common: skc_dport (network order) then skc_num (host order),
+        // read as one little-endian u32.
+        let (local, remote) = (8080u16, 443u16);
+        let mut memory = [0u8; 4];
+        memory[..2].copy_from_slice(&remote.to_be_bytes());
+        memory[2..].copy_from_slice(&local.to_le_bytes());
+        assert_eq!(portpair(local, remote), u32::from_le_bytes(memory));
+        assert_ne!(portpair(local, remote), portpair(local, 444));
     }
 }
