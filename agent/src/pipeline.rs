@@ -207,10 +207,16 @@ impl Pipeline {
             Event::Connect(c) => {
                 if c.failed == 0 {
                     let timing = ConnectTiming { syn_sent_ns: c.syn_sent_ns, established_ns: c.header.ts_ns };
-                    self.connections.on_connect(c.sock, timing, c.header.ts_ns);
+                    if let Some(stale) = self.connections.on_connect(c.sock, timing, c.header.ts_ns) {
+                        self.finish(stale, c.header.ts_ns);
+                    }
                 }
             }
-            Event::Accept(a) => self.connections.on_accept(a.sock, a.header.ts_ns),
+            Event::Accept(a) => {
+                if let Some(stale) = self.connections.on_accept(a.sock, a.header.ts_ns) {
+                    self.finish(stale, a.header.ts_ns);
+                }
+            }
             Event::Close(c) => {
                 if let Some(conn) = self.connections.remove(c.sock) {
                     self.finish(conn, c.header.ts_ns);

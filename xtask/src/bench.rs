@@ -2139,6 +2139,7 @@ fn utc_stamp(t: SystemTime, readable: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     #[test]
     fn wrk_times() {

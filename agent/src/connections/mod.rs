@@ -131,21 +131,25 @@ impl ConnectionTable {
         self.by_sock.len()
     }
 
-    pub fn on_connect(&mut self, sock: u64, timing: ConnectTiming, now_ns: u64) {
-        self.note(sock, Pending { side: Side::Client, connect: Some(timing), seen_ns: now_ns });
+    /// A connection was established on `sock`. Returns the previous
+    /// connection still tracked on the same socket object, if any: the kernel
+    /// reuses socket memory, and an event that arrived after the old
+    /// connection's close would otherwise hand its state to the new one.
+    pub fn on_connect(&mut self, sock: u64, timing: ConnectTiming, now_ns: u64) -> Option<Connection> {
+        self.note(sock, Pending { side: Side::Client, connect: Some(timing), seen_ns: now_ns })
     }
 
-    pub fn on_accept(&mut self, sock: u64, now_ns: u64) {
-        self.note(sock, Pending { side: Side::Server, connect: None, seen_ns: now_ns });
+    /// A connection was accepted on `sock`; see [`Self::on_connect`].
+    pub fn on_accept(&mut self, sock: u64, now_ns: u64) -> Option<Connection> {
+        self.note(sock, Pending { side: Side::Server, connect: None, seen_ns: now_ns })
     }
 
-    fn note(&mut self, sock: u64, info: Pending) {
-        if let Some(conn) = self.by_sock.get_mut(&sock) {
-            conn.side = Some(info.side);
-            conn.connect = info.connect.or(conn.connect);
-        } else if self.pending.len() < self.max_connections {
+    fn note(&mut self, sock: u64, info: Pending) -> Option<Connection> {
+        let stale = self.by_sock.remove(&sock);
+        if self.pending.len() < self.max_connections {
             self.pending.insert(sock, info);
         }
+        stale
     }
 
     /// The connection a data event belongs to, created on first sight.
@@ -238,11 +242,25 @@ mod tests {
     fn connect_facts_reach_the_connection() {
         let mut table = ConnectionTable::new(10);
         let timing = ConnectTiming { syn_sent_ns: 10, established_ns: 20 };
-        table.on_connect(7, timing, 20);
+        assert!(table.on_connect(7, timing, 20).is_none());
         let Admit::Tracked(c) = table.admit(7, 99, &tuple_v4(5000, 80), 30) else { panic!() };
         assert_eq!(c.side, Some(Side::Client));
         assert_eq!(c.connect, Some(timing));
         assert_eq!(c.tgid, 99);
+    }
+
+    #[test]
+    fn a_new_connection_on_a_reused_socket_starts_fresh() {
+        let mut table = ConnectionTable::new(10);
+        let Admit::Tracked(old) = table.admit(7, 1, &tuple_v4(5000, 80), 1) else { panic!() };
+        old.socket_chunks = 3;
+        old.protocol = ProtocolState::Ignored;
+        let stale = table.on_accept(7, 2).expect("the old connection is handed back");
+        assert_eq!(stale.socket_chunks, 3);
+        let Admit::Tracked(new) = table.admit(7, 2, &tuple_v4(80, 6000), 3) else { panic!() };
+        assert_eq!(new.socket_chunks, 0);
+        assert_eq!(new.side, Some(Side::Server));
+        assert!(matches!(new.protocol, ProtocolState::Http1(_)));
     }
 
     #[test]
