@@ -53,8 +53,10 @@ pub struct Pipeline {
     tls_not_visible: Vec<(String, String)>,
     /// Programs started since the last drain: (pid, executable path).
     execs: Vec<(u32, String)>,
-    /// Sockets whose payloads the kernel may stop copying.
-    ignore_requests: Vec<u64>,
+    /// Sockets whose payloads the kernel may stop copying, with the ports
+    /// of the connection that asked (the socket may carry another one by
+    /// the end of the batch).
+    ignore_requests: Vec<(u64, u16, u16)>,
     /// The same, with their ports, for the kernel (reused per drain).
     ignore_batch: Vec<(u64, u16, u16)>,
     sampler: Sampler,
@@ -152,7 +154,13 @@ impl Pipeline {
                     conn.start_plaintext(Limits::default());
                 } else {
                     conn.socket_chunks += 1;
-                    if conn.tls.is_none() && conn.socket_chunks == 1 && tls_records::starts_tls_handshake(payload) {
+                    // A handshake record on a connection not being parsed as
+                    // HTTP (its first bytes, or one already found not to be
+                    // HTTP) starts TLS observation; a connection that is
+                    // parsing HTTP is never re-examined, so bodies can't.
+                    let not_parsing_http =
+                        conn.socket_chunks == 1 || matches!(conn.protocol, ProtocolState::Ignored);
+                    if conn.tls.is_none() && not_parsing_http && tls_records::starts_tls_record(payload) {
                         conn.tls = Some(TlsState::new());
                     }
                     if let Some(tls) = &mut conn.tls {
@@ -160,14 +168,14 @@ impl Pipeline {
                         // after that the kernel can stop copying it.
                         tls.observe_ciphertext(egress, payload);
                         if tls.observer.is_none() {
-                            self.ignore_requests.push(event.sock);
+                            self.ignore_requests.push((event.sock, conn.local.port(), conn.peer.port()));
                         }
                         return;
                     }
                 }
                 let ProtocolState::Http1(parser) = &mut conn.protocol else {
                     Stats::inc(&self.stats.events_unparsed);
-                    self.ignore_requests.push(event.sock);
+                    self.ignore_requests.push((event.sock, conn.local.port(), conn.peer.port()));
                     return;
                 };
                 let chunk = Chunk {
@@ -187,7 +195,7 @@ impl Pipeline {
                     conn.protocol = ProtocolState::Ignored;
                     Stats::inc(&self.stats.connections_not_http);
                     Stats::inc(&self.stats.events_unparsed);
-                    self.ignore_requests.push(event.sock);
+                    self.ignore_requests.push((event.sock, conn.local.port(), conn.peer.port()));
                 }
                 let tgid = conn.tgid;
                 self.emit_exchanges(event.sock, tgid);
@@ -324,9 +332,12 @@ impl Pipeline {
         self.ignore_requests.sort_unstable();
         self.ignore_requests.dedup();
         self.ignore_batch.clear();
-        for &sock in &self.ignore_requests {
-            if let Some(c) = self.connections.get_mut(sock) {
-                self.ignore_batch.push((sock, c.local.port(), c.peer.port()));
+        for &(sock, local, peer) in &self.ignore_requests {
+            // Only if the socket still carries the connection that asked: a
+            // closed socket's memory can serve a new connection within one
+            // batch, and that one must not be ignored.
+            if self.connections.get_mut(sock).is_some_and(|c| c.local.port() == local && c.peer.port() == peer) {
+                self.ignore_batch.push((sock, local, peer));
             }
         }
         self.ignore_requests.clear();
@@ -457,6 +468,19 @@ fn emit(
             version: t.version,
             handshake_ns: t.handshake_ns.take(),
         });
+        if let Some(t) = conn.tls.as_ref().filter(|t| t.plaintext_seen && t.version.is_none()) {
+            log::debug!(
+                "TLS version unknown on {} -> {} (pid {}): {} socket chunks seen, observer {}",
+                conn.local,
+                conn.peer,
+                conn.tgid,
+                conn.socket_chunks,
+                match &t.observer {
+                    Some(o) => o.gave_up().unwrap_or("still waiting for the hellos"),
+                    None => "finished without a version",
+                }
+            );
+        }
         let span = http::build(&ex, conn, tls, resource.clone(), clock, rng);
         Stats::inc(&stats.spans_built);
         if ex.incomplete.is_some() {

@@ -59,16 +59,17 @@ impl TlsVersion {
 
 /// Cheap check of a connection's first bytes: a handshake record (0x16) of
 /// record version 3.x (x <= 4) whose first message is a ClientHello (1).
-/// Whether the first bytes a connection carried start a TLS handshake
-/// record: a ClientHello, or just the 5-byte record header when the program
-/// reads the header on its own first (GnuTLS and OpenSSL servers do).
-pub fn starts_tls_handshake(first_bytes: &[u8]) -> bool {
-    match first_bytes {
+/// Whether bytes start a TLS handshake record carrying a hello (client or
+/// server), or are a handshake record header alone.
+pub fn starts_tls_record(bytes: &[u8]) -> bool {
+    match bytes {
         [RECORD_HANDSHAKE, 0x03, minor, _, _] => *minor <= 0x04,
-        longer => looks_like_tls_client_hello(longer),
+        [RECORD_HANDSHAKE, 0x03, minor, _, _, 1 | 2, ..] => *minor <= 0x04,
+        _ => false,
     }
 }
 
+#[cfg(test)]
 pub fn looks_like_tls_client_hello(first_bytes: &[u8]) -> bool {
     matches!(
         first_bytes,
@@ -300,13 +301,14 @@ mod start_tests {
     use super::*;
 
     #[test]
-    fn record_header_alone_starts_a_handshake() {
-        assert!(starts_tls_handshake(&[0x16, 0x03, 0x01, 0x01, 0x58]));
-        assert!(starts_tls_handshake(&[0x16, 0x03, 0x01, 0x01, 0x58, 0x01, 0x00]));
-        assert!(!starts_tls_handshake(&[0x16, 0x03, 0x01, 0x01]));
-        assert!(!starts_tls_handshake(&[0x17, 0x03, 0x03, 0x00, 0x20]));
-        assert!(!starts_tls_handshake(b"GET /"));
+    fn server_hello_also_starts_tls_observation() {
+        assert!(starts_tls_record(&[0x16, 0x03, 0x03, 0x00, 0x7a, 0x02, 0x00]));
+        assert!(starts_tls_record(&[0x16, 0x03, 0x01, 0x01, 0x58, 0x01]));
+        assert!(starts_tls_record(&[0x16, 0x03, 0x01, 0x01, 0x58]));
+        assert!(!starts_tls_record(&[0x16, 0x03, 0x03, 0x00, 0x7a, 0x0b]));
+        assert!(!starts_tls_record(b"HTTP/1.1 200 OK"));
     }
+
 }
 
 #[cfg(test)]
