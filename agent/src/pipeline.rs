@@ -196,6 +196,10 @@ impl Pipeline {
                     Stats::inc(&self.stats.connections_not_http);
                     Stats::inc(&self.stats.events_unparsed);
                     self.ignore_requests.push((event.sock, conn.local.port(), conn.peer.port()));
+                } else if parser.is_upgraded() {
+                    // After 101 Switching Protocols or a CONNECT tunnel the
+                    // parser ignores the bytes: the kernel need not copy them.
+                    self.ignore_requests.push((event.sock, conn.local.port(), conn.peer.port()));
                 }
                 let tgid = conn.tgid;
                 self.emit_exchanges(event.sock, tgid);

@@ -239,15 +239,7 @@ impl ControlState {
                 .map(|r| ProcessStatus {
                     pid: r.pid,
                     service_name: r.service_name().to_string(),
-                    executable: r
-                        .attributes
-                        .iter()
-                        .find(|a| a.key == "process.executable.path")
-                        .map(|a| match &a.value {
-                            crate::spans::model::AttrValue::Str(s) => s.clone(),
-                            other => format!("{other:?}"),
-                        })
-                        .unwrap_or_default(),
+                    executable: r.executable_path().unwrap_or_default().to_string(),
                 })
                 .collect(),
             connections_open: pipeline.connections_open() as u64,

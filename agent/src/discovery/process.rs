@@ -60,12 +60,7 @@ impl ProcessCache {
 
     /// The executable path of `pid`, if known.
     pub fn executable_path(&self, pid: u32) -> Option<String> {
-        self.by_pid.get(&pid)?.attributes.iter().find(|a| a.key == "process.executable.path").and_then(|a| {
-            match &a.value {
-                crate::spans::model::AttrValue::Str(s) => Some(s.clone()),
-                _ => None,
-            }
-        })
+        self.by_pid.get(&pid)?.executable_path().map(str::to_string)
     }
 
     /// Processes seen with network traffic.

@@ -50,15 +50,20 @@ pub struct Resource {
 }
 
 impl Resource {
+    /// The value of a string attribute.
+    pub fn str_attr(&self, key: &str) -> Option<&str> {
+        self.attributes.iter().find(|a| a.key == key).and_then(|a| match &a.value {
+            AttrValue::Str(s) => Some(s.as_str()),
+            _ => None,
+        })
+    }
+
     pub fn service_name(&self) -> &str {
-        self.attributes
-            .iter()
-            .find(|a| a.key == "service.name")
-            .and_then(|a| match &a.value {
-                AttrValue::Str(s) => Some(s.as_str()),
-                _ => None,
-            })
-            .unwrap_or("unknown_service")
+        self.str_attr("service.name").unwrap_or("unknown_service")
+    }
+
+    pub fn executable_path(&self) -> Option<&str> {
+        self.str_attr("process.executable.path")
     }
 }
 
