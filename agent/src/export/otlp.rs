@@ -137,6 +137,12 @@ fn any_value(v: AttrValue) -> AnyValue {
             AttrValue::Int(i) => any_value::Value::IntValue(i),
             AttrValue::Bool(b) => any_value::Value::BoolValue(b),
             AttrValue::Double(d) => any_value::Value::DoubleValue(d),
+            AttrValue::StrArray(v) => any_value::Value::ArrayValue(opentelemetry_proto::tonic::common::v1::ArrayValue {
+                values: v
+                    .into_iter()
+                    .map(|s| AnyValue { value: Some(any_value::Value::StringValue(s)) })
+                    .collect(),
+            }),
         }),
     }
 }

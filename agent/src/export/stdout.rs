@@ -182,6 +182,7 @@ fn json_attrs<'a>(attrs: impl Iterator<Item = &'a Attribute>) -> Map<String, Val
                 AttrValue::Int(i) => Value::from(*i),
                 AttrValue::Bool(b) => Value::from(*b),
                 AttrValue::Double(d) => Value::from(*d),
+                AttrValue::StrArray(v) => Value::from(v.clone()),
             };
             (a.key.to_string(), v)
         })
@@ -250,6 +251,7 @@ fn display_value(v: &AttrValue) -> String {
         AttrValue::Int(i) => i.to_string(),
         AttrValue::Bool(b) => b.to_string(),
         AttrValue::Double(d) => d.to_string(),
+        AttrValue::StrArray(v) => v.join(","),
     }
 }
 

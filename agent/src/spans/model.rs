@@ -16,6 +16,8 @@ pub enum AttrValue {
     Int(i64),
     Bool(bool),
     Double(f64),
+    /// A list of strings (e.g. `dns.answers`).
+    StrArray(Vec<String>),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -33,6 +35,9 @@ impl Attribute {
     }
     pub fn bool(key: impl Into<Cow<'static, str>>, value: bool) -> Self {
         Self { key: key.into(), value: AttrValue::Bool(value) }
+    }
+    pub fn str_array(key: impl Into<Cow<'static, str>>, values: Vec<String>) -> Self {
+        Self { key: key.into(), value: AttrValue::StrArray(values) }
     }
 }
 
