@@ -69,6 +69,10 @@ struct RunArgs {
     /// Flags win over environment variables, which win over the file.
     #[arg(long)]
     config: Option<std::path::PathBuf>,
+    /// Benchmark floor: load and attach every kernel program, but make each
+    /// return at once (no events, no spans).
+    #[arg(long, hide = true)]
+    noop_probes: bool,
 }
 
 fn main() {
@@ -119,7 +123,7 @@ fn run(args: RunArgs) -> Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         let stats = Arc::new(Stats::default());
-        let probe_settings = ProbeSettings { payload_cap, ring_buffer_bytes: ring_buffer_mib << 20 };
+        let probe_settings = ProbeSettings { payload_cap, ring_buffer_bytes: ring_buffer_mib << 20, do_nothing: args.noop_probes };
         let (mut probes, ring) = Probes::load(&probe_settings)?;
         let (ctl_tx, ctl_rx) = tokio::sync::mpsc::channel(16);
         let control_server = control::server::serve(socket.clone(), ctl_tx.clone())?;

@@ -28,6 +28,9 @@ fn header(kind: u8, tgid: u32, ts_ns: u64) -> EventHeader {
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    if super::do_nothing() {
+        return 0;
+    }
     let sk: u64 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
@@ -70,6 +73,9 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock(ctx: BtfTracePointContext) -> i32 {
+    if super::do_nothing() {
+        return 0;
+    }
     let sk: u64 = ctx.arg(0);
     let off = OFFSETS.load();
     let Some(family) = tcp_family(sk, &off) else { return 0 };
@@ -87,6 +93,9 @@ pub fn tcp_destroy_sock(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
+    if super::do_nothing() {
+        return 0;
+    }
     let group_dead: u64 = ctx.arg(1);
     if group_dead & 0xff == 0 {
         return 0;
@@ -101,6 +110,9 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
 /// described (the daemon prefers /proc when it is still there).
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
+    if super::do_nothing() {
+        return 0;
+    }
     let bprm: u64 = ctx.arg(2);
     let tgid = current_tgid();
     if tgid == SELF_TGID.load() {
@@ -162,6 +174,9 @@ const PROT_EXEC: u64 = 4;
 /// library. The daemon rescans the process's maps for TLS libraries.
 #[tracepoint]
 pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
+    if super::do_nothing() {
+        return 0;
+    }
     let off = MMAP_OFFSETS.load();
     if off.prot == 0 {
         return 0;

@@ -20,6 +20,16 @@ use periscope_ebpf::{
 #[unsafe(no_mangle)]
 static SELF_TGID: Global<u32> = Global::new(0);
 
+/// Non-zero: every program returns at once (the benchmark's floor: the
+/// cost of the hooks themselves, with no work done in them).
+#[unsafe(no_mangle)]
+static DO_NOTHING: Global<u32> = Global::new(0);
+
+#[inline(always)]
+fn do_nothing() -> bool {
+    DO_NOTHING.load() != 0
+}
+
 /// Runtime cap on payload bytes copied per call (<= MAX_PAYLOAD).
 #[unsafe(no_mangle)]
 static PAYLOAD_CAP: Global<u32> = Global::new(DEFAULT_PAYLOAD_CAP);

@@ -26,12 +26,18 @@ const MSG_PEEK: i32 = 2;
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
+    if super::do_nothing() {
+        return 0;
+    }
     on_socket_io(&ctx, direction::EGRESS, probe::SOCK_SEND);
     0
 }
 
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
+    if super::do_nothing() {
+        return 0;
+    }
     on_socket_io(&ctx, direction::INGRESS, probe::SOCK_RECV);
     0
 }

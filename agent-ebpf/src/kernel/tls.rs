@@ -101,47 +101,74 @@ fn enter(session: Option<u64>, buf: Option<u64>, len_ptr: u64, kind: u8, library
 
 #[uprobe]
 pub fn ssl_read(ctx: ProbeContext) -> u32 {
+    if super::do_nothing() {
+        return 0;
+    }
     enter(ctx.arg(0), ctx.arg(1), 0, CALL_READ, tls_library::OPENSSL)
 }
 
 #[uprobe]
 pub fn ssl_write(ctx: ProbeContext) -> u32 {
+    if super::do_nothing() {
+        return 0;
+    }
     enter(ctx.arg(0), ctx.arg(1), 0, CALL_WRITE, tls_library::OPENSSL)
 }
 
 #[uprobe]
 pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
+    if super::do_nothing() {
+        return 0;
+    }
     enter(ctx.arg(0), ctx.arg(1), ctx.arg(3).unwrap_or(0), CALL_READ, tls_library::OPENSSL)
 }
 
 #[uprobe]
 pub fn ssl_write_ex(ctx: ProbeContext) -> u32 {
+    if super::do_nothing() {
+        return 0;
+    }
     enter(ctx.arg(0), ctx.arg(1), ctx.arg(3).unwrap_or(0), CALL_WRITE, tls_library::OPENSSL)
 }
 
 #[uprobe]
 pub fn ssl_do_handshake(ctx: ProbeContext) -> u32 {
+    if super::do_nothing() {
+        return 0;
+    }
     enter(ctx.arg(0), None, 0, CALL_HANDSHAKE, tls_library::OPENSSL)
 }
 
 #[uprobe]
 pub fn gnutls_record_recv(ctx: ProbeContext) -> u32 {
+    if super::do_nothing() {
+        return 0;
+    }
     enter(ctx.arg(0), ctx.arg(1), 0, CALL_READ, tls_library::GNUTLS)
 }
 
 #[uprobe]
 pub fn gnutls_record_send(ctx: ProbeContext) -> u32 {
+    if super::do_nothing() {
+        return 0;
+    }
     enter(ctx.arg(0), ctx.arg(1), 0, CALL_WRITE, tls_library::GNUTLS)
 }
 
 #[uprobe]
 pub fn gnutls_handshake(ctx: ProbeContext) -> u32 {
+    if super::do_nothing() {
+        return 0;
+    }
     enter(ctx.arg(0), None, 0, CALL_HANDSHAKE, tls_library::GNUTLS)
 }
 
 /// SSL_read / SSL_write: the return value is the byte count.
 #[uretprobe]
 pub fn ssl_rw_ret(ctx: RetProbeContext) -> u32 {
+    if super::do_nothing() {
+        return 0;
+    }
     let ret: i32 = ctx.ret();
     finish_read_write(if ret > 0 { ret as u32 } else { 0 })
 }
@@ -149,6 +176,9 @@ pub fn ssl_rw_ret(ctx: RetProbeContext) -> u32 {
 /// SSL_read_ex / SSL_write_ex: 1 on success, the count in `*len_ptr`.
 #[uretprobe]
 pub fn ssl_rw_ex_ret(ctx: RetProbeContext) -> u32 {
+    if super::do_nothing() {
+        return 0;
+    }
     let ret: i32 = ctx.ret();
     let pid_tgid = bpf_get_current_pid_tgid();
     let n = match unsafe { TLS_CALLS.get(&pid_tgid) } {
@@ -163,12 +193,18 @@ pub fn ssl_rw_ex_ret(ctx: RetProbeContext) -> u32 {
 /// gnutls_record_recv / gnutls_record_send: ssize_t byte count.
 #[uretprobe]
 pub fn gnutls_rw_ret(ctx: RetProbeContext) -> u32 {
+    if super::do_nothing() {
+        return 0;
+    }
     let ret: i64 = ctx.ret();
     finish_read_write(if ret > 0 { ret as u32 } else { 0 })
 }
 
 #[uretprobe]
 pub fn ssl_handshake_ret(ctx: RetProbeContext) -> u32 {
+    if super::do_nothing() {
+        return 0;
+    }
     let ret: i32 = ctx.ret();
     // <= 0 is either "call again" (non-blocking) or failure; only the
     // library knows which, so the start stays until success or eviction.
@@ -177,6 +213,9 @@ pub fn ssl_handshake_ret(ctx: RetProbeContext) -> u32 {
 
 #[uretprobe]
 pub fn gnutls_handshake_ret(ctx: RetProbeContext) -> u32 {
+    if super::do_nothing() {
+        return 0;
+    }
     let ret: i32 = ctx.ret();
     let failed = ret < 0 && ret != GNUTLS_E_AGAIN && ret != GNUTLS_E_INTERRUPTED;
     finish_handshake(ret == 0, failed)

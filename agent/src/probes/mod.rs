@@ -52,11 +52,13 @@ pub struct ProbeSettings {
     pub payload_cap: u32,
     /// Ring buffer size in bytes (power of two, multiple of the page size).
     pub ring_buffer_bytes: u32,
+    /// Every program returns at once (the benchmark's floor).
+    pub do_nothing: bool,
 }
 
 impl Default for ProbeSettings {
     fn default() -> Self {
-        Self { payload_cap: periscope_ebpf::DEFAULT_PAYLOAD_CAP, ring_buffer_bytes: 8 << 20 }
+        Self { payload_cap: periscope_ebpf::DEFAULT_PAYLOAD_CAP, ring_buffer_bytes: 8 << 20, do_nothing: false }
     }
 }
 
@@ -132,8 +134,10 @@ impl Probes {
         let mmap_offsets = MmapOffsetsPod(tracepoint_format::mmap_offsets(category, name)?);
         // Wake the daemon early once a quarter of the ring is unread.
         let wakeup_bytes = settings.ring_buffer_bytes as u64 / 4;
+        let do_nothing = settings.do_nothing as u32;
         let mut ebpf = EbpfLoader::new()
             .override_global("SELF_TGID", &self_tgid, true)
+            .override_global("DO_NOTHING", &do_nothing, true)
             .override_global("PAYLOAD_CAP", &payload_cap, true)
             .override_global("OFFSETS", &offsets_pod, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
