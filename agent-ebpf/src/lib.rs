@@ -26,6 +26,7 @@ pub mod kind {
     pub const PROCESS_EXEC: u8 = 6;
     pub const TLS_HANDSHAKE: u8 = 7;
     pub const MMAP_EXEC: u8 = 8;
+    pub const GETADDRINFO: u8 = 9;
 }
 
 /// Direction of a data event, seen from the traced process.
@@ -67,7 +68,8 @@ pub mod probe {
     pub const TLS_DATA: u32 = 6;
     pub const TLS_HANDSHAKE: u32 = 7;
     pub const MMAP_EXEC: u32 = 8;
-    pub const COUNT: u32 = 9;
+    pub const GETADDRINFO: u32 = 9;
+    pub const COUNT: u32 = 10;
     pub const NAMES: [&str; COUNT as usize] = [
         "sock_send_length",
         "sock_recv_length",
@@ -78,6 +80,7 @@ pub mod probe {
         "tls_read_write",
         "tls_handshake",
         "sys_enter_mmap",
+        "getaddrinfo",
     ];
 }
 
@@ -93,7 +96,12 @@ pub struct EventHeader {
     pub ts_ns: u64,
 }
 
-/// A TCP connection's addresses as the kernel socket sees them: `src` is the
+pub const IPPROTO_TCP: u16 = 6;
+pub const IPPROTO_UDP: u16 = 17;
+/// UDP sockets are only traced when one end is this port (DNS).
+pub const DNS_PORT: u16 = 53;
+
+/// A TCP connection's (or a DNS UDP socket's) addresses as the kernel socket sees them: `src` is the
 /// local end. Ports in host byte order; addresses in network byte order
 /// (IPv4 in the first 4 bytes).
 #[repr(C)]
@@ -102,7 +110,8 @@ pub struct SockTuple {
     pub family: u16,
     pub src_port: u16,
     pub dst_port: u16,
-    pub _pad: u16,
+    /// IPPROTO_TCP (6) or IPPROTO_UDP (17).
+    pub protocol: u16,
     pub src_addr: [u8; 16],
     pub dst_addr: [u8; 16],
 }
@@ -300,6 +309,8 @@ pub mod control {
     pub const FEATURE_HTTP: u32 = 1 << 0;
     /// TLS plaintext uprobes.
     pub const FEATURE_TLS: u32 = 1 << 1;
+    /// DNS: UDP port 53 payloads and the getaddrinfo uprobes.
+    pub const FEATURE_DNS: u32 = 1 << 2;
 
     /// `PID_FILTER` has entries (include or exclude).
     pub const FILTER_PIDS: u32 = 1 << 0;
@@ -327,4 +338,28 @@ pub mod nr {
     pub const RECVFROM: u64 = 45;
     pub const SENDMSG: u64 = 46;
     pub const RECVMSG: u64 = 47;
+    pub const SENDMMSG: u64 = 307;
+}
+
+pub const GAI_NAME_MAX: usize = 256;
+pub const GAI_MAX_ADDRS: usize = 8;
+
+/// A call to libc's `getaddrinfo` returned. `header.ts_ns` is the return.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct GetaddrinfoEvent {
+    pub header: EventHeader,
+    pub start_ns: u64,
+    pub tid: u32,
+    /// getaddrinfo's return value (0 or an EAI_* code).
+    pub ret: i32,
+    /// Entries of `addrs`/`families` filled (from the result list, in order,
+    /// duplicates included).
+    pub n_addrs: u32,
+    /// Bytes of `name` (the node argument) that hold the name, without NUL.
+    pub name_len: u32,
+    /// AF_INET (address in the first 4 bytes) or AF_INET6.
+    pub families: [u16; GAI_MAX_ADDRS],
+    pub addrs: [[u8; 16]; GAI_MAX_ADDRS],
+    pub name: [u8; GAI_NAME_MAX],
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use log::{error, info};
+use log::{error, info, warn};
 
 use crate::export::{ExportConfig, OutputFormat};
 use crate::pipeline::{Pipeline, PipelineSettings};
@@ -164,6 +164,17 @@ fn run(args: RunArgs) -> Result<()> {
             info!("config file: {}", serde_json::to_string(&response).unwrap_or_default());
         }
         pipeline.set_tls_enabled(control.state.tls_enabled());
+        pipeline.set_features(&control.state);
+        let (libcs, problems) = discovery::resolver::find_libc();
+        for target in libcs {
+            match probes.attach_resolver(&target.path, target.getaddrinfo) {
+                Ok(()) => info!("resolver attached: {} (getaddrinfo)", target.path.display()),
+                Err(e) => warn!("resolver not hooked: {e:#}"),
+            }
+        }
+        for p in problems {
+            warn!("resolver not hooked: {p}");
+        }
         if let Some(ratio) = file.sample_ratio {
             pipeline.set_sampler(pipeline::Sampler::new(ratio));
         }

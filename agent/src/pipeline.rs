@@ -8,10 +8,10 @@ use std::time::Duration;
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use log::{info, warn};
-use periscope_ebpf::{direction, source};
+use periscope_ebpf::{DataEvent, GetaddrinfoEvent, IPPROTO_UDP, direction, source};
 use tokio::io::unix::AsyncFd;
 
-use crate::connections::{Admit, ConnectTiming, Connection, ConnectionTable, ProtocolState, TlsState};
+use crate::connections::{Admit, ConnectTiming, Connection, ConnectionTable, ProtocolState, TlsState, socket_addrs};
 use crate::discovery::process::ProcessCache;
 use crate::control::daemon::ControlState;
 use crate::control::server::ControlCall;
@@ -19,8 +19,14 @@ use crate::discovery::tls_watch::{Discovered, TlsWatch};
 use crate::events::{self, Event};
 use crate::export::SpanSink;
 use crate::probes::Probes;
-use crate::protocols::http1::{Chunk, Direction, Exchange, Feed, Limits};
+use crate::protocols::dns::{self, LookupTracker, Transport};
+use crate::protocols::http1::{Chunk, Direction, Exchange, Feed, Limits, Side};
 use crate::protocols::tls_records;
+use crate::spans::context::{Bundle, HeldSpans, Identity, IdentityRef};
+use crate::spans::links::{LinkOutcome, TraceLinks};
+use crate::spans::model::{Attribute, Span, SpanKind, SpanStatus};
+use crate::spans::phases::{self, ClientTimings, Phase, ServerTimings};
+use crate::spans::resolutions::{self, Resolution, Resolutions, WireLookup};
 use crate::spans::{clock::Clock, http};
 use crate::stats::Stats;
 
@@ -61,7 +67,33 @@ pub struct Pipeline {
     ignore_batch: Vec<(u64, u16, u16)>,
     sampler: Sampler,
     tls_enabled: bool,
+    dns_enabled: bool,
+    phases_enabled: bool,
+    /// Client DNS lookups in flight, by socket and transaction id.
+    lookups: LookupTracker,
+    /// Resolutions and lookups waiting for the connection they led to.
+    resolutions: Resolutions,
+    links: TraceLinks,
+    held: HeldSpans,
+    /// Requests the parser just started: (seq, traceparent), reused per event.
+    new_requests: Vec<(u64, Option<([u8; 16], [u8; 8])>)>,
+    phase_buf: Vec<Phase>,
+    dns_messages: Vec<Vec<u8>>,
+    finished_lookups: Vec<dns::Lookup>,
+    dns_errors_logged: bool,
+    /// Latest kernel timestamp seen (the clock for hold and link deadlines).
+    now_ns: u64,
 }
+
+/// Lookups with no answer for this long are given up (glibc's default
+/// timeout is 5 s per attempt; a retry re-arms it).
+const LOOKUP_TIMEOUT_NS: u64 = 10_000_000_000;
+/// Longest a span waits for its parent's trace to be known.
+const HOLD_SPANS_NS: u64 = 1_000_000_000;
+const MAX_HELD_BUNDLES: usize = 8192;
+const MAX_PENDING_LOOKUPS: usize = 8192;
+const MAX_PENDING_RESOLUTIONS: usize = 4096;
+const MAX_LINK_ENDS: usize = 65_536;
 
 /// Head sampling by trace id (like the OpenTelemetry TraceIdRatioBased
 /// sampler): the same decision for every span of one trace.
@@ -112,6 +144,18 @@ impl Pipeline {
             ignore_batch: Vec::new(),
             sampler: Sampler::new(1.0),
             tls_enabled: true,
+            dns_enabled: true,
+            phases_enabled: true,
+            lookups: LookupTracker::new(MAX_PENDING_LOOKUPS),
+            resolutions: Resolutions::new(MAX_PENDING_RESOLUTIONS),
+            links: TraceLinks::new(MAX_LINK_ENDS),
+            held: HeldSpans::new(MAX_HELD_BUNDLES),
+            new_requests: Vec::new(),
+            phase_buf: Vec::with_capacity(8),
+            dns_messages: Vec::new(),
+            finished_lookups: Vec::new(),
+            dns_errors_logged: false,
+            now_ns: 0,
         }
     }
 
@@ -133,6 +177,11 @@ impl Pipeline {
         match event {
             Event::Data { event, payload, tail } => {
                 self.processes.observe(event.header.tgid);
+                self.now_ns = self.now_ns.max(event.header.ts_ns);
+                if event.tuple.protocol == IPPROTO_UDP {
+                    self.on_dns_datagram(&event, payload);
+                    return;
+                }
                 let from_tls = event.source == source::TLS;
                 if from_tls && event.sock == 0 {
                     Stats::inc(&self.stats.tls_unlinked);
@@ -150,6 +199,20 @@ impl Pipeline {
                     }
                 };
                 let egress = event.direction == direction::EGRESS;
+                if let ProtocolState::Dns(framing) = &mut conn.protocol {
+                    let framer = &mut framing.framers[if egress { 0 } else { 1 }];
+                    self.dns_messages.clear();
+                    if framer.feed(payload, event.total_len, &mut self.dns_messages).is_err() {
+                        Stats::inc(&self.stats.dns_parse_errors);
+                    }
+                    let peer = conn.peer;
+                    let messages = std::mem::take(&mut self.dns_messages);
+                    for m in &messages {
+                        self.on_dns_payload(&event, m, Transport::Tcp, Some(peer));
+                    }
+                    self.dns_messages = messages;
+                    return;
+                }
                 if from_tls {
                     conn.start_plaintext(Limits::default());
                 } else {
@@ -196,12 +259,25 @@ impl Pipeline {
                     Stats::inc(&self.stats.connections_not_http);
                     Stats::inc(&self.stats.events_unparsed);
                     self.ignore_requests.push((event.sock, conn.local.port(), conn.peer.port()));
-                } else if parser.is_upgraded() {
-                    // After 101 Switching Protocols or a CONNECT tunnel the
-                    // parser ignores the bytes: the kernel need not copy them.
-                    self.ignore_requests.push((event.sock, conn.local.port(), conn.peer.port()));
+                } else {
+                    if parser.is_upgraded() {
+                        // After 101 Switching Protocols or a CONNECT tunnel the
+                        // parser ignores the bytes: the kernel need not copy them.
+                        self.ignore_requests.push((event.sock, conn.local.port(), conn.peer.port()));
+                    }
+                    let seen = parser.requests_seen();
+                    for seq in conn.requests_noted..seen {
+                        if let Some(ex) = parser.pending_request(seq) {
+                            let traceparent = ex.traceparent.as_deref().and_then(http::parse_traceparent);
+                            self.new_requests.push((seq, traceparent));
+                        }
+                    }
+                    conn.requests_noted = seen;
                 }
                 let tgid = conn.tgid;
+                if !self.new_requests.is_empty() {
+                    self.start_requests(event.sock, event.tid);
+                }
                 self.emit_exchanges(event.sock, tgid);
             }
             Event::TlsHandshake(h) => {
@@ -213,13 +289,22 @@ impl Pipeline {
                     let tls = conn.tls.get_or_insert_with(TlsState::new);
                     tls.handshake_seen = true;
                     tls.handshake_ns = Some(h.header.ts_ns.saturating_sub(h.start_ns));
+                    tls.handshake = Some((h.start_ns, h.header.ts_ns));
                 }
             }
             Event::MmapExec(m) => self.tls_scan_requests.push(m.header.tgid),
             Event::Connect(c) => {
+                self.now_ns = self.now_ns.max(c.header.ts_ns);
                 if c.failed == 0 {
                     let timing = ConnectTiming { syn_sent_ns: c.syn_sent_ns, established_ns: c.header.ts_ns };
-                    if let Some(stale) = self.connections.on_connect(c.sock, timing, c.header.ts_ns) {
+                    let (_, peer) = socket_addrs(&c.tuple);
+                    let resolution = self.resolutions.take_for_connect(c.header.tgid, peer.ip(), c.syn_sent_ns);
+                    if resolution.is_some() {
+                        Stats::inc(&self.stats.resolutions_linked);
+                    }
+                    if let Some(stale) =
+                        self.connections.on_connect(c.sock, timing, resolution.map(Box::new), c.header.ts_ns)
+                    {
                         self.finish(stale, c.header.ts_ns);
                     }
                 }
@@ -230,10 +315,15 @@ impl Pipeline {
                 }
             }
             Event::Close(c) => {
-                if let Some(conn) = self.connections.remove(c.sock) {
+                let mut orphans = Vec::new();
+                if let Some(conn) = self.connections.remove(c.sock, &mut orphans) {
                     self.finish(conn, c.header.ts_ns);
                 }
+                for r in orphans {
+                    self.emit_resolution(r, None);
+                }
             }
+            Event::Getaddrinfo(g) => self.on_getaddrinfo(&g),
             Event::ProcessExec(e) => {
                 self.processes.on_exec(e.header.tgid, &e);
                 self.tls_scan_requests.push(e.header.tgid);
@@ -245,6 +335,12 @@ impl Pipeline {
                 for conn in self.connections.remove_process(e.header.tgid) {
                     self.finish(conn, e.header.ts_ns);
                 }
+                let mut gone = std::mem::take(&mut self.finished_lookups);
+                self.lookups.remove_process(e.header.tgid, &mut gone);
+                for lookup in gone.drain(..) {
+                    self.lookup_finished(lookup, None, e.header.ts_ns);
+                }
+                self.finished_lookups = gone;
                 self.processes.forget(e.header.tgid);
             }
         }
@@ -255,12 +351,376 @@ impl Pipeline {
         if self.exchanges.is_empty() {
             return;
         }
-        let resource = self.processes.resource(tgid);
-        let Some(conn) = self.connections.get_mut(sock) else {
+        let Some(mut conn) = self.connections.take(sock) else {
             self.exchanges.clear();
             return;
         };
-        emit(&mut self.exchanges, conn, &resource, &self.clock, &mut self.rng, &self.sink, &self.stats, self.sampler);
+        let _ = tgid;
+        self.emit(&mut conn);
+        self.connections.put_back(sock, conn);
+    }
+
+
+    /// Requests the parser just started on `sock`, read or sent by thread
+    /// `tid`: each gets its identity (and parent) now.
+    fn start_requests(&mut self, sock: u64, tid: u32) {
+        let requests = std::mem::take(&mut self.new_requests);
+        for &(seq, traceparent) in &requests {
+            let Some(conn) = self.connections.get(sock) else { break };
+            let (local, peer) = (conn.local, conn.peer);
+            let side = match &conn.protocol {
+                ProtocolState::Http1(p) => p.side(),
+                _ => None,
+            };
+            let mut outcome = LinkOutcome::default();
+            let identity = match side {
+                Some(Side::Client) => {
+                    let connections = &self.connections;
+                    let is_open = |sock: u64, seq: u64, id: &IdentityRef| connections.serving_request(sock, seq, id);
+                    self.links.client_request(tid, local, peer, seq, self.now_ns, &mut self.rng, is_open, &mut outcome)
+                }
+                Some(Side::Server) => self.links.server_request(
+                    tid,
+                    sock,
+                    local,
+                    peer,
+                    seq,
+                    traceparent,
+                    self.now_ns,
+                    &mut self.rng,
+                    &mut outcome,
+                ),
+                None => continue,
+            };
+            self.count_link(outcome);
+            if let Some(conn) = self.connections.get_mut(sock) {
+                conn.requests.push_back((seq, identity));
+            }
+        }
+        self.new_requests = requests;
+        self.new_requests.clear();
+    }
+
+    fn count_link(&self, o: LinkOutcome) {
+        if o.in_process {
+            Stats::inc(&self.stats.trace_links_in_process);
+        }
+        if o.cross_process {
+            Stats::inc(&self.stats.trace_links_cross_process);
+        }
+        if o.ambiguous {
+            Stats::inc(&self.stats.trace_links_ambiguous);
+        }
+        if o.refused {
+            Stats::inc(&self.stats.trace_links_refused);
+        }
+        if o.overflow {
+            Stats::inc(&self.stats.correlation_overflow);
+        }
+    }
+
+    /// Spans for the exchanges the parser completed on `conn`: the request's
+    /// span, its phases, and the resolution that led to the connection.
+    fn emit(&mut self, conn: &mut Connection) {
+        let resource = self.processes.resource(conn.tgid);
+        let mut exchanges = std::mem::take(&mut self.exchanges);
+        for ex in exchanges.drain(..) {
+            let identity = conn.take_request(ex.seq).unwrap_or_else(|| Identity::root(&mut self.rng, true));
+            // Its span is being built: whatever it is linked to now stays.
+            identity.settle();
+            let tls = conn.tls.as_mut().filter(|t| t.plaintext_seen).map(|t| http::TlsSpanInfo {
+                version: t.version,
+                handshake_ns: t.handshake_ns.take(),
+            });
+            if let Some(t) = conn.tls.as_ref().filter(|t| t.plaintext_seen && t.version.is_none()) {
+                log::debug!(
+                    "TLS version unknown on {} -> {} (pid {}): {} socket chunks seen, observer {}",
+                    conn.local,
+                    conn.peer,
+                    conn.tgid,
+                    conn.socket_chunks,
+                    match &t.observer {
+                        Some(o) => o.gave_up().unwrap_or("still waiting for the hellos"),
+                        None => "finished without a version",
+                    }
+                );
+            }
+            self.phase_buf.clear();
+            let mut resolution = None;
+            match ex.side {
+                Side::Client => {
+                    let first = !conn.first_exchange_done;
+                    conn.first_exchange_done = true;
+                    if first {
+                        resolution = conn.resolution.take();
+                    }
+                    let handshake = if first { conn.tls.as_mut().and_then(|t| t.handshake.take()) } else { None };
+                    let timings = ClientTimings {
+                        dns: resolution.as_ref().map(|r| (r.start_ns, r.end_ns)),
+                        connect: if first { conn.connect.map(|c| (c.syn_sent_ns, c.established_ns)) } else { None },
+                        handshake,
+                        request_start_ns: ex.request_start_ns,
+                        request_end_ns: ex.request_end_ns,
+                        response_start_ns: ex.response_start_ns,
+                        response_end_ns: ex.response_end_ns,
+                    };
+                    phases::client(&timings, &mut self.phase_buf);
+                }
+                Side::Server => {
+                    conn.first_exchange_done = true;
+                    let timings = ServerTimings {
+                        request_start_ns: ex.request_start_ns,
+                        request_end_ns: ex.request_end_ns,
+                        response_start_ns: ex.response_start_ns,
+                        response_end_ns: ex.response_end_ns,
+                    };
+                    phases::server(&timings, &mut self.phase_buf);
+                }
+            }
+            let start_ns = self.phase_buf.first().map(|p| p.start_ns).unwrap_or(ex.request_start_ns);
+            let span = http::build(&ex, conn, tls, start_ns, resource.clone(), &self.clock);
+            if ex.incomplete.is_some() {
+                Stats::inc(&self.stats.spans_incomplete);
+            }
+            let mut bundle = Vec::with_capacity(1 + if self.phases_enabled { self.phase_buf.len() } else { 0 });
+            bundle.push(span);
+            let parent_id = identity.span_id();
+            if self.phases_enabled {
+                let phase_list = std::mem::take(&mut self.phase_buf);
+                for phase in &phase_list {
+                    if phase.name == phases::name::DNS {
+                        if let Some(r) = resolution.take() {
+                            self.resolution_spans(&r, true, parent_id, &resource, &mut bundle);
+                            continue;
+                        }
+                    }
+                    bundle.push(phase_span(phase, parent_id, &resource, &self.clock, &mut self.rng));
+                }
+                self.phase_buf = phase_list;
+            }
+            if let Some(r) = resolution.take() {
+                self.resolution_spans(&r, true, parent_id, &resource, &mut bundle);
+            }
+            self.submit(bundle, identity);
+        }
+        self.exchanges = exchanges;
+    }
+
+    /// Appends the spans of a resolution under `parent` (itself, then its
+    /// wire lookups as its children) to `bundle`.
+    fn resolution_spans(
+        &mut self,
+        r: &Resolution,
+        as_phase: bool,
+        parent: [u8; 8],
+        resource: &std::sync::Arc<crate::spans::model::Resource>,
+        bundle: &mut Vec<Span>,
+    ) {
+        let mut span = resolutions::build(r, as_phase, &self.clock);
+        span.resource = resource.clone();
+        span.span_id = http::new_span_id(&mut self.rng);
+        span.parent_span_id = Some(parent);
+        let id = span.span_id;
+        bundle.push(span);
+        self.lookup_spans(&r.lookups, id, Some(resource), bundle);
+    }
+
+    /// A resolution nothing linked: exported on its own, with its lookups.
+    fn emit_resolution(&mut self, r: Resolution, _parent: Option<IdentityRef>) {
+        let identity = Identity::root(&mut self.rng, true);
+        let mut bundle = Vec::with_capacity(1 + r.lookups.len());
+        let mut span = resolutions::build(&r, false, &self.clock);
+        span.span_id = identity.span_id();
+        bundle.push(span);
+        let own = identity.span_id();
+        self.lookup_spans(&r.lookups, own, None, &mut bundle);
+        self.submit(bundle, identity);
+    }
+
+    /// Spans of wire lookups under `parent`, with the given resource (the
+    /// request's process) or each lookup's own.
+    fn lookup_spans(
+        &mut self,
+        lookups: &[WireLookup],
+        parent: [u8; 8],
+        resource: Option<&std::sync::Arc<crate::spans::model::Resource>>,
+        bundle: &mut Vec<Span>,
+    ) {
+        for w in lookups {
+            let peer = w.peer.unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 53)));
+            let span_id = http::new_span_id(&mut self.rng);
+            bundle.push(crate::spans::dns::build(
+                &w.lookup,
+                peer,
+                [0; 16],
+                span_id,
+                Some(parent),
+                resource.cloned().unwrap_or_else(|| w.resource.clone()),
+                &self.clock,
+                w.end_ns,
+            ));
+            Stats::inc(&self.stats.dns_lookups);
+        }
+    }
+
+    /// A wire lookup nothing claimed: exported on its own.
+    fn emit_lookup(&mut self, w: WireLookup) {
+        let resource = w.resource.clone();
+        let identity = Identity::root(&mut self.rng, true);
+        let peer = w.peer.unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 53)));
+        let span = crate::spans::dns::build(
+            &w.lookup,
+            peer,
+            [0; 16],
+            identity.span_id(),
+            None,
+            resource,
+            &self.clock,
+            w.end_ns,
+        );
+        Stats::inc(&self.stats.dns_lookups);
+        self.submit(vec![span], identity);
+    }
+
+    /// Exports a bundle now if its trace is settled, else holds it (bounded).
+    fn submit(&mut self, spans: Vec<Span>, identity: IdentityRef) {
+        Stats::add(&self.stats.spans_built, spans.len() as u64);
+        if identity.chain_settled() {
+            self.send(spans, &identity);
+        } else {
+            Stats::inc(&self.stats.spans_held);
+            if let Some((spans, identity)) = self.held.hold(self.now_ns + HOLD_SPANS_NS, spans, identity) {
+                Stats::inc(&self.stats.spans_held_expired);
+                self.send(spans, &identity);
+            }
+        }
+    }
+
+    fn send(&mut self, mut spans: Vec<Span>, identity: &Identity) {
+        if spans.is_empty() {
+            return;
+        }
+        crate::spans::context::stamp(&mut spans, identity);
+        identity.mark_exported();
+        if !self.sampler.keep(&spans[0].trace_id) {
+            Stats::add(&self.stats.spans_sampled_out, spans.len() as u64);
+            return;
+        }
+        for span in spans {
+            self.sink.submit(span);
+        }
+    }
+
+    /// Held bundles whose trace became known, or whose time is up.
+    fn release_held(&mut self, now_ns: u64) {
+        if self.held.is_empty() {
+            return;
+        }
+        let (mut settled, mut expired): (Vec<Bundle>, Vec<Bundle>) = (Vec::new(), Vec::new());
+        self.held.release(now_ns, &mut settled, &mut expired);
+        Stats::add(&self.stats.spans_held_expired, expired.len() as u64);
+        for (spans, identity) in settled.into_iter().chain(expired) {
+            self.send(spans, &identity);
+        }
+    }
+
+    fn on_getaddrinfo(&mut self, g: &GetaddrinfoEvent) {
+        Stats::inc(&self.stats.resolver_calls);
+        self.now_ns = self.now_ns.max(g.header.ts_ns);
+        if !self.dns_enabled {
+            return;
+        }
+        let len = (g.name_len as usize).min(g.name.len());
+        let name = String::from_utf8_lossy(&g.name[..len]).into_owned();
+        // A numeric address resolves to itself: nothing was looked up.
+        if name.is_empty() || name.parse::<std::net::IpAddr>().is_ok() {
+            return;
+        }
+        let n = (g.n_addrs as usize).min(g.addrs.len());
+        let mut addresses = Vec::with_capacity(n);
+        for i in 0..n {
+            let a = &g.addrs[i];
+            let ip = if g.families[i] == periscope_ebpf::AF_INET {
+                std::net::IpAddr::from([a[0], a[1], a[2], a[3]])
+            } else {
+                let v6 = std::net::Ipv6Addr::from(*a);
+                v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(std::net::IpAddr::V6(v6))
+            };
+            if !addresses.contains(&ip) {
+                addresses.push(ip);
+            }
+        }
+        let r = Resolution {
+            tgid: g.header.tgid,
+            tid: g.tid,
+            name,
+            start_ns: g.start_ns,
+            end_ns: g.header.ts_ns,
+            gai_ret: Some(g.ret),
+            addresses,
+            lookups: Vec::new(),
+            resource: self.processes.resource(g.header.tgid),
+        };
+        if let Some(out) = self.resolutions.on_getaddrinfo(r) {
+            Stats::inc(&self.stats.correlation_overflow);
+            self.emit_resolution(out, None);
+        }
+    }
+
+    fn on_dns_datagram(&mut self, event: &DataEvent, payload: &[u8]) {
+        if !self.dns_enabled {
+            return;
+        }
+        let (_, peer) = socket_addrs(&event.tuple);
+        let peer = (peer.port() == periscope_ebpf::DNS_PORT).then_some(peer);
+        self.on_dns_payload(event, payload, Transport::Udp, peer);
+    }
+
+    fn on_dns_payload(&mut self, event: &DataEvent, payload: &[u8], transport: Transport, peer: Option<std::net::SocketAddr>) {
+        let msg = match dns::parse(payload) {
+            Ok(m) => m,
+            Err(e) => {
+                Stats::inc(&self.stats.dns_parse_errors);
+                if !self.dns_errors_logged {
+                    warn!("unparsable DNS message from pid {} ({e}); further ones are only counted", event.header.tgid);
+                    self.dns_errors_logged = true;
+                }
+                return;
+            }
+        };
+        let egress = event.direction == direction::EGRESS;
+        let ts = if egress { event.call_start_ns.min(event.header.ts_ns) } else { event.header.ts_ns };
+        let before = self.lookups.counters();
+        let done = self.lookups.on_message(event.sock, event.header.tgid, event.tid, transport, egress, ts, &msg);
+        let after = self.lookups.counters();
+        let unmatched = (after.responses_without_query - before.responses_without_query)
+            + (after.mismatched_question - before.mismatched_question)
+            + (after.server_side_messages - before.server_side_messages);
+        Stats::add(&self.stats.dns_unmatched_messages, unmatched);
+        Stats::add(&self.stats.correlation_overflow, after.dropped_overflow - before.dropped_overflow);
+        if let Some(lookup) = done {
+            let end = lookup.response.as_ref().map(|a| a.ts_ns).unwrap_or(ts);
+            self.lookup_finished(lookup, peer, end);
+        }
+    }
+
+    /// A lookup got its answer or was given up: it waits for a
+    /// getaddrinfo call or a connection to claim it.
+    fn lookup_finished(&mut self, lookup: dns::Lookup, peer: Option<std::net::SocketAddr>, end_ns: u64) {
+        let resource = self.processes.resource(lookup.tgid);
+        let w = WireLookup { lookup, peer, end_ns, resource };
+        if let Some(out) = self.resolutions.on_lookup(w) {
+            Stats::inc(&self.stats.correlation_overflow);
+            self.emit_lookup(out);
+        }
+    }
+
+    /// Features the daemon applies itself (the kernel side is set by the
+    /// control plane).
+    pub fn set_features(&mut self, control: &ControlState) {
+        use crate::control::protocol::Feature;
+        self.dns_enabled = control.enabled(Feature::Dns);
+        self.phases_enabled = control.enabled(Feature::Phases);
     }
 
     /// Whether TLS uprobes are on (a TLS connection they miss is then worth
@@ -288,11 +748,12 @@ impl Pipeline {
                 self.report_tls_not_visible(conn.tgid);
             }
         }
-        if self.exchanges.is_empty() {
-            return;
+        if !self.exchanges.is_empty() {
+            self.emit(&mut conn);
         }
-        let resource = self.processes.resource(conn.tgid);
-        emit(&mut self.exchanges, &mut conn, &resource, &self.clock, &mut self.rng, &self.sink, &self.stats, self.sampler);
+        if let Some(r) = conn.resolution.take() {
+            self.emit_resolution(*r, None);
+        }
     }
 
     /// A connection carried TLS that no uprobe saw: the process's TLS is
@@ -363,10 +824,32 @@ impl Pipeline {
     pub fn tick(&mut self) {
         self.clock.refresh();
         let now = Clock::monotonic_now_ns();
+        self.now_ns = self.now_ns.max(now);
         let cutoff = now.saturating_sub(self.settings.idle_timeout.as_nanos() as u64);
-        for conn in self.connections.remove_idle(cutoff) {
+        let mut orphans = Vec::new();
+        for conn in self.connections.remove_idle(cutoff, &mut orphans) {
             self.finish(conn, now);
         }
+        for r in orphans {
+            self.emit_resolution(r, None);
+        }
+        let mut gone = std::mem::take(&mut self.finished_lookups);
+        self.lookups.expire(now, LOOKUP_TIMEOUT_NS, &mut gone);
+        for lookup in gone.drain(..) {
+            self.lookup_finished(lookup, None, now);
+        }
+        self.finished_lookups = gone;
+        let (mut rs, mut ls) = (Vec::new(), Vec::new());
+        self.resolutions.expire(now, &mut rs, &mut ls);
+        for r in rs {
+            self.emit_resolution(r, None);
+        }
+        for w in ls {
+            self.emit_lookup(w);
+        }
+        let connections = &self.connections;
+        self.links.expire(now, |sock, seq, id| connections.serving_request(sock, seq, id));
+        self.release_held(now);
     }
 
     pub fn into_sink(self) -> SpanSink {
@@ -376,8 +859,21 @@ impl Pipeline {
     /// Daemon stopping: flush every connection's completed exchanges.
     pub fn shutdown(&mut self) {
         let now = Clock::monotonic_now_ns();
-        for conn in self.connections.drain() {
+        let mut orphans = Vec::new();
+        for conn in self.connections.drain(&mut orphans) {
             self.finish(conn, now);
+        }
+        let (mut rs, mut ls) = (Vec::new(), Vec::new());
+        self.resolutions.drain(&mut rs, &mut ls);
+        for r in orphans.into_iter().chain(rs) {
+            self.emit_resolution(r, None);
+        }
+        for w in ls {
+            self.emit_lookup(w);
+        }
+        let held: Vec<Bundle> = self.held.drain().collect();
+        for (spans, identity) in held {
+            self.send(spans, &identity);
         }
     }
 }
@@ -397,6 +893,8 @@ pub struct Control {
 /// Work after each drain of the ring: TLS scans of new programs, and the
 /// executable filter applied to them.
 fn after_batch(probes: &mut Probes, pipeline: &mut Pipeline, tls_watch: &TlsWatch, control: &ControlState) {
+    let now = pipeline.now_ns;
+    pipeline.release_held(now);
     tls_watch.scan(pipeline.take_tls_scan_requests());
     if !pipeline.ignore_requests.is_empty() {
         probes.ignore_sockets(pipeline.take_ignore_batch());
@@ -454,50 +952,6 @@ pub async fn attach_initial_tls(probes: &mut Probes, pipeline: &mut Pipeline, tl
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-/// Spans for `exchanges` on `conn`; the first span of a TLS connection
-/// carries its handshake duration.
-fn emit(
-    exchanges: &mut Vec<Exchange>,
-    conn: &mut Connection,
-    resource: &std::sync::Arc<crate::spans::model::Resource>,
-    clock: &Clock,
-    rng: &mut rand::rngs::ThreadRng,
-    sink: &SpanSink,
-    stats: &Stats,
-    sampler: Sampler,
-) {
-    for ex in exchanges.drain(..) {
-        let tls = conn.tls.as_mut().filter(|t| t.plaintext_seen).map(|t| http::TlsSpanInfo {
-            version: t.version,
-            handshake_ns: t.handshake_ns.take(),
-        });
-        if let Some(t) = conn.tls.as_ref().filter(|t| t.plaintext_seen && t.version.is_none()) {
-            log::debug!(
-                "TLS version unknown on {} -> {} (pid {}): {} socket chunks seen, observer {}",
-                conn.local,
-                conn.peer,
-                conn.tgid,
-                conn.socket_chunks,
-                match &t.observer {
-                    Some(o) => o.gave_up().unwrap_or("still waiting for the hellos"),
-                    None => "finished without a version",
-                }
-            );
-        }
-        let span = http::build(&ex, conn, tls, resource.clone(), clock, rng);
-        Stats::inc(&stats.spans_built);
-        if ex.incomplete.is_some() {
-            Stats::inc(&stats.spans_incomplete);
-        }
-        if !sampler.keep(&span.trace_id) {
-            Stats::inc(&stats.spans_sampled_out);
-            continue;
-        }
-        sink.submit(span);
-    }
-}
-
 /// Reads the ring buffer until `stop` resolves: every `DRAIN_INTERVAL`, and
 /// at once when the kernel signals a filling ring. Never busy-polls.
 pub async fn run(
@@ -544,6 +998,7 @@ pub async fn run(
                 }
                 let response = control.state.handle(call.request, probes, &mut pipeline, &control.sink, &control.stats);
                 pipeline.set_tls_enabled(control.state.tls_enabled());
+                pipeline.set_features(&control.state);
                 let _ = call.reply.send(response);
             }
             _ = tick.tick() => {
@@ -595,5 +1050,27 @@ mod tests {
         assert!((4_000..6_000).contains(&kept), "{kept}");
         assert_eq!(Sampler::new(f64::NAN).ratio(), 1.0);
         assert_eq!(Sampler::new(7.0).ratio(), 1.0);
+    }
+}
+
+/// A phase as a child span of the request's span.
+fn phase_span(
+    phase: &Phase,
+    parent: [u8; 8],
+    resource: &std::sync::Arc<crate::spans::model::Resource>,
+    clock: &Clock,
+    rng: &mut rand::rngs::ThreadRng,
+) -> Span {
+    Span {
+        trace_id: [0; 16],
+        span_id: http::new_span_id(rng),
+        parent_span_id: Some(parent),
+        name: phase.name.to_string(),
+        kind: SpanKind::Internal,
+        start_unix_nano: clock.to_unix_nanos(phase.start_ns),
+        end_unix_nano: clock.to_unix_nanos(phase.end_ns),
+        attributes: vec![Attribute::str("periscope.phase", phase.name)],
+        status: SpanStatus::Unset,
+        resource: resource.clone(),
     }
 }

@@ -31,6 +31,31 @@ pub struct Stats {
     /// refused them for good.
     pub spans_dropped: AtomicU64,
     pub export_errors: AtomicU64,
+    /// DNS messages (or TCP DNS framing) that could not be parsed.
+    pub dns_parse_errors: AtomicU64,
+    /// DNS lookups (question sent, answered or timed out) turned into spans.
+    pub dns_lookups: AtomicU64,
+    /// DNS messages of a process acting as a DNS server (not traced as lookups),
+    /// and responses with no matching query.
+    pub dns_unmatched_messages: AtomicU64,
+    /// getaddrinfo calls seen.
+    pub resolver_calls: AtomicU64,
+    /// Name resolutions that became the dns phase of a connection's first request.
+    pub resolutions_linked: AtomicU64,
+    /// Client spans made a child of the server request their thread was serving.
+    pub trace_links_in_process: AtomicU64,
+    /// Server spans made a child of the traced client span on the other end.
+    pub trace_links_cross_process: AtomicU64,
+    /// Client requests whose thread had several open server requests: left unlinked.
+    pub trace_links_ambiguous: AtomicU64,
+    /// Links found too late (the span's children were already exported): not made.
+    pub trace_links_refused: AtomicU64,
+    /// Spans held until their parent's trace was known.
+    pub spans_held: AtomicU64,
+    /// Spans exported before their parent's trace was known (hold full or timed out).
+    pub spans_held_expired: AtomicU64,
+    /// Pending lookups, resolutions or link entries dropped because a table was full.
+    pub correlation_overflow: AtomicU64,
 }
 
 impl Stats {

@@ -2,6 +2,7 @@
 
 mod filter;
 mod lifecycle;
+mod resolver;
 mod socket_io;
 mod tls;
 
@@ -168,27 +169,36 @@ fn read_kernel<T>(base: u64, offset: u32) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }
 }
 
-/// The socket's family and protocol, if it is a TCP socket over IPv4/IPv6.
+/// The socket's family, if it is a TCP socket over IPv4/IPv6.
 #[inline(always)]
 fn tcp_family(sk: u64, off: &KernelOffsets) -> Option<u16> {
+    match inet_socket(sk, off)? {
+        (family, IPPROTO_TCP) => Some(family),
+        _ => None,
+    }
+}
+
+/// The socket's family and protocol, if it is TCP or UDP over IPv4/IPv6.
+#[inline(always)]
+fn inet_socket(sk: u64, off: &KernelOffsets) -> Option<(u16, u16)> {
     let family: u16 = read_kernel(sk, off.skc_family).ok()?;
     if family != AF_INET && family != periscope_ebpf::AF_INET6 {
         return None;
     }
     let protocol: u16 = read_kernel(sk, off.sk_protocol).ok()?;
-    if protocol != IPPROTO_TCP {
+    if protocol != IPPROTO_TCP && protocol != periscope_ebpf::IPPROTO_UDP {
         return None;
     }
-    Some(family)
+    Some((family, protocol))
 }
 
 /// Reads the socket's local and remote address and port.
 #[inline(always)]
 fn read_tuple(sk: u64, family: u16, off: &KernelOffsets, tuple: &mut SockTuple) {
     tuple.family = family;
+    tuple.protocol = IPPROTO_TCP;
     tuple.src_port = read_kernel::<u16>(sk, off.skc_num).unwrap_or(0);
     tuple.dst_port = u16::from_be(read_kernel::<u16>(sk, off.skc_dport).unwrap_or(0));
-    tuple._pad = 0;
     if family == AF_INET {
         tuple.src_addr = [0; 16];
         tuple.dst_addr = [0; 16];

@@ -19,8 +19,9 @@ use periscope_ebpf::{
 
 use super::filter::{feature_enabled, ignored, ports_traced, process_traced};
 use super::tls::{CALL_HANDSHAKE, ESTABLISHED, LAST_RECV, SessionKey, TLS_CALLS};
-use periscope_ebpf::control::{FEATURE_HTTP, FEATURE_TLS};
-use super::{OFFSETS, PAYLOAD_CAP, SCRATCH, SELF_TGID, bounded, output_bytes, read_kernel, read_tuple, tcp_family};
+use periscope_ebpf::control::{FEATURE_DNS, FEATURE_HTTP, FEATURE_TLS};
+use periscope_ebpf::{DNS_PORT, IPPROTO_UDP};
+use super::{OFFSETS, PAYLOAD_CAP, SCRATCH, SELF_TGID, bounded, inet_socket, output_bytes, read_kernel, read_tuple};
 
 const MSG_PEEK: i32 = 2;
 
@@ -65,6 +66,11 @@ fn on_socket_io(ctx: &BtfTracePointContext, dir: u8, probe_id: u32) -> Option<()
     if !process_traced(tgid) {
         return None;
     }
+    let off = OFFSETS.load();
+    let (family, protocol) = inet_socket(sk, &off)?;
+    if protocol == IPPROTO_UDP {
+        return on_dns_datagram(sk, family, &off, tgid, pid_tgid, dir, probe_id, ret as u32);
+    }
     let tls_on = feature_enabled(FEATURE_TLS);
     // Inside a TLS library call: remember the socket for the plaintext
     // event. The ciphertext itself is only wanted during handshakes, which
@@ -87,11 +93,9 @@ fn on_socket_io(ctx: &BtfTracePointContext, dir: u8, probe_id: u32) -> Option<()
     if !feature_enabled(wanted) {
         return None;
     }
-    let off = OFFSETS.load();
     if ignored(sk, off.skc_dport) {
         return None;
     }
-    let family = tcp_family(sk, &off)?;
     if dir == direction::INGRESS && tls_on {
         let _ = LAST_RECV.insert(&pid_tgid, &sk, 0);
     }
@@ -102,12 +106,45 @@ fn on_socket_io(ctx: &BtfTracePointContext, dir: u8, probe_id: u32) -> Option<()
     if !ports_traced(buf.event.tuple.src_port, buf.event.tuple.dst_port) {
         return None;
     }
-    let want = Want::for_call(ret as u32);
-    let (sys, fd, head, tail) = copy_syscall_payload(buf, &off, &want);
+    copy_and_send(buf, &off, ret as u32, probe_id);
+    Some(())
+}
+
+/// A datagram on a UDP socket: copied only when one end is the DNS port
+/// and DNS is enabled.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn on_dns_datagram(
+    sk: u64,
+    family: u16,
+    off: &KernelOffsets,
+    tgid: u32,
+    pid_tgid: u64,
+    dir: u8,
+    probe_id: u32,
+    len: u32,
+) -> Option<()> {
+    if !feature_enabled(FEATURE_DNS) {
+        return None;
+    }
+    let buf = unsafe { &mut *SCRATCH.get_ptr_mut(0)? };
+    start_data_event(buf, tgid, pid_tgid as u32, sk, dir, source::SOCKET, len);
+    read_tuple(sk, family, off, &mut buf.event.tuple);
+    buf.event.tuple.protocol = IPPROTO_UDP;
+    if buf.event.tuple.src_port != DNS_PORT && buf.event.tuple.dst_port != DNS_PORT {
+        return None;
+    }
+    copy_and_send(buf, off, len, probe_id);
+    Some(())
+}
+
+#[inline(always)]
+fn copy_and_send(buf: &mut DataEventBuf, off: &KernelOffsets, len: u32, probe_id: u32) {
+    let want = Want::for_call(len);
+    let (sys, fd, head, tail) = copy_syscall_payload(buf, off, &want);
     buf.event.syscall = sys;
     buf.event.fd = fd;
     finish_data_event(buf, head, tail, probe_id);
-    Some(())
 }
 
 /// Fills the scratch event's header fields for one call.
@@ -206,6 +243,28 @@ fn copy_syscall_payload(buf: &mut DataEventBuf, off: &KernelOffsets, want: &Want
             // struct user_msghdr: msg_name, msg_namelen (padded), msg_iov, msg_iovlen
             let iov = unsafe { bpf_probe_read_user((arg1 + 16) as *const u64) }.unwrap_or(0);
             let iovlen = unsafe { bpf_probe_read_user((arg1 + 24) as *const u64) }.unwrap_or(0);
+            let (head, tail) = copy_iovecs(buf, iov, iovlen, want);
+            (syscall::MSG, fd, head, tail)
+        }
+        nr::SENDMMSG => {
+            // struct mmsghdr { user_msghdr msg_hdr (56 bytes); u32 msg_len; }:
+            // the tracepoint fires once per datagram, before its msg_len is
+            // written, so the first entry still at 0 is the one being sent
+            // (senders zero them, as glibc's resolver does).
+            let mut hdr = arg1;
+            for i in 0..4u64 {
+                if i >= arg2 {
+                    break;
+                }
+                let entry = arg1 + i * 64;
+                let sent = unsafe { bpf_probe_read_user((entry + 56) as *const u32) }.unwrap_or(0);
+                if sent == 0 {
+                    hdr = entry;
+                    break;
+                }
+            }
+            let iov = unsafe { bpf_probe_read_user((hdr + 16) as *const u64) }.unwrap_or(0);
+            let iovlen = unsafe { bpf_probe_read_user((hdr + 24) as *const u64) }.unwrap_or(0);
             let (head, tail) = copy_iovecs(buf, iov, iovlen, want);
             (syscall::MSG, fd, head, tail)
         }

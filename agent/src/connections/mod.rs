@@ -3,13 +3,16 @@
 //! table when the socket is destroyed, the owner exits, they sit idle too
 //! long, or the table is full.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use periscope_ebpf::{AF_INET, SockTuple};
 
+use crate::protocols::dns::TcpFramer;
 use crate::protocols::http1::{Http1Connection, Limits, Side};
 use crate::protocols::tls_records::HandshakeObserver;
+use crate::spans::context::IdentityRef;
+use crate::spans::resolutions::Resolution;
 
 /// What is known about a connection that speaks TLS.
 #[derive(Default)]
@@ -18,6 +21,9 @@ pub struct TlsState {
     pub plaintext_seen: bool,
     /// Handshake duration (ns), until it is reported on the first span.
     pub handshake_ns: Option<u64>,
+    /// When the handshake started and completed (kernel ns), until the
+    /// first request's phases use it.
+    pub handshake: Option<(u64, u64)>,
     pub handshake_seen: bool,
     pub version: Option<&'static str>,
     /// Reads the handshake records in the ciphertext (version, SNI).
@@ -49,8 +55,14 @@ pub struct ConnectTiming {
     pub established_ns: u64,
 }
 
+/// DNS over TCP: one length-prefix framer per direction (egress, ingress).
+pub struct DnsOverTcp {
+    pub framers: [TcpFramer; 2],
+}
+
 pub enum ProtocolState {
     Http1(Box<Http1Connection>),
+    Dns(Box<DnsOverTcp>),
     /// Not a protocol we parse; its bytes are ignored until the socket goes.
     Ignored,
 }
@@ -67,9 +79,53 @@ pub struct Connection {
     /// Socket-level data events seen (the first one decides TLS or not).
     pub socket_chunks: u32,
     pub tls: Option<TlsState>,
+    /// Identities of the requests started and not yet turned into spans,
+    /// by the parser's request `seq`, oldest first.
+    pub requests: VecDeque<(u64, IdentityRef)>,
+    /// Requests the parser had started when last looked at.
+    pub requests_noted: u64,
+    /// The name resolution that led to this connection, for its first
+    /// request's dns phase.
+    pub resolution: Option<Box<Resolution>>,
+    /// The first request's span (with connect and handshake phases) was built.
+    pub first_exchange_done: bool,
 }
 
 impl Connection {
+    pub fn new(tgid: u32, local: SocketAddr, peer: SocketAddr, protocol: ProtocolState, now_ns: u64) -> Self {
+        Connection {
+            tgid,
+            local,
+            peer,
+            side: None,
+            connect: None,
+            protocol,
+            last_seen_ns: now_ns,
+            socket_chunks: 0,
+            tls: None,
+            requests: VecDeque::new(),
+            requests_noted: 0,
+            resolution: None,
+            first_exchange_done: false,
+        }
+    }
+
+    /// The identity of request `seq`, dropping older ones left behind
+    /// (requests the parser gave up on).
+    pub fn take_request(&mut self, seq: u64) -> Option<IdentityRef> {
+        while let Some((s, _)) = self.requests.front() {
+            if *s < seq {
+                self.requests.pop_front();
+            } else {
+                break;
+            }
+        }
+        match self.requests.front() {
+            Some((s, _)) if *s == seq => self.requests.pop_front().map(|(_, id)| id),
+            _ => None,
+        }
+    }
+
     /// Starts parsing HTTP from TLS plaintext (the ciphertext parser, if
     /// any, had given up on this connection or was never fed).
     pub fn start_plaintext(&mut self, limits: Limits) {
@@ -102,10 +158,10 @@ pub fn socket_addrs(tuple: &SockTuple) -> (SocketAddr, SocketAddr) {
 }
 
 /// Facts learned from lifecycle events before any data was seen.
-#[derive(Clone, Copy)]
 struct Pending {
     side: Side,
     connect: Option<ConnectTiming>,
+    resolution: Option<Box<Resolution>>,
     seen_ns: u64,
 }
 
@@ -135,13 +191,19 @@ impl ConnectionTable {
     /// connection still tracked on the same socket object, if any: the kernel
     /// reuses socket memory, and an event that arrived after the old
     /// connection's close would otherwise hand its state to the new one.
-    pub fn on_connect(&mut self, sock: u64, timing: ConnectTiming, now_ns: u64) -> Option<Connection> {
-        self.note(sock, Pending { side: Side::Client, connect: Some(timing), seen_ns: now_ns })
+    pub fn on_connect(
+        &mut self,
+        sock: u64,
+        timing: ConnectTiming,
+        resolution: Option<Box<Resolution>>,
+        now_ns: u64,
+    ) -> Option<Connection> {
+        self.note(sock, Pending { side: Side::Client, connect: Some(timing), resolution, seen_ns: now_ns })
     }
 
     /// A connection was accepted on `sock`; see [`Self::on_connect`].
     pub fn on_accept(&mut self, sock: u64, now_ns: u64) -> Option<Connection> {
-        self.note(sock, Pending { side: Side::Server, connect: None, seen_ns: now_ns })
+        self.note(sock, Pending { side: Side::Server, connect: None, resolution: None, seen_ns: now_ns })
     }
 
     fn note(&mut self, sock: u64, info: Pending) -> Option<Connection> {
@@ -162,33 +224,60 @@ impl ConnectionTable {
         let conn = self.by_sock.entry(sock).or_insert_with(|| {
             let (local, peer) = socket_addrs(tuple);
             let known = pending.remove(&sock);
-            let mut http = Http1Connection::new(limits());
-            if let Some(side) = known.map(|k| k.side) {
-                http.set_side_hint(side);
+            let protocol = if local.port() == periscope_ebpf::DNS_PORT || peer.port() == periscope_ebpf::DNS_PORT {
+                ProtocolState::Dns(Box::new(DnsOverTcp { framers: [TcpFramer::new(), TcpFramer::new()] }))
+            } else {
+                let mut http = Http1Connection::new(limits());
+                if let Some(side) = known.as_ref().map(|k| k.side) {
+                    http.set_side_hint(side);
+                }
+                ProtocolState::Http1(Box::new(http))
+            };
+            let mut conn = Connection::new(tgid, local, peer, protocol, now_ns);
+            if let Some(k) = known {
+                conn.side = Some(k.side);
+                conn.connect = k.connect;
+                conn.resolution = k.resolution;
             }
-            Connection {
-                tgid,
-                local,
-                peer,
-                side: known.map(|k| k.side),
-                connect: known.and_then(|k| k.connect),
-                protocol: ProtocolState::Http1(Box::new(http)),
-                last_seen_ns: now_ns,
-                socket_chunks: 0,
-                tls: None,
-            }
+            conn
         });
         conn.tgid = tgid;
         conn.last_seen_ns = now_ns;
         Admit::Tracked(conn)
     }
 
+    pub fn get(&self, sock: u64) -> Option<&Connection> {
+        self.by_sock.get(&sock)
+    }
+
+    /// Takes a connection out while spans are built from it; `put_back`
+    /// returns it.
+    pub fn take(&mut self, sock: u64) -> Option<Connection> {
+        self.by_sock.remove(&sock)
+    }
+
+    pub fn put_back(&mut self, sock: u64, conn: Connection) {
+        self.by_sock.insert(sock, conn);
+    }
+
+    /// Whether server request `seq` with identity `id` is still being
+    /// served on `sock` (read, its response not started).
+    pub fn serving_request(&self, sock: u64, seq: u64, id: &IdentityRef) -> bool {
+        let Some(conn) = self.by_sock.get(&sock) else { return false };
+        let ProtocolState::Http1(parser) = &conn.protocol else { return false };
+        conn.requests.iter().any(|(s, i)| *s == seq && std::rc::Rc::ptr_eq(i, id)) && parser.awaiting_response(seq)
+    }
+
     pub fn get_mut(&mut self, sock: u64) -> Option<&mut Connection> {
         self.by_sock.get_mut(&sock)
     }
 
-    pub fn remove(&mut self, sock: u64) -> Option<Connection> {
-        self.pending.remove(&sock);
+    /// The connection on `sock`, gone; a resolution noted for a connection
+    /// that never carried data is returned in `orphans`.
+    pub fn remove(&mut self, sock: u64, orphans: &mut Vec<Resolution>) -> Option<Connection> {
+        if let Some(r) = self.pending.remove(&sock).and_then(|p| p.resolution) {
+            orphans.push(*r);
+        }
         self.by_sock.remove(&sock)
     }
 
@@ -198,16 +287,29 @@ impl ConnectionTable {
         socks.into_iter().filter_map(|s| self.by_sock.remove(&s)).collect()
     }
 
-    /// Removes connections idle since before `cutoff_ns`, and stale pending facts.
-    pub fn remove_idle(&mut self, cutoff_ns: u64) -> Vec<Connection> {
-        self.pending.retain(|_, p| p.seen_ns >= cutoff_ns);
+    /// Removes connections idle since before `cutoff_ns`, and stale pending
+    /// facts (resolutions they held are returned in `orphans`).
+    pub fn remove_idle(&mut self, cutoff_ns: u64, orphans: &mut Vec<Resolution>) -> Vec<Connection> {
+        self.pending.retain(|_, p| {
+            let keep = p.seen_ns >= cutoff_ns;
+            if !keep {
+                if let Some(r) = p.resolution.take() {
+                    orphans.push(*r);
+                }
+            }
+            keep
+        });
         let socks: Vec<u64> =
             self.by_sock.iter().filter(|(_, c)| c.last_seen_ns < cutoff_ns).map(|(s, _)| *s).collect();
         socks.into_iter().filter_map(|s| self.by_sock.remove(&s)).collect()
     }
 
-    pub fn drain(&mut self) -> Vec<Connection> {
-        self.pending.clear();
+    pub fn drain(&mut self, orphans: &mut Vec<Resolution>) -> Vec<Connection> {
+        for (_, p) in self.pending.drain() {
+            if let Some(r) = p.resolution {
+                orphans.push(*r);
+            }
+        }
         self.by_sock.drain().map(|(_, c)| c).collect()
     }
 }
@@ -242,7 +344,7 @@ mod tests {
     fn connect_facts_reach_the_connection() {
         let mut table = ConnectionTable::new(10);
         let timing = ConnectTiming { syn_sent_ns: 10, established_ns: 20 };
-        assert!(table.on_connect(7, timing, 20).is_none());
+        assert!(table.on_connect(7, timing, None, 20).is_none());
         let Admit::Tracked(c) = table.admit(7, 99, &tuple_v4(5000, 80), 30) else { panic!() };
         assert_eq!(c.side, Some(Side::Client));
         assert_eq!(c.connect, Some(timing));
@@ -272,7 +374,7 @@ mod tests {
         // An existing connection is still admitted when full.
         assert!(matches!(table.admit(1, 1, &tuple_v4(1, 80), 6), Admit::Tracked(_)));
         assert_eq!(table.remove_process(1).len(), 1);
-        assert_eq!(table.remove_idle(6).len(), 1);
+        assert_eq!(table.remove_idle(6, &mut Vec::new()).len(), 1);
         assert_eq!(table.len(), 0);
     }
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use periscope_ebpf::control::{
-    EXCLUDE, FEATURE_HTTP, FEATURE_TLS, FILTER_CGROUPS_INCLUDE_ONLY, FILTER_PIDS, FILTER_PIDS_INCLUDE_ONLY,
+    EXCLUDE, FEATURE_DNS, FEATURE_HTTP, FEATURE_TLS, FILTER_CGROUPS_INCLUDE_ONLY, FILTER_PIDS, FILTER_PIDS_INCLUDE_ONLY,
     FILTER_PORTS, FILTER_PORTS_INCLUDE_ONLY, INCLUDE,
 };
 
@@ -78,6 +78,10 @@ impl ControlState {
         self.features[&Feature::Tls]
     }
 
+    pub fn enabled(&self, feature: Feature) -> bool {
+        self.features.get(&feature).copied().unwrap_or(true)
+    }
+
     pub fn set_feature(&mut self, feature: Feature, enabled: bool, probes: &mut Probes) -> Response {
         let was = self.features.get(&feature).copied().unwrap_or(true);
         self.features.insert(feature, enabled);
@@ -96,6 +100,9 @@ impl ControlState {
         }
         if !self.features[&Feature::Tls] {
             bits |= FEATURE_TLS;
+        }
+        if !self.features[&Feature::Dns] {
+            bits |= FEATURE_DNS;
         }
         bits
     }
@@ -167,6 +174,11 @@ impl ControlState {
         for f in Feature::ALL {
             let programs: Vec<String> = match f {
                 Feature::Http => socket_programs.iter().map(|s| s.to_string()).collect(),
+                Feature::Dns => socket_programs
+                    .iter()
+                    .map(|s| s.to_string())
+                    .chain(probes.resolver_attachments().map(|p| format!("uprobe {p} (getaddrinfo)")))
+                    .collect(),
                 Feature::Tls => probes
                     .tls
                     .iter()
@@ -176,7 +188,9 @@ impl ControlState {
                 _ => Vec::new(),
             };
             let note = match f {
-                Feature::Dns | Feature::Grpc => None,
+                Feature::Grpc => None,
+                Feature::Dns => Some("UDP/TCP port 53 payloads and libc getaddrinfo uprobes".to_string()),
+                Feature::Phases => Some("latency-breakdown child spans (daemon only)".to_string()),
                 Feature::Tls => Some(format!(
                     "{} symbols per library: {}",
                     TLS_UPROBES.len(),

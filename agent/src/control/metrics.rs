@@ -38,6 +38,18 @@ pub fn counters_from_stats(s: &Stats) -> BTreeMap<String, u64> {
         ("spans_exported", &s.spans_exported),
         ("spans_dropped", &s.spans_dropped),
         ("export_errors", &s.export_errors),
+        ("dns_parse_errors", &s.dns_parse_errors),
+        ("dns_lookups", &s.dns_lookups),
+        ("dns_unmatched_messages", &s.dns_unmatched_messages),
+        ("resolver_calls", &s.resolver_calls),
+        ("resolutions_linked", &s.resolutions_linked),
+        ("trace_links_in_process", &s.trace_links_in_process),
+        ("trace_links_cross_process", &s.trace_links_cross_process),
+        ("trace_links_ambiguous", &s.trace_links_ambiguous),
+        ("trace_links_refused", &s.trace_links_refused),
+        ("spans_held", &s.spans_held),
+        ("spans_held_expired", &s.spans_held_expired),
+        ("correlation_overflow", &s.correlation_overflow),
     ]
     .into_iter()
     .map(|(name, c)| (name.to_string(), Stats::get(c)))
@@ -60,6 +72,18 @@ fn counter_help(name: &str) -> &'static str {
         "spans_exported" => "Spans delivered to the exporter's destination.",
         "spans_dropped" => "Spans dropped (queue full or refused by the backend).",
         "export_errors" => "Failed export attempts.",
+        "dns_parse_errors" => "DNS messages that could not be parsed.",
+        "dns_lookups" => "DNS lookups turned into spans.",
+        "dns_unmatched_messages" => "DNS messages that are not a client lookup (server side, unmatched responses).",
+        "resolver_calls" => "getaddrinfo calls seen.",
+        "resolutions_linked" => "Name resolutions linked to the connection they led to.",
+        "trace_links_in_process" => "Client spans parented to the server request their thread served.",
+        "trace_links_cross_process" => "Server spans parented to the traced client span of the same connection.",
+        "trace_links_ambiguous" => "Client requests left unlinked: several server requests open on their thread.",
+        "trace_links_refused" => "Links found after the span's children were exported: not made.",
+        "spans_held" => "Spans held until their parent's trace was known.",
+        "spans_held_expired" => "Spans exported before their parent's trace was known.",
+        "correlation_overflow" => "Pending correlation entries dropped because a table was full.",
         _ => "Periscope counter.",
     }
 }

@@ -21,7 +21,7 @@
 //!
 //! ```text
 //! {"cmd":"status"}                               full StatusReport
-//! {"cmd":"enable","feature":"tls"}               feature: http | tls | dns | grpc
+//! {"cmd":"enable","feature":"tls"}               feature: http | tls | dns | grpc | phases
 //! {"cmd":"disable","feature":"tls"}
 //! {"cmd":"filter"}                               show the current filter
 //! {"cmd":"filter","set":{"include_pids":[42],"exclude_ports":[22]}}
@@ -52,7 +52,7 @@
 //! Results: `status` → [`StatusReport`]; `enable`/`disable` →
 //! [`FeatureChange`]; `filter` → [`FilterChange`]; `sample` →
 //! [`SampleChange`]. Every change result carries a human readable `message`.
-//! `dns` and `grpc` are accepted and recorded but reported with
+//! `grpc` is accepted and recorded but reported with
 //! `"available":false` ("not yet available").
 
 use std::collections::BTreeMap;
@@ -75,10 +75,12 @@ pub enum Feature {
     Tls,
     Dns,
     Grpc,
+    /// Latency-breakdown child spans (dns, connect, tls.handshake, ...).
+    Phases,
 }
 
 impl Feature {
-    pub const ALL: [Feature; 4] = [Feature::Http, Feature::Tls, Feature::Dns, Feature::Grpc];
+    pub const ALL: [Feature; 5] = [Feature::Http, Feature::Tls, Feature::Dns, Feature::Grpc, Feature::Phases];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -86,12 +88,13 @@ impl Feature {
             Feature::Tls => "tls",
             Feature::Dns => "dns",
             Feature::Grpc => "grpc",
+            Feature::Phases => "phases",
         }
     }
 
-    /// Whether this build can actually trace the feature (`dns`, `grpc`: not yet).
+    /// Whether this build can actually trace the feature (`grpc`: not yet).
     pub fn available(self) -> bool {
-        matches!(self, Feature::Http | Feature::Tls)
+        !matches!(self, Feature::Grpc)
     }
 }
 
@@ -108,7 +111,7 @@ impl FromStr for Feature {
         Feature::ALL
             .into_iter()
             .find(|f| f.as_str() == lower)
-            .ok_or_else(|| format!("unknown feature {s:?} (known: http, tls, dns, grpc)"))
+            .ok_or_else(|| format!("unknown feature {s:?} (known: http, tls, dns, grpc, phases)"))
     }
 }
 
@@ -599,12 +602,12 @@ mod tests {
             "ftp"
                 .parse::<Feature>()
                 .unwrap_err()
-                .contains("known: http, tls, dns, grpc")
+                .contains("known: http, tls, dns, grpc, phases")
         );
         assert!(Feature::Http.available() && Feature::Tls.available());
-        assert!(!Feature::Dns.available() && !Feature::Grpc.available());
+        assert!(Feature::Dns.available() && !Feature::Grpc.available());
         assert!(
-            FeatureChange::new(Feature::Dns, true, false)
+            FeatureChange::new(Feature::Grpc, true, false)
                 .message
                 .contains("not yet available")
         );

@@ -2,5 +2,6 @@
 //! event flow: the OpenTelemetry resource of each process.
 
 pub mod process;
+pub mod resolver;
 pub mod tls_libraries;
 pub mod tls_watch;

@@ -397,7 +397,7 @@ fn wanted_symbol(name: &[u8]) -> Option<&'static str> {
 
 /// File offset of a defined symbol: its address relative to its section, plus
 /// where that section sits in the file.
-fn file_offset(elf: &object::File<'_>, sym: &object::Symbol<'_, '_>) -> Option<u64> {
+pub(crate) fn file_offset(elf: &object::File<'_>, sym: &object::Symbol<'_, '_>) -> Option<u64> {
     let section = elf.section_by_index(sym.section_index()?).ok()?;
     let (section_offset, section_size) = section.file_range()?;
     let within = sym.address().checked_sub(section.address())?;

@@ -3,7 +3,7 @@
 //! error value, never a panic.
 
 use periscope_ebpf::{
-    AcceptEvent, CloseEvent, ConnectEvent, DataEvent, EventHeader, MmapExecEvent, ProcessExecEvent,
+    AcceptEvent, CloseEvent, ConnectEvent, DataEvent, EventHeader, GetaddrinfoEvent, MmapExecEvent, ProcessExecEvent,
     ProcessExitEvent, TlsHandshakeEvent, kind,
 };
 
@@ -18,6 +18,7 @@ pub enum Event<'a> {
     ProcessExec(Box<ProcessExecEvent>),
     TlsHandshake(TlsHandshakeEvent),
     MmapExec(MmapExecEvent),
+    Getaddrinfo(Box<GetaddrinfoEvent>),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -57,6 +58,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         kind::PROCESS_EXEC => read(bytes).map(|e| Event::ProcessExec(Box::new(e))).ok_or_else(short),
         kind::TLS_HANDSHAKE => read(bytes).map(Event::TlsHandshake).ok_or_else(short),
         kind::MMAP_EXEC => read(bytes).map(Event::MmapExec).ok_or_else(short),
+        kind::GETADDRINFO => read(bytes).map(|e| Event::Getaddrinfo(Box::new(e))).ok_or_else(short),
         other => Err(DecodeError::UnknownKind(other)),
     }
 }

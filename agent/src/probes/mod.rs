@@ -44,6 +44,9 @@ pub const TLS_UPROBES: &[(&str, &str, &str)] = &[
     ("gnutls_handshake", "gnutls_handshake", "gnutls_handshake_ret"),
 ];
 
+/// libc's getaddrinfo: (symbol, entry program, return program).
+const RESOLVER_UPROBE: (&str, &str, &str) = ("getaddrinfo", "getaddrinfo", "getaddrinfo_ret");
+
 const MMAP_TRACEPOINT: (&str, &str) = ("syscalls", "sys_enter_mmap");
 
 #[derive(Clone, Debug)]
@@ -118,6 +121,8 @@ pub struct Probes {
     port_filter: BpfHashMap<MapData, u16, u8>,
     cgroup_filter: BpfHashMap<MapData, u64, u8>,
     ignored_socks: BpfHashMap<MapData, u64, u32>,
+    /// C libraries with the getaddrinfo uprobes (kept for the daemon's life).
+    resolvers: Vec<String>,
     pub tls: Vec<TlsAttachment>,
     tls_enabled: bool,
     kernel_filter: KernelFilter,
@@ -161,7 +166,7 @@ impl Probes {
         program.load().context("verifier rejected sys_enter_mmap")?;
         program.attach(category, name).with_context(|| format!("attaching tracepoint {category}/{name}"))?;
         attached.push(name);
-        for &(_, entry, ret) in TLS_UPROBES {
+        for &(_, entry, ret) in TLS_UPROBES.iter().chain([&RESOLVER_UPROBE]) {
             for prog in [entry, ret] {
                 let program: &mut UProbe =
                     ebpf.program_mut(prog).with_context(|| format!("program {prog} missing"))?.try_into()?;
@@ -190,6 +195,7 @@ impl Probes {
             port_filter,
             cgroup_filter,
             ignored_socks,
+            resolvers: Vec::new(),
             tls: Vec::new(),
             tls_enabled: true,
             kernel_filter: KernelFilter::default(),
@@ -218,6 +224,25 @@ impl Probes {
 
     pub fn tls_enabled(&self) -> bool {
         self.tls_enabled
+    }
+
+    /// Hooks `getaddrinfo` (at file offset `offset`) in the C library at
+    /// `path`, for every process that maps it.
+    pub fn attach_resolver(&mut self, path: &std::path::Path, offset: u64) -> Result<()> {
+        let (_, entry, ret) = RESOLVER_UPROBE;
+        for prog in [ret, entry] {
+            let p: &mut UProbe =
+                self.ebpf.program_mut(prog).with_context(|| format!("program {prog} missing"))?.try_into()?;
+            p.attach(UProbeAttachLocation::AbsoluteOffset(offset), path, UProbeScope::AllProcesses)
+                .with_context(|| format!("attaching {prog} to {}", path.display()))?;
+        }
+        self.resolvers.push(path.display().to_string());
+        Ok(())
+    }
+
+    /// C libraries whose getaddrinfo is hooked.
+    pub fn resolver_attachments(&self) -> impl Iterator<Item = &str> {
+        self.resolvers.iter().map(String::as_str)
     }
 
     /// Replaces the kernel's filter maps with `filter`.

@@ -165,6 +165,9 @@ pub struct Exchange {
     /// "no_response", "connection_closed", "bad_framing", "parse_error",
     /// "header_too_large".
     pub incomplete: Option<&'static str>,
+    /// The request's position on its connection: 0 for the first request
+    /// this parser saw, then 1, 2, ... (both ends of a connection count alike).
+    pub seq: u64,
 }
 
 /// HTTP/1.x state of one TCP connection.
@@ -298,6 +301,22 @@ impl Http1Connection {
     /// beyond `max_pending`.
     pub fn errors(&self) -> u64 {
         self.sh.errors
+    }
+
+    /// Requests started on this connection so far (the next one's `seq`).
+    pub fn requests_seen(&self) -> u64 {
+        self.sh.next_id
+    }
+
+    /// A request still waiting for the end of its exchange: its head (method,
+    /// path, traceparent, ...) is known from the moment it was parsed.
+    pub fn pending_request(&self, seq: u64) -> Option<&Exchange> {
+        self.sh.pending.iter().find(|p| p.id == seq && !p.placeholder).map(|p| &p.ex)
+    }
+
+    /// Whether request `seq` is known and no response to it has started.
+    pub fn awaiting_response(&self, seq: u64) -> bool {
+        self.sh.pending.iter().any(|p| p.id == seq && !p.placeholder && p.resp == Phase::NotStarted)
     }
 
     fn give_up(&mut self) -> Feed {
@@ -434,6 +453,8 @@ impl Shared {
         }
         let id = self.next_id;
         self.next_id += 1;
+        let mut ex = ex;
+        ex.seq = id;
         self.pending.push_back(Pending {
             id,
             ex,
@@ -852,6 +873,7 @@ impl Stream {
             response_start_ns: None,
             response_end_ns: None,
             incomplete: None,
+            seq: 0,
         };
         let body = match (h.te, h.cl) {
             _ if salvaged => Err("capture_gap"),
@@ -972,6 +994,7 @@ impl Stream {
                     response_start_ns: None,
                     response_end_ns: None,
                     incomplete: Some(reason),
+                    seq: 0,
                 };
                 if count {
                     sh.errors += 1;
@@ -1602,6 +1625,8 @@ mod tests {
         }
     }
 
+    /// Feeds the chunks; the exchanges come back with `seq` cleared (most
+    /// tests compare whole exchanges; `seq_counts_requests` checks it).
     fn feed(conn: &mut Http1Connection, chunks: &[Chunk<'_>]) -> Vec<Exchange> {
         let mut out = Vec::new();
         for c in chunks {
@@ -1612,7 +1637,28 @@ mod tests {
                 c.ts_ns
             );
         }
+        for ex in &mut out {
+            ex.seq = 0;
+        }
         out
+    }
+
+    #[test]
+    fn seq_counts_requests() {
+        let mut conn = Http1Connection::new(Limits::default());
+        let mut out = Vec::new();
+        let req = b"GET /x HTTP/1.1\r\nHost: a\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n";
+        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        for (i, ts) in [(0u64, 10u64), (1, 30)] {
+            assert_eq!(conn.requests_seen(), i);
+            conn.feed(ch(Direction::Egress, req, ts), &mut out);
+            assert_eq!(conn.requests_seen(), i + 1);
+            assert!(conn.awaiting_response(i));
+            assert_eq!(conn.pending_request(i).and_then(|e| e.traceparent.as_deref()).map(|t| &t[..2]), Some("00"));
+            conn.feed(ch(Direction::Ingress, resp, ts + 5), &mut out);
+            assert!(!conn.awaiting_response(i));
+        }
+        assert_eq!(out.iter().map(|e| e.seq).collect::<Vec<_>>(), [0, 1]);
     }
 
     /// Feed everything to a new connection, then close at `close_ts`.
@@ -1620,6 +1666,9 @@ mod tests {
         let mut conn = Http1Connection::new(Limits::default());
         let mut out = feed(&mut conn, chunks);
         conn.close(close_ts, &mut out);
+        for ex in &mut out {
+            ex.seq = 0;
+        }
         out
     }
 
@@ -1642,6 +1691,7 @@ mod tests {
             response_start_ns: None,
             response_end_ns: None,
             incomplete: None,
+            seq: 0,
         }
     }
 
@@ -1705,6 +1755,7 @@ Authorization: Bearer topsecret\r\nCookie: sid=topsecret\r\n\r\n";
         let second = Exchange {
             version_minor: 0,
             host: Some("example.com".into()),
+            seq: 1,
             ..get(Side::Client, "/c", 404, 30, 40)
         };
         assert_eq!(out.len(), 2);
@@ -3096,6 +3147,9 @@ HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
         }
         conn.close(CLOSE_TS, &mut out);
         assert_eq!(conn.errors(), 0);
+        for ex in &mut out {
+            ex.seq = 0;
+        }
         out
     }
 
@@ -3310,6 +3364,7 @@ HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
                     let e = Exchange {
                         request_body_bytes: w.request_body_bytes,
                         response_body_bytes: w.response_body_bytes,
+                        seq: w.seq,
                         ..e.clone()
                     };
                     prop_assert_eq!(&e, w);

@@ -83,13 +83,17 @@ pub struct TlsSpanInfo {
     pub handshake_ns: Option<u64>,
 }
 
+/// The span of one exchange, from `start_ns` (the request's first byte, or
+/// earlier for a client request whose dns/connect/handshake phases came
+/// first). Its ids are left zero: the caller stamps them from the request's
+/// identity.
 pub fn build(
     ex: &Exchange,
     conn: &Connection,
     tls: Option<TlsSpanInfo>,
+    start_ns: u64,
     resource: Arc<Resource>,
     clock: &Clock,
-    rng: &mut impl Rng,
 ) -> Span {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let method_known = KNOWN_METHODS.contains(&ex.method.as_str());
@@ -164,23 +168,13 @@ pub fn build(
     }
 
     let end_ns = ex.response_end_ns.unwrap_or(ex.request_end_ns).max(ex.request_start_ns);
-    // A request that arrives with a traceparent (an instrumented caller or a
-    // proxy) puts the server span into that trace, as the caller's child.
-    let remote_parent = match ex.side {
-        Side::Server => ex.traceparent.as_deref().and_then(parse_traceparent),
-        Side::Client => None,
-    };
-    let (trace_id, parent_span_id) = match remote_parent {
-        Some((trace, parent)) => (trace, Some(parent)),
-        None => (new_trace_id(rng), None),
-    };
     Span {
-        trace_id,
-        span_id: new_span_id(rng),
-        parent_span_id,
+        trace_id: [0; 16],
+        span_id: [0; 8],
+        parent_span_id: None,
         name: method.strip_prefix('_').map(|_| "HTTP").unwrap_or(method).to_string(),
         kind,
-        start_unix_nano: clock.to_unix_nanos(ex.request_start_ns),
+        start_unix_nano: clock.to_unix_nanos(start_ns.min(ex.request_start_ns)),
         end_unix_nano: clock.to_unix_nanos(end_ns),
         attributes,
         status,
@@ -213,21 +207,18 @@ mod tests {
             response_start_ns: Some(3_000),
             response_end_ns: Some(4_000),
             incomplete: None,
+            seq: 0,
         }
     }
 
     fn conn() -> Connection {
-        Connection {
-            tgid: 10,
-            local: "127.0.0.1:40000".parse().unwrap(),
-            peer: "127.0.0.1:8080".parse().unwrap(),
-            side: None,
-            connect: None,
-            protocol: ProtocolState::Ignored,
-            last_seen_ns: 0,
-            socket_chunks: 0,
-            tls: None,
-        }
+        Connection::new(
+            10,
+            "127.0.0.1:40000".parse().unwrap(),
+            "127.0.0.1:8080".parse().unwrap(),
+            ProtocolState::Ignored,
+            0,
+        )
     }
 
     fn resource() -> Arc<Resource> {
@@ -237,7 +228,7 @@ mod tests {
     #[test]
     fn client_span_attributes() {
         let clock = Clock::new();
-        let span = build(&exchange(Side::Client, Some(404)), &conn(), None, resource(), &clock, &mut rand::rng());
+        let span = build(&exchange(Side::Client, Some(404)), &conn(), None, u64::MAX, resource(), &clock);
         assert_eq!(span.kind, SpanKind::Client);
         assert_eq!(span.name, "GET");
         assert_eq!(span.attr("url.full"), Some(&AttrValue::Str("http://shop.example:8080/items/7".into())));
@@ -254,11 +245,11 @@ mod tests {
         let clock = Clock::new();
         let mut c = conn();
         std::mem::swap(&mut c.local, &mut c.peer);
-        let s404 = build(&exchange(Side::Server, Some(404)), &c, None, resource(), &clock, &mut rand::rng());
+        let s404 = build(&exchange(Side::Server, Some(404)), &c, None, u64::MAX, resource(), &clock);
         assert_eq!(s404.kind, SpanKind::Server);
         assert_eq!(s404.status, SpanStatus::Unset);
         assert_eq!(s404.attr("client.address"), Some(&AttrValue::Str("127.0.0.1".into())));
-        let s500 = build(&exchange(Side::Server, Some(500)), &c, None, resource(), &clock, &mut rand::rng());
+        let s500 = build(&exchange(Side::Server, Some(500)), &c, None, u64::MAX, resource(), &clock);
         assert!(matches!(s500.status, SpanStatus::Error { .. }));
         assert_eq!(s500.attr("error.type"), Some(&AttrValue::Str("500".into())));
     }
@@ -269,7 +260,7 @@ mod tests {
         ex.method = "PURGE".into();
         ex.incomplete = Some("no_response");
         ex.response_end_ns = None;
-        let span = build(&ex, &conn(), None, resource(), &Clock::new(), &mut rand::rng());
+        let span = build(&ex, &conn(), None, u64::MAX, resource(), &Clock::new());
         assert_eq!(span.name, "HTTP");
         assert_eq!(span.attr("http.request.method"), Some(&AttrValue::Str("_OTHER".into())));
         assert_eq!(span.attr("periscope.incomplete"), Some(&AttrValue::Str("no_response".into())));
@@ -284,12 +275,12 @@ mod tests {
         c.peer = "127.0.0.1:443".parse().unwrap();
         let mut ex443 = ex.clone();
         ex443.host = None;
-        let span = build(&ex443, &c, Some(tls), resource(), &Clock::new(), &mut rand::rng());
+        let span = build(&ex443, &c, Some(tls), u64::MAX, resource(), &Clock::new());
         assert_eq!(span.attr("url.scheme"), Some(&AttrValue::Str("https".into())));
         assert_eq!(span.attr("url.full"), Some(&AttrValue::Str("https://127.0.0.1/items/7".into())));
         assert_eq!(span.attr("tls.protocol.version"), Some(&AttrValue::Str("1.3".into())));
         assert_eq!(span.attr("periscope.tls.handshake.duration_ns"), Some(&AttrValue::Int(1_500_000)));
-        let plain = build(&ex, &conn(), None, resource(), &Clock::new(), &mut rand::rng());
+        let plain = build(&ex, &conn(), None, u64::MAX, resource(), &Clock::new());
         assert_eq!(plain.attr("tls.protocol.name"), None);
     }
 
@@ -313,19 +304,6 @@ mod tests {
         }
         // A future version may carry more fields.
         assert!(parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-xyz").is_some());
-    }
-
-    #[test]
-    fn server_span_joins_incoming_trace() {
-        let mut ex = exchange(Side::Server, Some(200));
-        ex.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
-        let span = build(&ex, &conn(), None, resource(), &Clock::new(), &mut rand::rng());
-        assert_eq!(span.trace_id[..2], [0x4b, 0xf9]);
-        assert_eq!(span.parent_span_id, Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]));
-        // A client only forwards what it was given: its span is not the header's child.
-        ex.side = Side::Client;
-        let client = build(&ex, &conn(), None, resource(), &Clock::new(), &mut rand::rng());
-        assert_eq!(client.parent_span_id, None);
     }
 
     #[test]

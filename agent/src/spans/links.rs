@@ -1,0 +1,279 @@
+//! Who is whose parent, decided when a request starts.
+//!
+//! * In a process: a client request sent by a thread that is serving exactly
+//!   one server request (read, not yet answered) is that request's child.
+//!   Thread-per-request servers are therefore exact. An event-loop thread
+//!   (nginx, Node) serving several requests at once gives no way to tell
+//!   which one a call belongs to: the call is left unlinked and counted as
+//!   ambiguous, never guessed.
+//! * Across processes on this node: the client and server ends of one TCP
+//!   connection are the same 4-tuple seen from both sides, and the n-th
+//!   request on it is the n-th on both sides. Whichever end's event comes
+//!   second links the server span under the client span.
+//! * A request carrying a W3C traceparent joins that trace.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use rand::Rng;
+
+use super::context::{Identity, IdentityRef, LinkRefused};
+
+/// How long one end of a connection waits for the other end's request.
+pub const LINK_TTL_NS: u64 = 5_000_000_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct LinkKey {
+    client: SocketAddr,
+    server: SocketAddr,
+    seq: u64,
+}
+
+enum LinkEntry {
+    /// The client sent request `seq`; its identity, for the server's span.
+    ClientSent(IdentityRef, u64),
+    /// The server read request `seq` first; its (unsettled) identity.
+    ServerWaiting(IdentityRef, u64),
+}
+
+/// A server request a thread read and has not answered yet.
+struct Serving {
+    sock: u64,
+    seq: u64,
+    identity: IdentityRef,
+}
+
+/// What happened when a request started, for the counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkOutcome {
+    pub in_process: bool,
+    pub cross_process: bool,
+    pub ambiguous: bool,
+    pub refused: bool,
+    pub overflow: bool,
+}
+
+pub struct TraceLinks {
+    ends: HashMap<LinkKey, LinkEntry>,
+    serving: HashMap<u32, Vec<Serving>>,
+    max_ends: usize,
+}
+
+/// Both ends of a connection can be on this node (loopback, or a peer that
+/// is this host's own address).
+fn peer_may_be_local(local: SocketAddr, peer: SocketAddr) -> bool {
+    peer.ip().is_loopback() || peer.ip() == local.ip()
+}
+
+impl TraceLinks {
+    pub fn new(max_ends: usize) -> Self {
+        Self { ends: HashMap::new(), serving: HashMap::new(), max_ends }
+    }
+
+    pub fn pending(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Thread `tid` sent request `seq` on the connection `local -> peer`.
+    /// `is_open(sock, seq, identity)` says whether a server request is still
+    /// being served. Returns the new request's identity.
+    #[allow(clippy::too_many_arguments)]
+    pub fn client_request(
+        &mut self,
+        tid: u32,
+        local: SocketAddr,
+        peer: SocketAddr,
+        seq: u64,
+        now_ns: u64,
+        rng: &mut impl Rng,
+        is_open: impl Fn(u64, u64, &IdentityRef) -> bool,
+        outcome: &mut LinkOutcome,
+    ) -> IdentityRef {
+        let parent = self.serving_parent(tid, is_open, outcome);
+        let identity = match parent {
+            Some(p) => {
+                outcome.in_process = true;
+                Identity::child_of(&p, rng)
+            }
+            None => Identity::root(rng, true),
+        };
+        if peer_may_be_local(local, peer) {
+            let key = LinkKey { client: local, server: peer, seq };
+            match self.ends.remove(&key) {
+                Some(LinkEntry::ServerWaiting(server, _)) => match server.link_to(&identity) {
+                    Ok(()) => outcome.cross_process = true,
+                    Err(LinkRefused::AlreadyLinked) => {}
+                    Err(_) => outcome.refused = true,
+                },
+                _ => self.remember(key, LinkEntry::ClientSent(identity.clone(), now_ns), outcome),
+            }
+        }
+        identity
+    }
+
+    /// Thread `tid` read request `seq` on the connection `local <- peer`
+    /// (this process is the server), with the request's traceparent if any.
+    #[allow(clippy::too_many_arguments)]
+    pub fn server_request(
+        &mut self,
+        tid: u32,
+        sock: u64,
+        local: SocketAddr,
+        peer: SocketAddr,
+        seq: u64,
+        traceparent: Option<([u8; 16], [u8; 8])>,
+        now_ns: u64,
+        rng: &mut impl Rng,
+        outcome: &mut LinkOutcome,
+    ) -> IdentityRef {
+        let identity = if let Some((trace, parent)) = traceparent {
+            Identity::remote_child(trace, parent, rng)
+        } else if peer_may_be_local(local, peer) {
+            let key = LinkKey { client: peer, server: local, seq };
+            match self.ends.remove(&key) {
+                Some(LinkEntry::ClientSent(client, _)) => {
+                    outcome.cross_process = true;
+                    Identity::child_of(&client, rng)
+                }
+                _ => {
+                    let id = Identity::root(rng, false);
+                    self.remember(key, LinkEntry::ServerWaiting(id.clone(), now_ns), outcome);
+                    id
+                }
+            }
+        } else {
+            Identity::root(rng, true)
+        };
+        self.serving.entry(tid).or_default().push(Serving { sock, seq, identity: identity.clone() });
+        identity
+    }
+
+    fn remember(&mut self, key: LinkKey, entry: LinkEntry, outcome: &mut LinkOutcome) {
+        if self.ends.len() >= self.max_ends && !self.ends.contains_key(&key) {
+            outcome.overflow = true;
+            return;
+        }
+        self.ends.insert(key, entry);
+    }
+
+    /// The one server request thread `tid` is serving, if exactly one.
+    fn serving_parent(
+        &mut self,
+        tid: u32,
+        is_open: impl Fn(u64, u64, &IdentityRef) -> bool,
+        outcome: &mut LinkOutcome,
+    ) -> Option<IdentityRef> {
+        let entries = self.serving.get_mut(&tid)?;
+        entries.retain(|s| is_open(s.sock, s.seq, &s.identity));
+        match entries.len() {
+            0 => {
+                self.serving.remove(&tid);
+                None
+            }
+            1 => Some(entries[0].identity.clone()),
+            _ => {
+                outcome.ambiguous = true;
+                None
+            }
+        }
+    }
+
+    /// Forgets link ends older than the TTL, and served requests that ended.
+    pub fn expire(&mut self, now_ns: u64, is_open: impl Fn(u64, u64, &IdentityRef) -> bool) {
+        let cutoff = now_ns.saturating_sub(LINK_TTL_NS);
+        self.ends.retain(|_, e| match e {
+            LinkEntry::ClientSent(_, t) | LinkEntry::ServerWaiting(_, t) => *t >= cutoff,
+        });
+        self.serving.retain(|_, v| {
+            v.retain(|s| is_open(s.sock, s.seq, &s.identity));
+            !v.is_empty()
+        });
+    }
+}
+
+/// Whether `a` and `b` are the same identity.
+pub fn same(a: &IdentityRef, b: &IdentityRef) -> bool {
+    Rc::ptr_eq(a, b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn chain_across_processes_either_order() {
+        let rng = &mut rand::rng();
+        let mut links = TraceLinks::new(100);
+        let (c, s) = (addr("127.0.0.1:40000"), addr("127.0.0.1:80"));
+        let mut o = LinkOutcome::default();
+        // Client first.
+        let client = links.client_request(1, c, s, 0, 0, rng, |_, _, _| false, &mut o);
+        let server = links.server_request(2, 9, s, c, 0, None, 0, rng, &mut o);
+        assert!(o.cross_process);
+        assert_eq!(server.trace_id(), client.trace_id());
+        assert_eq!(server.parent_span_id(), Some(client.span_id()));
+        // Server first (its event came out of the ring first).
+        let mut o = LinkOutcome::default();
+        let server = links.server_request(2, 9, s, c, 1, None, 0, rng, &mut o);
+        assert!(!server.chain_settled());
+        let client = links.client_request(1, c, s, 1, 0, rng, |_, _, _| false, &mut o);
+        assert!(o.cross_process);
+        assert_eq!(server.trace_id(), client.trace_id());
+        assert!(server.chain_settled());
+        assert_eq!(links.pending(), 0);
+    }
+
+    #[test]
+    fn in_process_exact_for_one_open_request_ambiguous_for_two() {
+        let rng = &mut rand::rng();
+        let mut links = TraceLinks::new(100);
+        let up = addr("10.0.0.9:5000");
+        let mut o = LinkOutcome::default();
+        let served = links.server_request(7, 1, addr("10.0.0.1:80"), up, 0, None, 0, rng, &mut o);
+        let call = links.client_request(7, addr("10.0.0.1:41000"), addr("10.0.0.2:80"), 0, 0, rng, |_, _, _| true, &mut o);
+        assert!(o.in_process);
+        assert_eq!(call.parent_span_id(), Some(served.span_id()));
+        // A second open request on the same thread: no guess.
+        let mut o = LinkOutcome::default();
+        links.server_request(7, 2, addr("10.0.0.1:80"), addr("10.0.0.9:5001"), 0, None, 0, rng, &mut o);
+        let call = links.client_request(7, addr("10.0.0.1:41001"), addr("10.0.0.2:80"), 0, 0, rng, |_, _, _| true, &mut o);
+        assert!(o.ambiguous && !o.in_process);
+        assert!(!call.has_parent());
+        // Another thread is not affected; closed requests are dropped.
+        let mut o = LinkOutcome::default();
+        let call = links.client_request(8, addr("10.0.0.1:41002"), addr("10.0.0.2:80"), 0, 0, rng, |_, _, _| true, &mut o);
+        assert!(!call.has_parent() && !o.ambiguous);
+        let call = links.client_request(7, addr("10.0.0.1:41003"), addr("10.0.0.2:80"), 0, 0, rng, |sock, _, _| sock == 2, &mut o);
+        assert!(call.has_parent());
+    }
+
+    #[test]
+    fn traceparent_wins_and_remote_peers_are_not_waited_for() {
+        let rng = &mut rand::rng();
+        let mut links = TraceLinks::new(100);
+        let mut o = LinkOutcome::default();
+        let id = links.server_request(1, 1, addr("10.0.0.1:80"), addr("10.0.0.7:5000"), 0, Some(([1; 16], [2; 8])), 0, rng, &mut o);
+        assert_eq!(id.trace_id(), [1; 16]);
+        let id = links.server_request(1, 1, addr("10.0.0.1:80"), addr("10.0.0.7:5000"), 1, None, 0, rng, &mut o);
+        assert!(id.chain_settled());
+        assert_eq!(links.pending(), 0);
+    }
+
+    #[test]
+    fn bounded_and_expiring() {
+        let rng = &mut rand::rng();
+        let mut links = TraceLinks::new(1);
+        let mut o = LinkOutcome::default();
+        let s = addr("127.0.0.1:80");
+        links.client_request(1, addr("127.0.0.1:1"), s, 0, 0, rng, |_, _, _| false, &mut o);
+        links.client_request(1, addr("127.0.0.1:2"), s, 0, 0, rng, |_, _, _| false, &mut o);
+        assert!(o.overflow);
+        links.expire(LINK_TTL_NS + 1, |_, _, _| false);
+        assert_eq!(links.pending(), 0);
+    }
+}
