@@ -677,7 +677,14 @@ impl Pipeline {
     }
 
     fn on_dns_payload(&mut self, event: &DataEvent, payload: &[u8], transport: Transport, peer: Option<std::net::SocketAddr>) {
-        let msg = match dns::parse(payload) {
+        // A datagram larger than the capture arrives cut: its header and
+        // question still pair it, with the answers that fit.
+        let parsed = if (payload.len() as u32) < event.total_len {
+            dns::parse_prefix(payload).map(|(m, _)| m)
+        } else {
+            dns::parse(payload)
+        };
+        let msg = match parsed {
             Ok(m) => m,
             Err(e) => {
                 Stats::inc(&self.stats.dns_parse_errors);

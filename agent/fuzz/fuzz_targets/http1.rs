@@ -70,7 +70,7 @@ fuzz_target!(|data: &[u8]| {
             bytes,
             tail,
             ts_ns: ts,
-            start_ns: ts.saturating_sub(u64::from(flags)),
+            start_ns: ts.saturating_sub(u64::from(*flags)),
         };
         if conn.feed(chunk, &mut out) == Feed::NotHttp {
             break;

@@ -386,6 +386,9 @@ impl TcpFramer {
                         out.push(part.to_vec());
                         self.state = FrameState::Boundary;
                     } else {
+                        if self.buf.is_empty() {
+                            self.buf.reserve_exact(len);
+                        }
                         self.buf.extend_from_slice(part);
                         if self.buf.len() >= len {
                             out.push(std::mem::take(&mut self.buf));

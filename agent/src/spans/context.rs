@@ -40,7 +40,7 @@ pub struct Identity {
     own_trace: [u8; 16],
     parent: RefCell<Parent>,
     settled: Cell<bool>,
-    /// A span below this one has been exported with the current trace id.
+    /// This span or one below it has been exported with the current trace id.
     descendants_exported: Cell<bool>,
 }
 
@@ -153,9 +153,10 @@ impl Identity {
         }
     }
 
-    /// A span with this identity is exported: its ancestors' traces are now
-    /// fixed for good.
+    /// A span with this identity is exported: its trace and its ancestors'
+    /// are now fixed for good.
     pub fn mark_exported(&self) {
+        self.descendants_exported.set(true);
         let mut current = self.local_parent();
         for _ in 0..MAX_DEPTH {
             let Some(node) = current else { return };

@@ -14,7 +14,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::rc::Rc;
 
 use rand::Rng;
 
@@ -71,6 +70,7 @@ impl TraceLinks {
         Self { ends: HashMap::new(), serving: HashMap::new(), max_ends }
     }
 
+    #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.ends.len()
     }
@@ -190,11 +190,6 @@ impl TraceLinks {
             !v.is_empty()
         });
     }
-}
-
-/// Whether `a` and `b` are the same identity.
-pub fn same(a: &IdentityRef, b: &IdentityRef) -> bool {
-    Rc::ptr_eq(a, b)
 }
 
 #[cfg(test)]

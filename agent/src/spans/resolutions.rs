@@ -69,6 +69,7 @@ impl Resolutions {
         Self { pending: VecDeque::new(), unclaimed: VecDeque::new(), max }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.pending.len() + self.unclaimed.len()
     }
