@@ -98,7 +98,7 @@ pub struct EventHeader {
 
 pub const IPPROTO_TCP: u16 = 6;
 pub const IPPROTO_UDP: u16 = 17;
-/// UDP sockets are only traced when one end is this port (DNS).
+/// UDP sockets are only traced when connected to this port (DNS clients).
 pub const DNS_PORT: u16 = 53;
 
 /// A TCP connection's (or a DNS UDP socket's) addresses as the kernel socket sees them: `src` is the

@@ -110,8 +110,8 @@ fn on_socket_io(ctx: &BtfTracePointContext, dir: u8, probe_id: u32) -> Option<()
     Some(())
 }
 
-/// A datagram on a UDP socket: copied only when one end is the DNS port
-/// and DNS is enabled.
+/// A datagram on a UDP socket: copied only when it is connected to the DNS
+/// port and DNS is enabled.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn on_dns_datagram(
@@ -127,13 +127,17 @@ fn on_dns_datagram(
     if !feature_enabled(FEATURE_DNS) {
         return None;
     }
+    // The port first: most UDP traffic is not DNS and stops here. Only
+    // client sockets connected to a resolver's port 53 (glibc, Go, c-ares
+    // and Node all connect theirs); a DNS server's own traffic is not copied.
+    let remote_port = u16::from_be(read_kernel::<u16>(sk, off.skc_dport).unwrap_or(0));
+    if remote_port != DNS_PORT {
+        return None;
+    }
     let buf = unsafe { &mut *SCRATCH.get_ptr_mut(0)? };
     start_data_event(buf, tgid, pid_tgid as u32, sk, dir, source::SOCKET, len);
     read_tuple(sk, family, off, &mut buf.event.tuple);
     buf.event.tuple.protocol = IPPROTO_UDP;
-    if buf.event.tuple.src_port != DNS_PORT && buf.event.tuple.dst_port != DNS_PORT {
-        return None;
-    }
     copy_and_send(buf, off, len, probe_id);
     Some(())
 }
