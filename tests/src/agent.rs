@@ -34,6 +34,33 @@ pub fn binary() -> Result<PathBuf> {
 
 pub struct Agent {
     proc: Proc,
+    /// The control socket's directory when the test did not choose one.
+    _socket_dir: Option<tempfile_dir::Dir>,
+}
+
+/// A private directory for a default control socket, removed on drop, so
+/// that agents under test never meet each other (or a real daemon) on
+/// `/run/periscope/control.sock`.
+mod tempfile_dir {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new() -> std::io::Result<Dir> {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static N: AtomicU32 = AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "periscope-agent-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&p)?;
+            Ok(Dir(p))
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// Options beyond the OTLP endpoint.
@@ -59,8 +86,17 @@ impl Agent {
         }
         let bin = binary()?;
         let mut cmd = Command::new(&bin);
-        cmd.args(["run", "--otlp-endpoint", otlp_endpoint])
-            .args(&opts.args)
+        cmd.args(["run", "--otlp-endpoint", otlp_endpoint]).args(&opts.args);
+        // A test that picks the socket (flag or config file) keeps it.
+        let chosen = |a: &String| a == "--socket" || a.starts_with("--socket=") || a == "--config";
+        let socket_dir = if opts.args.iter().any(chosen) {
+            None
+        } else {
+            let dir = tempfile_dir::Dir::new()?;
+            cmd.arg("--socket").arg(dir.0.join("control.sock"));
+            Some(dir)
+        };
+        cmd
             .env(
                 "RUST_LOG",
                 std::env::var("PERISCOPE_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -81,7 +117,7 @@ impl Agent {
         proc.wait_for_line(&format!("`{READY_LINE}`"), READY_TIMEOUT, |l| {
             l.contains(READY_LINE)
         })?;
-        Ok(Agent { proc })
+        Ok(Agent { proc, _socket_dir: socket_dir })
     }
 
     pub fn pid(&self) -> u32 {
