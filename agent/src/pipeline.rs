@@ -959,6 +959,18 @@ pub async fn attach_initial_tls(probes: &mut Probes, pipeline: &mut Pipeline, tl
     }
 }
 
+/// Records handled per pass over the ring: under a flood the loop still
+/// gets back to control calls, ticks and TLS attachments (what is left is
+/// read on the next pass, at most a drain interval later).
+const MAX_RECORDS_PER_PASS: usize = 32_768;
+
+fn drain_ring(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) {
+    for _ in 0..MAX_RECORDS_PER_PASS {
+        let Some(record) = ring.next() else { return };
+        pipeline.handle_record(&record);
+    }
+}
+
 /// Reads the ring buffer until `stop` resolves: every `DRAIN_INTERVAL`, and
 /// at once when the kernel signals a filling ring. Never busy-polls.
 pub async fn run(
@@ -982,27 +994,18 @@ pub async fn run(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                let ring = guard.get_inner_mut();
-                while let Some(record) = ring.next() {
-                    pipeline.handle_record(&record);
-                }
+                drain_ring(guard.get_inner_mut(), &mut pipeline);
                 guard.clear_ready();
                 after_batch(probes, &mut pipeline, &tls_watch, &control.state);
             }
             _ = drain.tick() => {
-                let ring = ring.get_mut();
-                while let Some(record) = ring.next() {
-                    pipeline.handle_record(&record);
-                }
+                drain_ring(ring.get_mut(), &mut pipeline);
                 after_batch(probes, &mut pipeline, &tls_watch, &control.state);
             }
             Some(found) = tls_watch.found.recv() => attach_tls(probes, &mut pipeline, found),
             Some(call) = control.calls.recv() => {
                 // Events already in the ring are handled before the change.
-                let ring = ring.get_mut();
-                while let Some(record) = ring.next() {
-                    pipeline.handle_record(&record);
-                }
+                drain_ring(ring.get_mut(), &mut pipeline);
                 let response = control.state.handle(call.request, probes, &mut pipeline, &control.sink, &control.stats);
                 pipeline.set_tls_enabled(control.state.tls_enabled());
                 pipeline.set_features(&control.state);
