@@ -229,7 +229,7 @@ impl Pipeline {
                     if let Some(tls) = &mut conn.tls {
                         // Ciphertext: never HTTP. Its handshake tells the version;
                         // after that the kernel can stop copying it.
-                        tls.observe_ciphertext(egress, payload);
+                        tls.observe_ciphertext(egress, payload, event.call_start_ns, event.header.ts_ns);
                         if tls.observer.is_none() {
                             self.ignore_requests.push((event.sock, conn.local.port(), conn.peer.port()));
                         }
@@ -454,7 +454,7 @@ impl Pipeline {
                     if first {
                         resolution = conn.resolution.take();
                     }
-                    let handshake = if first { conn.tls.as_mut().and_then(|t| t.handshake.take()) } else { None };
+                    let handshake = if first { conn.tls.as_mut().and_then(|t| t.take_handshake()) } else { None };
                     let timings = ClientTimings {
                         dns: resolution.as_ref().map(|r| (r.start_ns, r.end_ns)),
                         connect: if first { conn.connect.map(|c| (c.syn_sent_ns, c.established_ns)) } else { None },

@@ -25,6 +25,13 @@ pub struct TlsState {
     /// first request's phases use it.
     pub handshake: Option<(u64, u64)>,
     pub handshake_seen: bool,
+    /// Seen in the ciphertext: when this side sent its first handshake
+    /// record (a client's ClientHello), and when the version became known
+    /// (the ServerHello arrived). The handshake's span for programs that
+    /// never call a handshake function (Node, s_client: their handshake
+    /// runs inside SSL_read/SSL_write).
+    pub hello_sent_ns: Option<u64>,
+    pub version_seen_ns: Option<u64>,
     pub version: Option<&'static str>,
     /// Reads the handshake records in the ciphertext (version, SNI).
     pub observer: Option<Box<HandshakeObserver>>,
@@ -35,11 +42,31 @@ impl TlsState {
         Self { observer: Some(Box::new(HandshakeObserver::new())), ..Default::default() }
     }
 
-    /// Ciphertext seen on the socket: only the handshake is of interest.
-    pub fn observe_ciphertext(&mut self, egress: bool, bytes: &[u8]) {
+    /// The handshake's (start, end) for the first request's phase: from the
+    /// handshake function when it was hooked, else, for a client, from its
+    /// ClientHello to the ServerHello that answered it.
+    pub fn take_handshake(&mut self) -> Option<(u64, u64)> {
+        if let Some(h) = self.handshake.take() {
+            return Some(h);
+        }
+        match (self.hello_sent_ns.take(), self.version_seen_ns.take()) {
+            (Some(start), Some(end)) if end >= start => Some((start, end)),
+            _ => None,
+        }
+    }
+
+    /// Ciphertext seen on the socket (`start_ns`: when the call began,
+    /// `ts_ns`: when it completed): only the handshake is of interest.
+    pub fn observe_ciphertext(&mut self, egress: bool, bytes: &[u8], start_ns: u64, ts_ns: u64) {
         if let Some(observer) = &mut self.observer {
+            if egress && self.hello_sent_ns.is_none() && self.version.is_none() {
+                self.hello_sent_ns = Some(start_ns);
+            }
             observer.feed(egress, bytes);
             if let Some(v) = observer.version() {
+                if self.version.is_none() {
+                    self.version_seen_ns = Some(ts_ns);
+                }
                 self.version = Some(v.as_str());
             }
             if observer.done() {
