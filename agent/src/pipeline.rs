@@ -379,17 +379,22 @@ impl Pipeline {
                     let is_open = |sock: u64, seq: u64, id: &IdentityRef| connections.serving_request(sock, seq, id);
                     self.links.client_request(tid, local, peer, seq, self.now_ns, &mut self.rng, is_open, &mut outcome)
                 }
-                Some(Side::Server) => self.links.server_request(
-                    tid,
-                    sock,
-                    local,
-                    peer,
-                    seq,
-                    traceparent,
-                    self.now_ns,
-                    &mut self.rng,
-                    &mut outcome,
-                ),
+                Some(Side::Server) => {
+                    let connections = &self.connections;
+                    let is_open = |sock: u64, seq: u64, id: &IdentityRef| connections.serving_request(sock, seq, id);
+                    self.links.server_request(
+                        tid,
+                        sock,
+                        local,
+                        peer,
+                        seq,
+                        traceparent,
+                        self.now_ns,
+                        &mut self.rng,
+                        is_open,
+                        &mut outcome,
+                    )
+                }
                 None => continue,
             };
             self.count_link(outcome);

@@ -125,6 +125,7 @@ impl TraceLinks {
         traceparent: Option<([u8; 16], [u8; 8])>,
         now_ns: u64,
         rng: &mut impl Rng,
+        is_open: impl Fn(u64, u64, &IdentityRef) -> bool,
         outcome: &mut LinkOutcome,
     ) -> IdentityRef {
         let identity = if let Some((trace, parent)) = traceparent {
@@ -145,7 +146,11 @@ impl TraceLinks {
         } else {
             Identity::root(rng, true)
         };
-        self.serving.entry(tid).or_default().push(Serving { sock, seq, identity: identity.clone() });
+        let served = self.serving.entry(tid).or_default();
+        // Requests this thread already answered leave first: the list stays
+        // as long as what the thread has in flight.
+        served.retain(|s| is_open(s.sock, s.seq, &s.identity));
+        served.push(Serving { sock, seq, identity: identity.clone() });
         identity
     }
 
@@ -208,13 +213,13 @@ mod tests {
         let mut o = LinkOutcome::default();
         // Client first.
         let client = links.client_request(1, c, s, 0, 0, rng, |_, _, _| false, &mut o);
-        let server = links.server_request(2, 9, s, c, 0, None, 0, rng, &mut o);
+        let server = links.server_request(2, 9, s, c, 0, None, 0, rng, |_, _, _| true, &mut o);
         assert!(o.cross_process);
         assert_eq!(server.trace_id(), client.trace_id());
         assert_eq!(server.parent_span_id(), Some(client.span_id()));
         // Server first (its event came out of the ring first).
         let mut o = LinkOutcome::default();
-        let server = links.server_request(2, 9, s, c, 1, None, 0, rng, &mut o);
+        let server = links.server_request(2, 9, s, c, 1, None, 0, rng, |_, _, _| true, &mut o);
         assert!(!server.chain_settled());
         let client = links.client_request(1, c, s, 1, 0, rng, |_, _, _| false, &mut o);
         assert!(o.cross_process);
@@ -229,13 +234,13 @@ mod tests {
         let mut links = TraceLinks::new(100);
         let up = addr("10.0.0.9:5000");
         let mut o = LinkOutcome::default();
-        let served = links.server_request(7, 1, addr("10.0.0.1:80"), up, 0, None, 0, rng, &mut o);
+        let served = links.server_request(7, 1, addr("10.0.0.1:80"), up, 0, None, 0, rng, |_, _, _| true, &mut o);
         let call = links.client_request(7, addr("10.0.0.1:41000"), addr("10.0.0.2:80"), 0, 0, rng, |_, _, _| true, &mut o);
         assert!(o.in_process);
         assert_eq!(call.parent_span_id(), Some(served.span_id()));
         // A second open request on the same thread: no guess.
         let mut o = LinkOutcome::default();
-        links.server_request(7, 2, addr("10.0.0.1:80"), addr("10.0.0.9:5001"), 0, None, 0, rng, &mut o);
+        links.server_request(7, 2, addr("10.0.0.1:80"), addr("10.0.0.9:5001"), 0, None, 0, rng, |_, _, _| true, &mut o);
         let call = links.client_request(7, addr("10.0.0.1:41001"), addr("10.0.0.2:80"), 0, 0, rng, |_, _, _| true, &mut o);
         assert!(o.ambiguous && !o.in_process);
         assert!(!call.has_parent());
@@ -252,9 +257,9 @@ mod tests {
         let rng = &mut rand::rng();
         let mut links = TraceLinks::new(100);
         let mut o = LinkOutcome::default();
-        let id = links.server_request(1, 1, addr("10.0.0.1:80"), addr("10.0.0.7:5000"), 0, Some(([1; 16], [2; 8])), 0, rng, &mut o);
+        let id = links.server_request(1, 1, addr("10.0.0.1:80"), addr("10.0.0.7:5000"), 0, Some(([1; 16], [2; 8])), 0, rng, |_, _, _| true, &mut o);
         assert_eq!(id.trace_id(), [1; 16]);
-        let id = links.server_request(1, 1, addr("10.0.0.1:80"), addr("10.0.0.7:5000"), 1, None, 0, rng, &mut o);
+        let id = links.server_request(1, 1, addr("10.0.0.1:80"), addr("10.0.0.7:5000"), 1, None, 0, rng, |_, _, _| true, &mut o);
         assert!(id.chain_settled());
         assert_eq!(links.pending(), 0);
     }
