@@ -162,7 +162,15 @@ impl Pipeline {
     pub fn handle_record(&mut self, record: &[u8]) {
         Stats::inc(&self.stats.events_received);
         match events::decode(record) {
-            Ok(event) => self.handle(event),
+            Ok(event) => {
+                self.handle(event);
+                if let Some(replaced) = self.connections.take_replaced() {
+                    let now = self.now_ns;
+                    for conn in replaced {
+                        self.finish(conn, now);
+                    }
+                }
+            }
             Err(e) => {
                 Stats::inc(&self.stats.events_malformed);
                 if !self.decode_errors_logged {
@@ -338,7 +346,8 @@ impl Pipeline {
                 let mut gone = std::mem::take(&mut self.finished_lookups);
                 self.lookups.remove_process(e.header.tgid, &mut gone);
                 for lookup in gone.drain(..) {
-                    self.lookup_finished(lookup, None, e.header.ts_ns);
+                    let peer = lookup.peer;
+                    self.lookup_finished(lookup, peer, e.header.ts_ns);
                 }
                 self.finished_lookups = gone;
                 self.processes.forget(e.header.tgid);
@@ -503,10 +512,12 @@ impl Pipeline {
                 }
                 self.phase_buf = phase_list;
             }
-            if let Some(r) = resolution.take() {
-                self.resolution_spans(&r, true, parent_id, &resource, &mut bundle);
-            }
             self.submit(bundle, identity);
+            // Without phases the resolution is not part of the request's
+            // breakdown: it goes out on its own, as getaddrinfo.
+            if let Some(r) = resolution.take() {
+                self.emit_resolution(*r, None);
+            }
         }
         self.exchanges = exchanges;
     }
@@ -655,6 +666,26 @@ impl Pipeline {
                 addresses.push(ip);
             }
         }
+        // Queries its thread sent during the call and that are still
+        // unanswered were given up when it returned (glibc moved on to the
+        // next server or attempt): each ends where the thread's next query
+        // began, or at the return.
+        let mut abandoned = std::mem::take(&mut self.finished_lookups);
+        self.lookups.take_started_by(g.header.tgid, g.tid, g.start_ns, g.header.ts_ns, &mut abandoned);
+        let mut starts: Vec<u64> = self.resolutions.query_starts(g.header.tgid, g.tid, g.start_ns, g.header.ts_ns);
+        starts.extend(abandoned.iter().map(|l| l.first_query_ns));
+        starts.sort_unstable();
+        for lookup in abandoned.drain(..) {
+            let end = starts
+                .iter()
+                .copied()
+                .find(|&t| t > lookup.last_query_ns)
+                .unwrap_or(g.header.ts_ns)
+                .min(g.header.ts_ns);
+            let peer = lookup.peer;
+            self.lookup_finished(lookup, peer, end);
+        }
+        self.finished_lookups = abandoned;
         let r = Resolution {
             tgid: g.header.tgid,
             tid: g.tid,
@@ -704,6 +735,9 @@ impl Pipeline {
         let ts = if egress { event.call_start_ns.min(event.header.ts_ns) } else { event.header.ts_ns };
         let before = self.lookups.counters();
         let done = self.lookups.on_message(event.sock, event.header.tgid, event.tid, transport, egress, ts, &msg);
+        if let (true, false, Some(peer)) = (egress, msg.response, peer) {
+            self.lookups.note_peer(event.sock, msg.id, peer);
+        }
         let after = self.lookups.counters();
         let unmatched = (after.responses_without_query - before.responses_without_query)
             + (after.mismatched_question - before.mismatched_question)
@@ -848,7 +882,8 @@ impl Pipeline {
         let mut gone = std::mem::take(&mut self.finished_lookups);
         self.lookups.expire(now, LOOKUP_TIMEOUT_NS, &mut gone);
         for lookup in gone.drain(..) {
-            self.lookup_finished(lookup, None, now);
+            let peer = lookup.peer;
+            self.lookup_finished(lookup, peer, now);
         }
         self.finished_lookups = gone;
         let (mut rs, mut ls) = (Vec::new(), Vec::new());

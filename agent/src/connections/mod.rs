@@ -194,6 +194,9 @@ struct Pending {
 
 pub struct ConnectionTable {
     by_sock: HashMap<u64, Connection>,
+    /// Connections found replaced on their socket (the ports changed: the
+    /// kernel reused the socket and its close was lost), to be finished.
+    replaced: Vec<Connection>,
     pending: HashMap<u64, Pending>,
     max_connections: usize,
     limits: fn() -> Limits,
@@ -207,7 +210,13 @@ pub enum Admit<'a> {
 
 impl ConnectionTable {
     pub fn new(max_connections: usize) -> Self {
-        Self { by_sock: HashMap::new(), pending: HashMap::new(), max_connections, limits: Limits::default }
+        Self {
+            by_sock: HashMap::new(),
+            replaced: Vec::new(),
+            pending: HashMap::new(),
+            max_connections,
+            limits: Limits::default,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -243,6 +252,16 @@ impl ConnectionTable {
 
     /// The connection a data event belongs to, created on first sight.
     pub fn admit(&mut self, sock: u64, tgid: u32, tuple: &SockTuple, now_ns: u64) -> Admit<'_> {
+        if let Some(old) = self.by_sock.get(&sock) {
+            // Ports 0 are a socket not (yet) bound or connected: no verdict.
+            let (local, peer) = (old.local.port(), old.peer.port());
+            let moved = |was: u16, now: u16| was != 0 && now != 0 && was != now;
+            if moved(local, tuple.src_port) || moved(peer, tuple.dst_port) {
+                if let Some(old) = self.by_sock.remove(&sock) {
+                    self.replaced.push(old);
+                }
+            }
+        }
         if !self.by_sock.contains_key(&sock) && self.by_sock.len() >= self.max_connections {
             return Admit::Full;
         }
@@ -271,6 +290,11 @@ impl ConnectionTable {
         conn.tgid = tgid;
         conn.last_seen_ns = now_ns;
         Admit::Tracked(conn)
+    }
+
+    /// Connections `admit` found replaced on their socket since last asked.
+    pub fn take_replaced(&mut self) -> Option<Vec<Connection>> {
+        (!self.replaced.is_empty()).then(|| std::mem::take(&mut self.replaced))
     }
 
     pub fn get(&self, sock: u64) -> Option<&Connection> {
@@ -390,6 +414,23 @@ mod tests {
         assert_eq!(new.socket_chunks, 0);
         assert_eq!(new.side, Some(Side::Server));
         assert!(matches!(new.protocol, ProtocolState::Http1(_)));
+    }
+
+    #[test]
+    fn a_socket_seen_with_other_ports_is_a_new_connection() {
+        let mut table = ConnectionTable::new(10);
+        let Admit::Tracked(old) = table.admit(7, 1, &tuple_v4(5000, 80), 1) else { panic!() };
+        old.socket_chunks = 3;
+        assert!(table.take_replaced().is_none());
+        let Admit::Tracked(new) = table.admit(7, 1, &tuple_v4(5001, 80), 2) else { panic!() };
+        assert_eq!(new.socket_chunks, 0);
+        assert_eq!(table.take_replaced().map(|v| v.len()), Some(1));
+        // Same ports: the same connection.
+        let Admit::Tracked(same) = table.admit(7, 1, &tuple_v4(5001, 80), 3) else { panic!() };
+        same.socket_chunks = 9;
+        let Admit::Tracked(same) = table.admit(7, 1, &tuple_v4(5001, 80), 4) else { panic!() };
+        assert_eq!(same.socket_chunks, 9);
+        assert!(table.take_replaced().is_none());
     }
 
     #[test]

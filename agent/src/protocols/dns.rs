@@ -538,6 +538,8 @@ pub struct Lookup {
     /// Times the query was sent (> 1: retries).
     pub attempts: u32,
     pub response: Option<Answer>,
+    /// The resolver the query went to, when the caller knows it.
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -661,6 +663,7 @@ impl LookupTracker {
                 last_query_ns: ts_ns,
                 attempts: 1,
                 response: None,
+                peer: None,
             },
         );
     }
@@ -708,6 +711,24 @@ impl LookupTracker {
         self.take(
             ..,
             |l| now_ns.saturating_sub(l.last_query_ns) >= timeout_ns,
+            out,
+        );
+    }
+
+    /// Records where the pending queries with this socket and id were sent.
+    pub fn note_peer(&mut self, sock: u64, id: u16, peer: std::net::SocketAddr) {
+        for (_, l) in self.pending.range_mut((sock, id, 0)..=(sock, id, u64::MAX)) {
+            l.peer.get_or_insert(peer);
+        }
+    }
+
+    /// Unanswered lookups thread `tid` of `tgid` began between `from_ns` and
+    /// `to_ns` (a getaddrinfo call that has returned gave up on them),
+    /// returned and forgotten.
+    pub fn take_started_by(&mut self, tgid: u32, tid: u32, from_ns: u64, to_ns: u64, out: &mut Vec<Lookup>) {
+        self.take(
+            ..,
+            |l| l.tgid == tgid && l.tid == tid && l.first_query_ns >= from_ns && l.first_query_ns <= to_ns,
             out,
         );
     }

@@ -123,6 +123,7 @@ mod tests {
             last_query_ns: 1_000_000,
             attempts: 1,
             response,
+            peer: None,
         }
     }
 

@@ -105,6 +105,17 @@ impl Resolutions {
         out
     }
 
+    /// When the not yet claimed lookups of one thread, begun in a window,
+    /// were sent.
+    pub fn query_starts(&self, tgid: u32, tid: u32, from_ns: u64, to_ns: u64) -> Vec<u64> {
+        self.unclaimed
+            .iter()
+            .map(|(_, w)| &w.lookup)
+            .filter(|l| l.tgid == tgid && l.tid == tid && l.first_query_ns >= from_ns && l.first_query_ns <= to_ns)
+            .map(|l| l.first_query_ns)
+            .collect()
+    }
+
     /// The resolution that led process `tgid` to connect to `ip` (SYN sent at
     /// `syn_ns`): the latest one that returned `ip` before the SYN, from
     /// getaddrinfo, else from wire lookups alone.
@@ -271,6 +282,7 @@ mod tests {
                     addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
                     truncated: false,
                 }),
+                peer: None,
             },
             peer: None,
             end_ns: end,
