@@ -149,3 +149,4 @@ pub fn with_spans(msg: impl std::fmt::Display, spans: &[Span]) -> String {
 }
 
 pub mod control;
+pub mod dns;

@@ -31,6 +31,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "openssl",
     "gnutls-bin",
     "iproute2",
+    // DNS tests: dnsmasq on a loopback address, answering the test names.
+    "dnsmasq-base",
 ];
 
 /// Python packages: (import name to check, pip requirement).
