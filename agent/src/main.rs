@@ -195,12 +195,13 @@ fn run(args: RunArgs) -> Result<()> {
         let lost: u64 = probes.lost_events().iter().map(|(_, n)| n).sum();
         info!("counters: {:?}; kernel losses per program: {:?}", stats, probes.lost_events());
         info!(
-            "stopped: {} events, {} spans built, {} exported, {} dropped, {} events lost in kernel",
+            "stopped: {} events, {} spans built, {} exported, {} dropped, {} events lost in kernel, {} request spans",
             Stats::get(&stats.events_received),
             Stats::get(&stats.spans_built),
             Stats::get(&stats.spans_exported),
             Stats::get(&stats.spans_dropped),
-            lost
+            lost,
+            Stats::get(&stats.request_spans_built)
         );
         Ok(())
     })

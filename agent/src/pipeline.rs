@@ -601,6 +601,8 @@ impl Pipeline {
     /// Exports a bundle now if its trace is settled, else holds it (bounded).
     fn submit(&mut self, spans: Vec<Span>, identity: IdentityRef) {
         Stats::add(&self.stats.spans_built, spans.len() as u64);
+        let requests = spans.iter().filter(|s| s.kind != SpanKind::Internal).count();
+        Stats::add(&self.stats.request_spans_built, requests as u64);
         if identity.chain_settled() {
             self.send(spans, &identity);
         } else {

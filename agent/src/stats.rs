@@ -22,6 +22,10 @@ pub struct Stats {
     /// Connections that carried TLS no uprobe saw.
     pub tls_not_visible_connections: AtomicU64,
     pub spans_built: AtomicU64,
+    /// Of `spans_built`, the spans of requests and lookups (client and
+    /// server spans; not phases or getaddrinfo calls): what a load
+    /// generator's request count can be checked against.
+    pub request_spans_built: AtomicU64,
     /// Spans built from incomplete data (marked with an attribute).
     pub spans_incomplete: AtomicU64,
     /// Spans left out by head sampling.

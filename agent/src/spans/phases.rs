@@ -93,8 +93,23 @@ pub fn client(t: &ClientTimings, out: &mut Vec<Phase>) {
     tile(&steps, out);
 }
 
-/// The phases of a request a server answered, in order.
+/// A server's phases are worth their spans only when moving the request or
+/// the response took time: otherwise `handler` is the whole span and the
+/// split says nothing the server span does not.
+pub const SERVER_TRANSFER_WORTH_NS: u64 = 1_000_000;
+
+/// The phases of a request a server answered, in order; none when reading
+/// the request and writing the response each took less than
+/// [`SERVER_TRANSFER_WORTH_NS`].
 pub fn server(t: &ServerTimings, out: &mut Vec<Phase>) {
+    let receive = t.request_end_ns.saturating_sub(t.request_start_ns);
+    let send = match (t.response_start_ns, t.response_end_ns) {
+        (Some(first), Some(last)) => last.saturating_sub(first),
+        _ => 0,
+    };
+    if receive < SERVER_TRANSFER_WORTH_NS && send < SERVER_TRANSFER_WORTH_NS {
+        return;
+    }
     let mut steps: Vec<(&'static str, u64, u64)> = Vec::with_capacity(3);
     steps.push((name::REQUEST_RECEIVE, t.request_start_ns, t.request_end_ns));
     if let Some(first) = t.response_start_ns {
@@ -159,8 +174,17 @@ mod tests {
         let mut p = Vec::new();
         client(&t, &mut p);
         assert_eq!(names(&p), ["request.send"]);
+        // A server split is only made when a transfer took time.
         let mut s = Vec::new();
         server(&ServerTimings { request_start_ns: 5, request_end_ns: 9, response_start_ns: Some(30), response_end_ns: Some(31) }, &mut s);
+        assert!(s.is_empty());
+        let slow_send = ServerTimings {
+            request_start_ns: 5,
+            request_end_ns: 9,
+            response_start_ns: Some(30),
+            response_end_ns: Some(30 + SERVER_TRANSFER_WORTH_NS),
+        };
+        server(&slow_send, &mut s);
         assert_eq!(names(&s), ["request.receive", "handler", "response.send"]);
         assert_eq!(s[1], Phase { name: "handler", start_ns: 9, end_ns: 30 });
     }
