@@ -5,7 +5,7 @@
 //! - `build [--release]`    setup, then build the agent (its build script builds the eBPF side)
 //! - `run [-- ARGS]`        setup, release build, exec `periscope run ARGS` (needs root)
 //! - `test [--release]`     setup --test-deps, build, unit tests, then end-to-end tests (needs root)
-//! - `bench [--quick]`      nginx + wrk/hey with and without the agent, same run
+//! - `bench [--quick]`      the agent's cost: nginx (wrk, ab, hey) and Flask/gunicorn against no agent, the no-op floor and OTel; scaling
 
 mod bench;
 mod cmd;

@@ -33,6 +33,39 @@ pub const APT_PACKAGES: &[&str] = &[
     "iproute2",
     // DNS tests: dnsmasq on a loopback address, answering the test names.
     "dnsmasq-base",
+    // bench: the Flask/gunicorn service runs in a venv of Debian's Python,
+    // and the PNG chart draws its text with DejaVu Sans.
+    "python3-venv",
+    "fonts-dejavu-core",
+];
+
+/// What `cargo xtask bench` runs, as (program on PATH or absolute path,
+/// Debian package); the bench installs what is missing.
+pub const BENCH_APT: &[(&str, &str)] = &[
+    ("nginx", "nginx-light"),
+    ("wrk", "wrk"),
+    ("hey", "hey"),
+    ("ab", "apache2-utils"),
+    ("openssl", "openssl"),
+    ("/usr/bin/python3", "python3"),
+    (BENCH_FONT, "fonts-dejavu-core"),
+];
+
+/// `/usr/bin/python3 -m venv` needs ensurepip, which Debian ships apart.
+pub const BENCH_VENV_PACKAGE: &str = "python3-venv";
+
+/// The font the bench's chart draws its text with (read at run time).
+pub const BENCH_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// The Python web service the bench traces and the OpenTelemetry Python
+/// auto-instrumentation it compares with, pinned so that runs compare. They
+/// go into a venv of Debian's Python under the target dir (`bench-venv`).
+pub const BENCH_PIP: &[&str] = &[
+    "flask==3.1.3",
+    "gunicorn==27.0.1",
+    "opentelemetry-distro==0.66b1",
+    "opentelemetry-exporter-otlp==1.45.1",
+    "opentelemetry-instrumentation-flask==0.66b1",
 ];
 
 /// Python packages: (import name to check, pip requirement).

@@ -1,0 +1,438 @@
+//! What the bench needs on the machine (packages, Rotel, the Python venv,
+//! tracefs, the agent binary) and the files its servers run from.
+
+use super::parse::noop_flag_accepted;
+use super::sys::show;
+use crate::setup::{BENCH_APT, BENCH_PIP, BENCH_VENV_PACKAGE};
+use anyhow::{Context, Result, bail};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// Debian's Python: its `ssl` module calls the system libssl (hooked by the
+/// agent), and the bench's venv is made from it; the Python on PATH may be
+/// another build.
+pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+/// The pip requirement for Rotel (the same pin as `cargo xtask setup`).
+const ROTEL_REQUIREMENT: &str = "rotel==0.0.1a15";
+
+pub fn which(program: &str) -> Option<PathBuf> {
+    if program.starts_with('/') {
+        return Path::new(program).is_file().then(|| PathBuf::from(program));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+fn venv_module_ok() -> bool {
+    Command::new(SYSTEM_PYTHON)
+        .args(["-c", "import ensurepip, venv"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+pub fn ensure_apt_tools() -> Result<()> {
+    let mut missing: Vec<&str> = BENCH_APT
+        .iter()
+        .filter(|(bin, _)| which(bin).is_none())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !venv_module_ok() {
+        missing.push(BENCH_VENV_PACKAGE);
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("bench: installing {}", missing.join(" "));
+    run_cmd(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    for (bin, pkg) in BENCH_APT {
+        if which(bin).is_none() {
+            bail!("installed {pkg} but `{bin}` is still missing");
+        }
+    }
+    if !venv_module_ok() {
+        bail!(
+            "installed {BENCH_VENV_PACKAGE} but `{SYSTEM_PYTHON} -c 'import ensurepip, venv'` still fails"
+        );
+    }
+    Ok(())
+}
+
+/// The `rotel-agent` binary shipped in the rotel wheel; pip-installs it when missing.
+pub fn ensure_rotel() -> Result<PathBuf> {
+    let py = crate::setup::tool_python();
+    let locate = || -> Option<PathBuf> {
+        let out = Command::new(&py)
+            .args([
+                "-c",
+                "import rotel,os;print(os.path.dirname(rotel.__file__))",
+            ])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("rotel-agent");
+        (out.status.success() && p.is_file()).then_some(p)
+    };
+    if let Some(p) = locate() {
+        return Ok(p);
+    }
+    eprintln!("bench: installing {ROTEL_REQUIREMENT} for {py}");
+    let pip = |extra: &[&str]| {
+        run_cmd(
+            Command::new(&py)
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "--root-user-action=ignore",
+                ])
+                .args(extra)
+                .arg(ROTEL_REQUIREMENT),
+        )
+    };
+    if pip(&[]).is_err() {
+        // Debian's own python3 refuses pip without this (PEP 668).
+        pip(&["--break-system-packages"])?;
+    }
+    locate().with_context(|| {
+        format!("pip installed {ROTEL_REQUIREMENT} but its rotel-agent binary is not found")
+    })
+}
+
+/// The venv with Flask, gunicorn and the OpenTelemetry auto-instrumentation:
+/// `<target>/bench-venv`, made from Debian's Python; remade when the pinned
+/// requirements change (a marker file holds the ones it was made with).
+pub fn ensure_venv() -> Result<PathBuf> {
+    let venv = crate::cmd::target_dir().join("bench-venv");
+    let marker = venv.join("periscope-bench-requirements.txt");
+    let wanted = BENCH_PIP.join("\n") + "\n";
+    let py = venv.join("bin/python");
+    let imports_ok = || {
+        Command::new(&py)
+            .args(["-c", "import flask, gunicorn, opentelemetry.instrumentation.flask, opentelemetry.exporter.otlp"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m == wanted)
+        && imports_ok()
+        && venv.join("bin/gunicorn").is_file()
+        && venv.join("bin/opentelemetry-instrument").is_file()
+    {
+        return Ok(venv);
+    }
+    eprintln!(
+        "bench: making the Python venv {} ({})",
+        venv.display(),
+        BENCH_PIP.join(" ")
+    );
+    if venv.exists() {
+        std::fs::remove_dir_all(&venv).with_context(|| format!("removing {}", venv.display()))?;
+    }
+    std::fs::create_dir_all(venv.parent().unwrap_or(Path::new("/")))?;
+    run_cmd(Command::new(SYSTEM_PYTHON).args(["-m", "venv"]).arg(&venv))?;
+    run_cmd(
+        Command::new(&py)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--root-user-action=ignore",
+            ])
+            .args(BENCH_PIP),
+    )?;
+    if !imports_ok() {
+        bail!(
+            "pip installed {} into {} but the imports still fail",
+            BENCH_PIP.join(" "),
+            venv.display()
+        );
+    }
+    std::fs::write(&marker, wanted)?;
+    Ok(venv)
+}
+
+pub fn ensure_tracefs() -> Result<()> {
+    const DIR: &str = "/sys/kernel/tracing";
+    if crate::cmd::is_mountpoint(DIR) {
+        return Ok(());
+    }
+    run_cmd(Command::new("mount").args(["-t", "tracefs", "nodev", DIR]))
+}
+
+pub fn build_agent() -> Result<()> {
+    let mut c = crate::cmd::cargo();
+    c.args(["build", "--release", "-p", "periscope"]);
+    run_cmd(&mut c)
+        .context("building the agent (if bpf-linker is missing, run `cargo xtask setup` first)")
+}
+
+/// Does this agent binary take `run --noop-probes` (the do-nothing floor)?
+pub fn agent_has_noop_probes(agent_bin: &Path) -> bool {
+    let out = Command::new(agent_bin)
+        .args(["run", "--noop-probes", "--help"])
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(o) => noop_flag_accepted(o.status.success(), &String::from_utf8_lossy(&o.stderr)),
+        Err(_) => false,
+    }
+}
+
+pub fn run_cmd(cmd: &mut Command) -> Result<()> {
+    eprintln!("bench: $ {}", show(cmd));
+    let st = cmd
+        .status()
+        .with_context(|| format!("could not start `{}`", show(cmd)))?;
+    if !st.success() {
+        bail!("`{}` failed: {st}", show(cmd));
+    }
+    Ok(())
+}
+
+/// A self-signed certificate for the HTTPS server: (cert, key).
+pub fn make_test_cert(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-days",
+            "1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdin(Stdio::null())
+        .output()
+        .context("running openssl req")?;
+    if !out.status.success() {
+        bail!(
+            "openssl req failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // nginx workers run as nobody.
+    use std::os::unix::fs::PermissionsExt;
+    for p in [&cert, &key] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644))?;
+    }
+    Ok((cert, key))
+}
+
+/// The nginx config: one worker, a static page on `port` and the same page
+/// over TLS 1.3 on `tls_port`.
+pub fn write_nginx_files(
+    dir: &Path,
+    port: u16,
+    tls_port: u16,
+    cert: &Path,
+    key: &Path,
+) -> Result<PathBuf> {
+    let d = dir.display();
+    std::fs::create_dir_all(dir.join("html"))?;
+    std::fs::create_dir_all(dir.join("tmp"))?;
+    std::fs::write(
+        dir.join("html/index.html"),
+        "<html><body>periscope bench</body></html>\n",
+    )?;
+    // nginx workers run as nobody: everything must be readable.
+    use std::os::unix::fs::PermissionsExt;
+    for p in [dir.to_path_buf(), dir.join("html"), dir.join("tmp")] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+    }
+    std::fs::set_permissions(
+        dir.join("html/index.html"),
+        std::fs::Permissions::from_mode(0o644),
+    )?;
+    let conf = format!(
+        "# Written by `cargo xtask bench`: one worker, static page, nginx's keep-alive defaults.
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {d}/html;
+        index index.html;
+    }}
+    server {{
+        listen 127.0.0.1:{tls_port} ssl;
+        ssl_certificate {};
+        ssl_certificate_key {};
+        ssl_protocols TLSv1.3;
+        root {d}/html;
+        index index.html;
+    }}
+}}
+",
+        cert.display(),
+        key.display()
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    Ok(path)
+}
+
+/// The Flask service: one route, a 16-byte body.
+pub const FLASK_APP: &str = r#"# Written by `cargo xtask bench`: the Python web service it traces.
+from flask import Flask
+
+app = Flask(__name__)
+
+
+@app.route("/")
+def index():
+    return "periscope bench\n"
+"#;
+
+/// Write `app.py` into `dir/flask` and return that directory.
+pub fn write_flask_app(dir: &Path) -> Result<PathBuf> {
+    let app = dir.join("flask");
+    std::fs::create_dir_all(&app)?;
+    std::fs::write(app.join("app.py"), FLASK_APP)?;
+    Ok(app)
+}
+
+/// One `GET /` with `Connection: close`; the status line must say 200.
+pub fn check_http_ok(port: u16) -> Result<()> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    if !resp.starts_with("HTTP/1.1 200") && !resp.starts_with("HTTP/1.0 200") {
+        bail!("unexpected answer: {}", resp.lines().next().unwrap_or(""));
+    }
+    Ok(())
+}
+
+pub struct Machine {
+    pub nproc: usize,
+    pub kernel: String,
+    pub loadavg: String,
+    pub versions: Vec<(String, String)>,
+}
+
+pub fn machine_facts() -> Machine {
+    let out = |p: &str, a: &[&str]| -> Option<String> {
+        let o = Command::new(p).args(a).stdin(Stdio::null()).output().ok()?;
+        let text =
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        text.lines().next().map(|l| l.trim().to_string())
+    };
+    let mut versions = Vec::new();
+    // "nginx version: nginx/1.22.1", "wrk debian/4.1.0-3+b2 [epoll] Copyright ...", "0.1.4-2+b4",
+    // "This is ApacheBench, Version 2.3 <$Revision$>"
+    for (name, prog, args, word) in [
+        ("nginx", "nginx", &["-v"][..], 2),
+        ("wrk", "wrk", &["-v"][..], 1),
+        (
+            "hey",
+            "dpkg-query",
+            &["-W", "-f", "${Version}", "hey"][..],
+            0,
+        ),
+        ("ab", "ab", &["-V"][..], 4),
+        ("python", SYSTEM_PYTHON, &["--version"][..], 1),
+    ] {
+        if let Some(v) =
+            out(prog, args).and_then(|l| l.split_whitespace().nth(word).map(str::to_string))
+        {
+            versions.push((name.to_string(), v));
+        }
+    }
+    for req in BENCH_PIP {
+        if let Some((name, v)) = req.split_once("==") {
+            versions.push((name.to_string(), v.to_string()));
+        }
+    }
+    Machine {
+        nproc: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        loadavg: super::sys::loadavg(),
+        versions,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Flask app is valid Python for Debian's python3 (which makes the venv).
+    #[test]
+    fn flask_app_compiles() {
+        let out = Command::new(SYSTEM_PYTHON)
+            .args(["-c", "import sys; compile(sys.stdin.read(), 'app.py', 'exec'); print('ok')"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                c.stdin.take().expect("piped").write_all(FLASK_APP.as_bytes())?;
+                c.wait_with_output()
+            })
+            .expect("run /usr/bin/python3 (apt-get install python3)");
+        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok");
+    }
+
+    #[test]
+    fn nginx_config() {
+        let dir = periscope_tests::proc::TempDir::new("bench-nginx-conf").unwrap();
+        let conf = write_nginx_files(dir.path(), 18080, 18443, Path::new("/c.pem"), Path::new("/k.pem")).unwrap();
+        let text = std::fs::read_to_string(conf).unwrap();
+        assert!(text.contains("listen 127.0.0.1:18080;"));
+        assert!(text.contains("listen 127.0.0.1:18443 ssl;"));
+        assert!(text.contains("ssl_certificate /c.pem;") && text.contains("ssl_protocols TLSv1.3;"));
+        assert!(dir.join("html/index.html").is_file());
+    }
+
+    #[test]
+    fn which_finds_programs_and_paths() {
+        assert!(which("sh").is_some());
+        assert!(which("/bin/sh").is_some());
+        assert!(which("/no/such/program").is_none());
+        assert!(which("no-such-program-periscope").is_none());
+    }
+}

@@ -1,0 +1,1338 @@
+//! `cargo xtask bench [--quick]`: what the agent costs unmodified servers,
+//! side by side with the bare cost of its probes and with what a user would
+//! deploy instead.
+//!
+//! Workloads, all on 127.0.0.1 with real servers and load generators:
+//! - nginx (one worker, static page), HTTP/1.1 keep-alive, wrk as fast as it goes;
+//! - the same over HTTPS (TLS 1.3; the agent then runs uprobes in both nginx
+//!   and wrk, which use the system libssl);
+//! - a new connection per request, HTTP and HTTPS (ab without `-k`: connect,
+//!   accept, close and, over TLS, a full handshake per request);
+//! - a Python web service: a Flask app under gunicorn (2 sync workers),
+//!   loaded by wrk at a fixed concurrency.
+//!
+//! HTTP/2 (h2load) is left out until the agent traces HTTP/2.
+//!
+//! Configurations, interleaved per round (the order rotates each round) so
+//! that machine drift cancels out; figures are medians over rounds:
+//! - `none`: no agent;
+//! - `periscope`: the agent with every feature on, exporting OTLP/gRPC to a
+//!   real receiver (Rotel, blackhole exporter, up for the whole bench);
+//! - `floor`: `periscope run --noop-probes`: the same kernel programs
+//!   loaded and attached, each returning at once; what any eBPF agent on
+//!   these hooks pays;
+//! - `tls off` (HTTPS keep-alive only): the agent with the `tls` feature
+//!   disabled from a config file: what a switched-off feature still costs;
+//! - `otel` (the Python service only): gunicorn under `opentelemetry-instrument`
+//!   with the Flask instrumentation, exporting to the same Rotel.
+//!
+//! Per run: requests/s and p50/p99 latency from the load generator; CPU time
+//! (utime+stime from /proc) of the server, of the load generator (getrusage
+//! of reaped children), of the agent (from `periscope ready` + 1 s until its
+//! CPU use settles after the load) and of Rotel; the agent's peak RSS
+//! (VmHWM); the agent's `stopped:` line (events, spans built, exported,
+//! dropped, events lost in the kernel); and the spans Rotel received in the
+//! run (its `--debug-log traces` summary lines).
+//!
+//! Scaling: hey at 1k, 5k and 20k req/s and unlimited against nginx with the
+//! agent: agent CPU per second and per 1000 requests, RSS, events lost and
+//! spans exported against requests, and where drops start.
+//!
+//! And the cost of one hooked TLS library call (see `tls_calls`).
+//!
+//! `PERISCOPE_BIN=PATH` benches that agent binary instead of building
+//! `target/release/periscope`.
+//!
+//! Results go to `OUT_DIR/summary.md` (its targets and tables are printed
+//! at the end), `OUT_DIR/chart.png`,
+//! `OUT_DIR/raw.json` (every run's numbers and raw tool output) and
+//! `OUT_DIR/logs/`.
+
+mod chart;
+mod env;
+mod parse;
+mod report;
+mod sys;
+mod tls_calls;
+
+use anyhow::{Context, Result, bail};
+use env::{SYSTEM_PYTHON, check_http_ok};
+use parse::{
+    LoadResult, StopLine, parse_ab, parse_hey, parse_rotel_spans, parse_stop_line, parse_wrk,
+};
+use periscope_tests::proc::{Proc, Stream, TempDir, children_of, free_port};
+use periscope_tests::workspace_root;
+use report::Report;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+use sys::{
+    check_interrupted, clk_tck, cpu_ticks, loadavg, other_periscopes, proc_status_kib,
+    reaped_children_cpu_ms, show, spawn, sum_ticks, ticks_ms, utc_stamp, wait_for_other_agents,
+    wait_for_port,
+};
+use tls_calls::{TlsCallSample, measure_tls_calls};
+
+/// Iterations of the in-memory TLS loop (two library calls each).
+const UPROBE_ITERATIONS: u32 = 100_000;
+const UPROBE_ITERATIONS_QUICK: u32 = 30_000;
+/// Connections of wrk and ab against nginx.
+const WRK_CONNECTIONS: u32 = 16;
+const AB_CONCURRENCY: u32 = 16;
+/// The Python service: gunicorn sync workers and wrk's connections.
+const GUNICORN_WORKERS: u32 = 2;
+const PY_CONNECTIONS: u32 = 4;
+/// Requests sent to a freshly started gunicorn before it is measured.
+const PY_WARMUP_REQUESTS: u64 = 50;
+/// Scaling: (requests/s asked of hey, or unlimited; hey workers). hey
+/// rate-limits per worker: `-c W -q RATE/W`.
+const SCALING: [(Option<u32>, u32); 4] = [
+    (Some(1000), 10),
+    (Some(5000), 10),
+    (Some(20_000), 50),
+    (None, 50),
+];
+
+/// What `cargo xtask bench` was asked to do.
+#[derive(Clone, Debug)]
+pub struct BenchArgs {
+    /// One round of 5 s runs instead of three rounds of 10 s.
+    pub quick: bool,
+    /// Where summary.md, chart.png, raw.json and logs go.
+    pub out_dir: PathBuf,
+    /// Override the number of rounds (default 3, or 1 with `quick`).
+    pub rounds: Option<usize>,
+    /// Run `cargo build --release -p periscope` first (default true).
+    pub build: bool,
+}
+
+impl BenchArgs {
+    pub fn new(quick: bool) -> BenchArgs {
+        BenchArgs {
+            quick,
+            out_dir: default_out_dir(),
+            rounds: None,
+            build: true,
+        }
+    }
+}
+
+impl Default for BenchArgs {
+    fn default() -> Self {
+        BenchArgs::new(false)
+    }
+}
+
+/// `<workspace>/results/bench-YYYYMMDD-HHMMSS` (UTC).
+pub fn default_out_dir() -> PathBuf {
+    workspace_root()
+        .join("results")
+        .join(format!("bench-{}", utc_stamp(SystemTime::now(), false)))
+}
+
+// ---------------------------------------------------------------------------
+// Workloads and configurations
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkloadKind {
+    /// nginx, HTTP/1.1 keep-alive, wrk closed loop as fast as it goes.
+    Http,
+    /// nginx over TLS 1.3, keep-alive, wrk.
+    Https,
+    /// nginx, a new connection per request (ab without -k).
+    HttpConnPerReq,
+    /// nginx over TLS 1.3, a new connection and handshake per request (ab).
+    HttpsConnPerReq,
+    /// Flask under gunicorn (sync workers), wrk at a fixed concurrency.
+    Python,
+}
+
+/// Every workload, in report order.
+pub const WORKLOADS: [WorkloadKind; 5] = [
+    WorkloadKind::Http,
+    WorkloadKind::Https,
+    WorkloadKind::HttpConnPerReq,
+    WorkloadKind::HttpsConnPerReq,
+    WorkloadKind::Python,
+];
+
+impl WorkloadKind {
+    pub fn key(self) -> &'static str {
+        match self {
+            WorkloadKind::Http => "http_keepalive",
+            WorkloadKind::Https => "https_keepalive",
+            WorkloadKind::HttpConnPerReq => "http_conn_per_request",
+            WorkloadKind::HttpsConnPerReq => "https_conn_per_request",
+            WorkloadKind::Python => "python_flask",
+        }
+    }
+
+    pub fn label(self) -> String {
+        match self {
+            WorkloadKind::Http => {
+                format!("nginx HTTP/1.1 keep-alive (wrk, {WRK_CONNECTIONS} conns)")
+            }
+            WorkloadKind::Https => format!("nginx HTTPS keep-alive (wrk, {WRK_CONNECTIONS} conns)"),
+            WorkloadKind::HttpConnPerReq => {
+                format!("nginx HTTP, new conn per request (ab -c {AB_CONCURRENCY})")
+            }
+            WorkloadKind::HttpsConnPerReq => {
+                format!("nginx HTTPS, new conn + handshake per request (ab -c {AB_CONCURRENCY})")
+            }
+            WorkloadKind::Python => {
+                format!(
+                    "Flask/gunicorn ({GUNICORN_WORKERS} sync workers; wrk, {PY_CONNECTIONS} conns)"
+                )
+            }
+        }
+    }
+
+    /// For the chart.
+    pub fn short(self) -> &'static str {
+        match self {
+            WorkloadKind::Http => "HTTP keep-alive",
+            WorkloadKind::Https => "HTTPS keep-alive",
+            WorkloadKind::HttpConnPerReq => "HTTP conn/req",
+            WorkloadKind::HttpsConnPerReq => "HTTPS conn/req",
+            WorkloadKind::Python => "Flask/gunicorn",
+        }
+    }
+
+    /// The configurations measured for this workload, `none` first.
+    pub fn configs(self) -> &'static [Config] {
+        match self {
+            WorkloadKind::Https => &[
+                Config::None,
+                Config::Periscope,
+                Config::Floor,
+                Config::TlsOff,
+            ],
+            WorkloadKind::Python => &[Config::None, Config::Periscope, Config::Floor, Config::Otel],
+            _ => &[Config::None, Config::Periscope, Config::Floor],
+        }
+    }
+
+    /// Spans one request should give with Periscope: the server's and the
+    /// load generator's (every client here is traced too).
+    pub fn spans_per_request(self) -> u64 {
+        2
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Config {
+    None,
+    Periscope,
+    Floor,
+    TlsOff,
+    Otel,
+}
+
+/// Every configuration, in report order.
+pub const CONFIGS: [Config; 5] = [
+    Config::None,
+    Config::Periscope,
+    Config::Floor,
+    Config::TlsOff,
+    Config::Otel,
+];
+
+impl Config {
+    pub fn key(self) -> &'static str {
+        match self {
+            Config::None => "none",
+            Config::Periscope => "periscope",
+            Config::Floor => "floor",
+            Config::TlsOff => "tls_off",
+            Config::Otel => "otel",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Config::None => "none",
+            Config::Periscope => "Periscope",
+            Config::Floor => "floor (no-op probes)",
+            Config::TlsOff => "Periscope, tls disabled",
+            Config::Otel => "OTel auto-instrumentation",
+        }
+    }
+
+    /// Runs the Periscope agent.
+    pub fn is_agent(self) -> bool {
+        matches!(self, Config::Periscope | Config::Floor | Config::TlsOff)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Samples
+
+/// The agent's own figures for one run.
+#[derive(Clone, Debug, Default)]
+pub struct AgentRun {
+    pub startup_ms: u64,
+    pub cpu_ms: f64,
+    /// Time after the load ended until the agent's CPU use settled.
+    pub drain_ms: u64,
+    pub peak_rss_kib: u64,
+    pub end_rss_kib: u64,
+    pub stop: Option<StopLine>,
+    /// How the agent ended after SIGINT ("exit status: 0", or "killed ...").
+    pub exit: String,
+}
+
+pub struct Sample {
+    pub round: usize,
+    pub workload: WorkloadKind,
+    pub config: Config,
+    pub command: String,
+    pub load: LoadResult,
+    /// CPU of the server's processes (nginx workers; gunicorn master and workers).
+    pub server_cpu_ms: f64,
+    /// CPU of the load generator.
+    pub client_cpu_ms: f64,
+    /// CPU of the receiver (Rotel), including the agent's final flush.
+    pub rotel_cpu_ms: f64,
+    pub agent: Option<AgentRun>,
+    /// Spans Rotel received from the start of the run until everything was
+    /// flushed (the agent stopped, gunicorn stopped).
+    pub rotel_spans: Option<u64>,
+    /// Requests before the measured load that this configuration's tracer
+    /// saw too (the OTel instrumentation traces gunicorn's warm-up).
+    pub warmup_traced: u64,
+    /// Other `periscope` processes seen on the machine during the run (noise).
+    pub others: Vec<u32>,
+    /// /proc/loadavg (1, 5, 15 min) just before the run.
+    pub loadavg: String,
+    pub raw_output: String,
+}
+
+fn per_1k(ms: f64, requests: u64) -> Option<f64> {
+    (requests > 0).then(|| ms * 1000.0 / requests as f64)
+}
+
+impl Sample {
+    pub fn agent_cpu_per_1k(&self) -> Option<f64> {
+        per_1k(self.agent.as_ref()?.cpu_ms, self.load.requests)
+    }
+    pub fn server_cpu_per_1k(&self) -> Option<f64> {
+        per_1k(self.server_cpu_ms, self.load.requests)
+    }
+    pub fn client_cpu_per_1k(&self) -> Option<f64> {
+        per_1k(self.client_cpu_ms, self.load.requests)
+    }
+    pub fn rotel_cpu_per_1k(&self) -> Option<f64> {
+        per_1k(self.rotel_cpu_ms, self.load.requests)
+    }
+    /// Server + load generator + agent CPU per 1000 requests: what the
+    /// machine spent on each request, the tracer included (the kernel
+    /// programs' cost is charged to the traced processes).
+    pub fn total_cpu_per_1k(&self) -> Option<f64> {
+        let agent = self.agent.as_ref().map_or(0.0, |a| a.cpu_ms);
+        per_1k(
+            self.server_cpu_ms + self.client_cpu_ms + agent,
+            self.load.requests,
+        )
+    }
+    /// Spans Rotel received for the measured requests.
+    pub fn rotel_spans_for_run(&self) -> Option<u64> {
+        self.rotel_spans
+            .map(|s| s.saturating_sub(self.warmup_traced))
+    }
+
+    fn one_line(&self) -> String {
+        let mut s = format!(
+            "round {} {} {}: {:.0} req/s, {} requests, p50 {}, p99 {}, CPU/1k req: server {} client {}",
+            self.round,
+            self.workload.key(),
+            self.config.key(),
+            self.load.rps,
+            self.load.requests,
+            fmt_us(self.load.p50_us),
+            fmt_us(self.load.p99_us),
+            fmt_f(self.server_cpu_per_1k(), 1),
+            fmt_f(self.client_cpu_per_1k(), 1),
+        );
+        if let Some(a) = &self.agent {
+            s.push_str(&format!(
+                "; agent {:.0} ms CPU ({} ms/1k req), peak RSS {:.1} MiB",
+                a.cpu_ms,
+                fmt_f(self.agent_cpu_per_1k(), 2),
+                a.peak_rss_kib as f64 / 1024.0
+            ));
+            match &a.stop {
+                Some(st) => s.push_str(&format!(
+                    ", {} events, {} spans exported, {} dropped, {} lost",
+                    st.events, st.exported, st.dropped, st.lost
+                )),
+                None => s.push_str(", no `stopped:` line"),
+            }
+        }
+        if let Some(r) = self.rotel_spans_for_run() {
+            s.push_str(&format!("; Rotel received {r} spans"));
+        }
+        s
+    }
+}
+
+/// One scaling run: hey at a rate against nginx, with the agent.
+pub struct ScalingSample {
+    pub round: usize,
+    /// Asked rate (None: as fast as hey goes).
+    pub rate: Option<u32>,
+    pub workers: u32,
+    pub secs: u32,
+    pub command: String,
+    pub load: LoadResult,
+    pub agent: AgentRun,
+    pub rotel_spans: Option<u64>,
+    pub others: Vec<u32>,
+    pub raw_output: String,
+}
+
+impl ScalingSample {
+    pub fn rate_label(rate: Option<u32>) -> String {
+        match rate {
+            Some(r) if r % 1000 == 0 => format!("{}k req/s", r / 1000),
+            Some(r) => format!("{r} req/s"),
+            None => "max".into(),
+        }
+    }
+    /// Agent CPU in ms per second of load.
+    pub fn agent_cpu_per_s(&self) -> Option<f64> {
+        (self.secs > 0).then(|| self.agent.cpu_ms / self.secs as f64)
+    }
+    pub fn agent_cpu_per_1k(&self) -> Option<f64> {
+        per_1k(self.agent.cpu_ms, self.load.requests)
+    }
+    fn one_line(&self) -> String {
+        format!(
+            "round {} scaling {}: {:.0} req/s achieved, {} requests; agent {} ms CPU/s ({} ms/1k req), peak RSS {:.1} MiB, {}",
+            self.round,
+            Self::rate_label(self.rate),
+            self.load.rps,
+            self.load.requests,
+            fmt_f(self.agent_cpu_per_s(), 0),
+            fmt_f(self.agent_cpu_per_1k(), 2),
+            self.agent.peak_rss_kib as f64 / 1024.0,
+            match &self.agent.stop {
+                Some(st) => format!(
+                    "{} spans exported, {} dropped, {} events lost",
+                    st.exported, st.dropped, st.lost
+                ),
+                None => "no `stopped:` line".into(),
+            }
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The plan
+
+pub struct Plan {
+    pub quick: bool,
+    pub rounds: usize,
+    /// Seconds per measured run.
+    pub secs: u32,
+    pub scaling_secs: u32,
+    pub uprobe_iterations: u32,
+}
+
+impl Plan {
+    fn new(args: &BenchArgs) -> Plan {
+        let (rounds, secs) = if args.quick { (1, 5) } else { (3, 10) };
+        Plan {
+            quick: args.quick,
+            rounds: args.rounds.unwrap_or(rounds).max(1),
+            secs,
+            scaling_secs: secs,
+            uprobe_iterations: if args.quick {
+                UPROBE_ITERATIONS_QUICK
+            } else {
+                UPROBE_ITERATIONS
+            },
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The agent, the receiver and the Python service
+
+/// How to start the agent: `BIN run --otlp-endpoint URL [extra]`.
+pub struct AgentCmd {
+    pub bin: PathBuf,
+    pub args: Vec<String>,
+}
+
+impl AgentCmd {
+    fn command(&self, extra: &[String]) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(&self.args).args(extra).env("RUST_LOG", "info");
+        cmd
+    }
+
+    pub fn shown(&self, extra: &[String]) -> String {
+        show(&self.command(extra))
+    }
+
+    /// Start, wait for `periscope ready`, then 1 s for start-up work
+    /// (process discovery, first allocations) to finish. Returns the agent
+    /// and how long it took to be ready.
+    pub fn start_timed(&self, extra: &[String], log_path: &Path) -> Result<(Proc, u64)> {
+        let t = Instant::now();
+        let mut p = spawn(
+            "periscope",
+            &mut self.command(extra),
+            libc::SIGINT,
+            Duration::from_secs(10),
+        )?;
+        if let Err(e) = p.wait_for_line("`periscope ready`", Duration::from_secs(120), |l| {
+            l.contains("periscope ready")
+        }) {
+            p.stop();
+            std::fs::write(log_path, p.log()).ok();
+            return Err(e);
+        }
+        let startup_ms = t.elapsed().as_millis() as u64;
+        std::thread::sleep(Duration::from_secs(1));
+        Ok((p, startup_ms))
+    }
+
+    pub fn start(&self, extra: &[String], log_path: &Path) -> Result<Proc> {
+        Ok(self.start_timed(extra, log_path)?.0)
+    }
+}
+
+/// After the load: let the agent drain (its CPU use settles, at most 15 s),
+/// read its figures, stop it (SIGINT) and parse its `stopped:` line.
+fn finish_agent(mut p: Proc, startup_ms: u64, cpu0: u64, clk: u64, log_path: &Path) -> AgentRun {
+    let t_end = Instant::now();
+    let mut last = cpu_ticks(p.pid()).unwrap_or(cpu0);
+    let mut settled_at = t_end;
+    while t_end.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = cpu_ticks(p.pid()).unwrap_or(last);
+        if now.saturating_sub(last) <= 1 {
+            break;
+        }
+        last = now;
+        settled_at = Instant::now();
+    }
+    let drain_ms = (settled_at - t_end).as_millis() as u64;
+    let cpu1 = cpu_ticks(p.pid()).unwrap_or(last);
+    let peak_rss_kib = proc_status_kib(p.pid(), "VmHWM:").unwrap_or(0);
+    let end_rss_kib = proc_status_kib(p.pid(), "VmRSS:").unwrap_or(0);
+    let still_running = p.is_running();
+    let t_stop = Instant::now();
+    let status = p.stop();
+    let exit = {
+        use std::os::unix::process::ExitStatusExt;
+        match status {
+            Some(st) if !still_running => format!("exited before SIGINT ({st})"),
+            Some(st) if st.signal() == Some(libc::SIGKILL) => {
+                format!(
+                    "killed: no exit within {:.0} s of SIGINT ({st})",
+                    t_stop.elapsed().as_secs_f64()
+                )
+            }
+            Some(st) => st.to_string(),
+            None => "unknown".into(),
+        }
+    };
+    let log = p.log();
+    std::fs::write(log_path, &log).ok();
+    AgentRun {
+        startup_ms,
+        cpu_ms: ticks_ms(cpu1.saturating_sub(cpu0), clk),
+        drain_ms,
+        peak_rss_kib,
+        end_rss_kib,
+        stop: log.lines().rev().find_map(parse_stop_line),
+        exit,
+    }
+}
+
+/// Rotel, up for the whole bench; its `--debug-log traces` summary lines
+/// count the spans it receives.
+struct Receiver {
+    proc: Proc,
+    grpc_port: u16,
+    shown: String,
+}
+
+impl Receiver {
+    fn start(rotel_agent: &Path) -> Result<Receiver> {
+        let grpc_port = free_port();
+        let http_port = free_port();
+        let mut cmd = Command::new(rotel_agent);
+        cmd.args([
+            "start",
+            "--otlp-grpc-endpoint",
+            &format!("127.0.0.1:{grpc_port}"),
+        ])
+        .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http_port}")])
+        .args(["--exporter", "blackhole", "--debug-log", "traces"])
+        .env("NO_COLOR", "1");
+        let shown = show(&cmd);
+        let mut proc = spawn("rotel", &mut cmd, libc::SIGTERM, Duration::from_secs(5))?;
+        wait_for_port(&mut proc, grpc_port, Duration::from_secs(30))?;
+        Ok(Receiver {
+            proc,
+            grpc_port,
+            shown,
+        })
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// How many lines it has printed so far.
+    fn mark(&self) -> usize {
+        self.proc.output().since(Stream::Stdout, usize::MAX).1
+    }
+
+    /// Spans received since `mark`, once its output has been quiet for 300 ms
+    /// (at most 5 s).
+    fn spans_since(&self, mark: usize) -> u64 {
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            let (_, _, age) = self.proc.output().since(Stream::Stdout, usize::MAX);
+            if age.is_none_or(|a| a >= Duration::from_millis(300)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = self.proc.output();
+        [Stream::Stdout, Stream::Stderr]
+            .into_iter()
+            .flat_map(|s| out.since(s, mark).0)
+            .filter_map(|l| parse_rotel_spans(&l))
+            .sum()
+    }
+
+    fn cpu_ticks(&self) -> u64 {
+        cpu_ticks(self.proc.pid()).unwrap_or(0)
+    }
+
+    fn check_running(&mut self) -> Result<()> {
+        if !self.proc.is_running() {
+            bail!(
+                "Rotel exited during the bench; its output:\n{}",
+                self.proc.log()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The Flask app under gunicorn, started afresh for every run (the OTel
+/// configuration needs its own start anyway).
+struct PythonService {
+    venv: PathBuf,
+    app_dir: PathBuf,
+    port: u16,
+    otlp_endpoint: String,
+}
+
+impl PythonService {
+    fn command(&self, otel: bool) -> Command {
+        let bin = self.venv.join("bin");
+        let mut cmd = if otel {
+            let mut c = Command::new(bin.join("opentelemetry-instrument"));
+            c.arg(bin.join("gunicorn"));
+            c
+        } else {
+            Command::new(bin.join("gunicorn"))
+        };
+        cmd.args([
+            "--workers",
+            &GUNICORN_WORKERS.to_string(),
+            "--worker-class",
+            "sync",
+            "--no-control-socket",
+        ])
+        .args(["--bind", &format!("127.0.0.1:{}", self.port)])
+        .arg("--chdir")
+        .arg(&self.app_dir)
+        .arg("app:app")
+        .env("OTEL_SERVICE_NAME", "flask-bench");
+        if otel {
+            cmd.env("OTEL_TRACES_EXPORTER", "otlp")
+                .env("OTEL_EXPORTER_OTLP_ENDPOINT", &self.otlp_endpoint)
+                .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+                .env("OTEL_METRICS_EXPORTER", "none")
+                .env("OTEL_LOGS_EXPORTER", "none");
+        }
+        cmd
+    }
+
+    /// Start, wait until it answers, and send PY_WARMUP_REQUESTS requests.
+    fn start(&self, otel: bool) -> Result<Proc> {
+        let mut p = spawn(
+            "gunicorn",
+            &mut self.command(otel),
+            libc::SIGTERM,
+            Duration::from_secs(15),
+        )?;
+        wait_for_port(&mut p, self.port, Duration::from_secs(60))?;
+        for i in 0..PY_WARMUP_REQUESTS {
+            check_http_ok(self.port).with_context(|| {
+                format!(
+                    "warm-up request {} to gunicorn; its output:\n{}",
+                    i + 1,
+                    p.log()
+                )
+            })?;
+        }
+        Ok(p)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The bench
+
+struct Bench {
+    plan: Plan,
+    agent: AgentCmd,
+    /// The agent takes `--noop-probes`.
+    floor: bool,
+    tls_off_config: PathBuf,
+    nginx_pid: u32,
+    http_url: String,
+    https_url: String,
+    python: PythonService,
+    rotel: Receiver,
+    out_dir: PathBuf,
+    clk: u64,
+}
+
+impl Bench {
+    fn agent_extra(&self, c: Config) -> Vec<String> {
+        match c {
+            Config::Floor => vec!["--noop-probes".into()],
+            Config::TlsOff => vec!["--config".into(), self.tls_off_config.display().to_string()],
+            _ => Vec::new(),
+        }
+    }
+
+    fn configs(&self, w: WorkloadKind, round: usize) -> Vec<Config> {
+        run_order(w, round, self.floor)
+    }
+
+    /// (program, args, CSV file for ab) for one run.
+    fn load_command(
+        &self,
+        w: WorkloadKind,
+        secs: u32,
+        tag: &str,
+    ) -> (&'static str, Vec<String>, Option<PathBuf>) {
+        let wrk = |conns: u32, url: &str| -> Vec<String> {
+            vec![
+                "-t1".into(),
+                format!("-c{conns}"),
+                format!("-d{secs}s"),
+                "--latency".into(),
+                url.to_string(),
+            ]
+        };
+        let ab = |url: &str, csv: &Path| -> Vec<String> {
+            vec![
+                "-q".into(),
+                "-r".into(),
+                "-t".into(),
+                secs.to_string(),
+                // -t alone caps the run at 50000 requests.
+                "-n".into(),
+                (secs as u64 * 200_000).to_string(),
+                "-c".into(),
+                AB_CONCURRENCY.to_string(),
+                "-e".into(),
+                csv.display().to_string(),
+                url.to_string(),
+            ]
+        };
+        let csv = self.out_dir.join(format!("logs/{tag}-ab.csv"));
+        match w {
+            WorkloadKind::Http => ("wrk", wrk(WRK_CONNECTIONS, &self.http_url), None),
+            WorkloadKind::Https => ("wrk", wrk(WRK_CONNECTIONS, &self.https_url), None),
+            WorkloadKind::HttpConnPerReq => ("ab", ab(&self.http_url, &csv), Some(csv)),
+            WorkloadKind::HttpsConnPerReq => ("ab", ab(&self.https_url, &csv), Some(csv)),
+            WorkloadKind::Python => (
+                "wrk",
+                wrk(
+                    PY_CONNECTIONS,
+                    &format!("http://127.0.0.1:{}/", self.python.port),
+                ),
+                None,
+            ),
+        }
+    }
+
+    fn measure(&mut self, round: usize, w: WorkloadKind, config: Config) -> Result<Sample> {
+        let tag = format!("r{round}-{}-{}", w.key(), config.key());
+        wait_for_other_agents(Duration::from_secs(180))?;
+        self.rotel.check_running()?;
+        let (program, args, csv) = self.load_command(w, self.plan.secs, &tag);
+        eprintln!(
+            "bench: {} {tag}: {program} {}",
+            sys::since_start(),
+            args.join(" ")
+        );
+        let loadavg = loadavg();
+        let mut others = other_periscopes(None);
+        let rotel_mark = self.rotel.mark();
+
+        // The server (gunicorn is started per run), then the agent.
+        let mut gunicorn = None;
+        let mut warmup_traced = 0;
+        if w == WorkloadKind::Python {
+            gunicorn = Some(self.python.start(config == Config::Otel)?);
+            if config == Config::Otel {
+                warmup_traced = PY_WARMUP_REQUESTS;
+            }
+        }
+        let agent_log = self.out_dir.join(format!("logs/agent-{tag}.log"));
+        let agent = if config.is_agent() {
+            let (p, startup) = self
+                .agent
+                .start_timed(&self.agent_extra(config), &agent_log)?;
+            others = other_periscopes(Some(p.pid()));
+            Some((p, startup))
+        } else {
+            None
+        };
+        let server_pids = match &gunicorn {
+            Some(g) => {
+                let mut v = vec![g.pid()];
+                v.extend(children_of(g.pid()));
+                v
+            }
+            None => children_of(self.nginx_pid),
+        };
+        let server0 = sum_ticks(&server_pids);
+        let agent0 = match &agent {
+            Some((p, _)) => cpu_ticks(p.pid())?,
+            None => 0,
+        };
+        let rotel0 = self.rotel.cpu_ticks();
+        let client0 = reaped_children_cpu_ms();
+
+        let run = run_load(
+            program,
+            &args,
+            csv.as_deref(),
+            self.plan.secs,
+            &self.out_dir,
+            &tag,
+        );
+
+        let client_cpu_ms = reaped_children_cpu_ms() - client0;
+        let server1 = sum_ticks(&server_pids);
+        let agent_run =
+            agent.map(|(p, startup)| finish_agent(p, startup, agent0, self.clk, &agent_log));
+        if let Some(mut g) = gunicorn {
+            // SIGTERM: gunicorn's workers exit gracefully and the OTel SDK
+            // flushes what it still holds.
+            g.stop();
+            std::fs::write(
+                self.out_dir.join(format!("logs/{tag}-gunicorn.log")),
+                g.log(),
+            )
+            .ok();
+        }
+        let rotel_spans = self.rotel.spans_since(rotel_mark);
+        let rotel1 = self.rotel.cpu_ticks();
+        let (command, raw_output, load) = run?;
+        Ok(Sample {
+            round,
+            workload: w,
+            config,
+            command,
+            load,
+            server_cpu_ms: ticks_ms(server1.saturating_sub(server0), self.clk),
+            client_cpu_ms,
+            rotel_cpu_ms: ticks_ms(rotel1.saturating_sub(rotel0), self.clk),
+            agent: agent_run,
+            rotel_spans: Some(rotel_spans),
+            warmup_traced,
+            others,
+            loadavg,
+            raw_output,
+        })
+    }
+
+    fn measure_scaling(
+        &mut self,
+        round: usize,
+        rate: Option<u32>,
+        workers: u32,
+    ) -> Result<ScalingSample> {
+        let secs = self.plan.scaling_secs;
+        let tag = format!(
+            "r{round}-scaling-{}",
+            rate.map_or("max".to_string(), |r| r.to_string())
+        );
+        wait_for_other_agents(Duration::from_secs(180))?;
+        self.rotel.check_running()?;
+        let mut args = vec![
+            "-z".into(),
+            format!("{secs}s"),
+            "-c".into(),
+            workers.to_string(),
+        ];
+        if let Some(r) = rate {
+            args.extend(["-q".into(), (r / workers).max(1).to_string()]);
+        }
+        args.push(self.http_url.clone());
+        eprintln!(
+            "bench: {} {tag}: hey {}",
+            sys::since_start(),
+            args.join(" ")
+        );
+        let rotel_mark = self.rotel.mark();
+        let agent_log = self.out_dir.join(format!("logs/agent-{tag}.log"));
+        let (p, startup) = self.agent.start_timed(&[], &agent_log)?;
+        let others = other_periscopes(Some(p.pid()));
+        let agent0 = cpu_ticks(p.pid())?;
+        let run = run_load("hey", &args, None, secs, &self.out_dir, &tag);
+        let agent = finish_agent(p, startup, agent0, self.clk, &agent_log);
+        let rotel_spans = self.rotel.spans_since(rotel_mark);
+        let (command, raw_output, load) = run?;
+        Ok(ScalingSample {
+            round,
+            rate,
+            workers,
+            secs,
+            command,
+            load,
+            agent,
+            rotel_spans: Some(rotel_spans),
+            others,
+            raw_output,
+        })
+    }
+}
+
+/// The configurations of `w` in the order round `round` (from 1) runs them:
+/// A B C, B C A, C A B, ...: no configuration always runs first.
+fn run_order(w: WorkloadKind, round: usize, floor: bool) -> Vec<Config> {
+    let mut v: Vec<Config> = w
+        .configs()
+        .iter()
+        .copied()
+        .filter(|c| floor || *c != Config::Floor)
+        .collect();
+    let n = v.len();
+    v.rotate_left(round.saturating_sub(1) % n);
+    v
+}
+
+/// Run wrk, hey or ab to completion; returns (command line, raw stdout, parsed).
+fn run_load(
+    program: &str,
+    args: &[String],
+    csv: Option<&Path>,
+    secs: u32,
+    out_dir: &Path,
+    tag: &str,
+) -> Result<(String, String, LoadResult)> {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    let shown = show(&cmd);
+    let mut p = spawn(program, &mut cmd, libc::SIGTERM, Duration::from_secs(2))?;
+    let status = p.wait_exit(Duration::from_secs(secs as u64 + 60))?;
+    let out = p.stdout();
+    std::fs::write(out_dir.join(format!("logs/{tag}-{program}.txt")), p.log()).ok();
+    if !status.success() {
+        bail!("`{shown}` failed ({status}):\n{}", p.log());
+    }
+    let parsed = match program {
+        "wrk" => parse_wrk(&out),
+        "hey" => parse_hey(&out),
+        "ab" => {
+            let csv_text = match csv {
+                Some(c) => std::fs::read_to_string(c)
+                    .with_context(|| format!("reading {}", c.display()))?,
+                None => String::new(),
+            };
+            parse_ab(&out, &csv_text)
+        }
+        other => bail!("no parser for {other}"),
+    }
+    .with_context(|| format!("parsing the output of `{shown}`:\n{out}"))?;
+    Ok((shown, out, parsed))
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let t0 = Instant::now();
+    sys::install_interrupt_handler();
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        bail!(
+            "`cargo xtask bench` must run as root (euid is {euid}): the agent loads eBPF programs \
+             and missing packages are installed with apt. Try `sudo -E cargo xtask bench`."
+        );
+    }
+    let plan = Plan::new(&args);
+    let runs_per_round: usize = WORKLOADS.iter().map(|w| w.configs().len()).sum();
+    eprintln!(
+        "bench: {} round(s) of {runs_per_round} runs of {} s ({} workloads x their configurations), scaling at {} x {} s, \
+         TLS call cost; results in {}",
+        plan.rounds,
+        plan.secs,
+        WORKLOADS.len(),
+        SCALING.len(),
+        plan.scaling_secs,
+        args.out_dir.display()
+    );
+
+    // 1. Tools, tracefs, the venv and the agent binary.
+    env::ensure_apt_tools()?;
+    let rotel_agent = env::ensure_rotel()?;
+    env::ensure_tracefs()?;
+    let venv = env::ensure_venv()?;
+    // PERISCOPE_BIN (as in the end-to-end tests): bench that binary, unbuilt.
+    let given_bin = std::env::var_os("PERISCOPE_BIN")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from);
+    let t_build = Instant::now();
+    if args.build && given_bin.is_none() {
+        env::build_agent()?;
+    }
+    let build_time = t_build.elapsed();
+    let agent_bin =
+        given_bin.unwrap_or_else(|| crate::cmd::target_dir().join("release").join("periscope"));
+    if !agent_bin.is_file() {
+        bail!(
+            "{} is missing: build it with `cargo build --release -p periscope`",
+            agent_bin.display()
+        );
+    }
+    let floor = env::agent_has_noop_probes(&agent_bin);
+    if !floor {
+        eprintln!(
+            "bench: WARNING: {} does not take `run --noop-probes`: the floor configuration is left out and the report says so",
+            agent_bin.display()
+        );
+    }
+    std::fs::create_dir_all(args.out_dir.join("logs"))
+        .with_context(|| format!("creating {}", args.out_dir.display()))?;
+    let out_dir = args.out_dir.canonicalize()?;
+
+    let started = utc_stamp(SystemTime::now(), true);
+    let machine = env::machine_facts();
+    let tmp = TempDir::new("bench")?;
+
+    // 2. The receiver and nginx, up for the whole bench.
+    let rotel = Receiver::start(&rotel_agent)?;
+    let nginx_port = free_port();
+    let https_port = free_port();
+    let (cert, key) = env::make_test_cert(tmp.path())?;
+    let nginx_conf = env::write_nginx_files(tmp.path(), nginx_port, https_port, &cert, &key)?;
+    let mut nginx_cmd = Command::new("nginx");
+    nginx_cmd
+        .arg("-c")
+        .arg(&nginx_conf)
+        .arg("-p")
+        .arg(tmp.path())
+        .arg("-e")
+        .arg(tmp.join("error.log"));
+    let nginx_shown = show(&nginx_cmd);
+    let mut nginx = spawn(
+        "nginx",
+        &mut nginx_cmd,
+        libc::SIGTERM,
+        Duration::from_secs(5),
+    )?;
+    wait_for_port(&mut nginx, nginx_port, Duration::from_secs(15))?;
+    check_http_ok(nginx_port).context("nginx does not answer GET / with 200")?;
+
+    let tls_off_config = out_dir.join("tls-off.toml");
+    std::fs::write(&tls_off_config, "disabled_features = [\"tls\"]\n")?;
+    let app_dir = env::write_flask_app(tmp.path())?;
+    let mut b = Bench {
+        agent: AgentCmd {
+            bin: agent_bin.clone(),
+            args: vec!["run".into(), "--otlp-endpoint".into(), rotel.endpoint()],
+        },
+        python: PythonService {
+            venv,
+            app_dir,
+            port: free_port(),
+            otlp_endpoint: rotel.endpoint(),
+        },
+        plan,
+        floor,
+        tls_off_config,
+        nginx_pid: nginx.pid(),
+        http_url: format!("http://127.0.0.1:{nginx_port}/"),
+        https_url: format!("https://127.0.0.1:{https_port}/"),
+        rotel,
+        out_dir: out_dir.clone(),
+        clk: clk_tck(),
+    };
+
+    // 3. Warm-ups, not measured; each also checks that the workload runs cleanly.
+    warm_up(&mut b)?;
+
+    // 4. The rounds.
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut scaling: Vec<ScalingSample> = Vec::new();
+    let mut tls_calls: Vec<TlsCallSample> = Vec::new();
+    for round in 1..=b.plan.rounds {
+        for w in WORKLOADS {
+            for config in b.configs(w, round) {
+                check_interrupted()?;
+                let s = b.measure(round, w, config)?;
+                eprintln!("bench: {} {}", sys::since_start(), s.one_line());
+                samples.push(s);
+                if config.is_agent() {
+                    // Let the detached programs and the receiver settle.
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+        for (rate, workers) in SCALING {
+            check_interrupted()?;
+            let s = b.measure_scaling(round, rate, workers)?;
+            eprintln!("bench: {} {}", sys::since_start(), s.one_line());
+            scaling.push(s);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        check_interrupted()?;
+        let t = measure_tls_calls(
+            &b.agent,
+            &out_dir,
+            round,
+            b.plan.uprobe_iterations,
+            &cert,
+            &key,
+        )?;
+        eprintln!("bench: {} {}", sys::since_start(), t.one_line());
+        tls_calls.push(t);
+    }
+
+    // 5. Stop the servers (their logs go with the results), then report.
+    let mut commands: Vec<(String, String)> = vec![
+        ("nginx".into(), nginx_shown),
+        ("rotel".into(), b.rotel.shown.clone()),
+        ("agent".into(), b.agent.shown(&[])),
+        (
+            "agent, floor".into(),
+            b.agent.shown(&b.agent_extra(Config::Floor)),
+        ),
+        (
+            "agent, tls disabled".into(),
+            b.agent.shown(&b.agent_extra(Config::TlsOff)),
+        ),
+        ("gunicorn".into(), show(&b.python.command(false))),
+        (
+            "gunicorn, OTel".into(),
+            format!(
+                "OTEL_SERVICE_NAME=flask-bench OTEL_TRACES_EXPORTER=otlp OTEL_EXPORTER_OTLP_ENDPOINT={} \
+                 OTEL_EXPORTER_OTLP_PROTOCOL=grpc OTEL_METRICS_EXPORTER=none OTEL_LOGS_EXPORTER=none {}",
+                b.python.otlp_endpoint,
+                show(&b.python.command(true))
+            ),
+        ),
+    ];
+    for w in WORKLOADS {
+        let (program, args, _) = b.load_command(w, b.plan.secs, "TAG");
+        commands.push((w.key().into(), format!("{program} {}", args.join(" "))));
+    }
+    commands.push((
+        "tls calls".into(),
+        format!(
+            "{SYSTEM_PYTHON} -c <in-memory TLS loop, see xtask/src/bench/tls_calls.rs> {} CERT KEY",
+            b.plan.uprobe_iterations
+        ),
+    ));
+    std::fs::write(out_dir.join("logs/flask-app.py"), env::FLASK_APP).ok();
+    b.rotel.proc.stop();
+    nginx.stop();
+    std::fs::write(out_dir.join("logs/rotel.log"), b.rotel.proc.log()).ok();
+    std::fs::copy(tmp.join("error.log"), out_dir.join("logs/nginx-error.log")).ok();
+    std::fs::copy(&nginx_conf, out_dir.join("logs/nginx.conf")).ok();
+
+    let mut report = Report {
+        quick: b.plan.quick,
+        rounds: b.plan.rounds,
+        secs: b.plan.secs,
+        floor_measured: b.floor,
+        started,
+        elapsed: t0.elapsed(),
+        build_time,
+        waited: sys::waited(),
+        machine,
+        commands,
+        samples,
+        scaling,
+        tls_calls,
+        chart: None,
+    };
+    let chart_path = out_dir.join("chart.png");
+    match chart::draw(&report, &chart_path) {
+        Ok(()) => report.chart = Some("chart.png".into()),
+        Err(e) => eprintln!("bench: WARNING: no chart: {e:#}"),
+    }
+    let md = report.markdown();
+    std::fs::write(out_dir.join("summary.md"), &md)?;
+    std::fs::write(
+        out_dir.join("raw.json"),
+        serde_json::to_string_pretty(&report.json())? + "\n",
+    )?;
+    println!("{}", report.summary());
+    eprintln!(
+        "bench: wrote {}, {} and {} in {:.0} s",
+        out_dir.join("summary.md").display(),
+        chart_path.display(),
+        out_dir.join("raw.json").display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// wrk over HTTP and HTTPS, ab over both, and the Python service without and
+/// with the OTel instrumentation (whose spans must reach Rotel: otherwise
+/// the comparison would be with an instrumentation that does nothing).
+fn warm_up(b: &mut Bench) -> Result<()> {
+    eprintln!("bench: warm-up (not measured)");
+    for w in [
+        WorkloadKind::Http,
+        WorkloadKind::Https,
+        WorkloadKind::HttpConnPerReq,
+        WorkloadKind::HttpsConnPerReq,
+    ] {
+        let tag = format!("warmup-{}", w.key());
+        let (program, args, csv) = b.load_command(w, 2, &tag);
+        let (_, _, r) = run_load(program, &args, csv.as_deref(), 2, &b.out_dir, &tag)?;
+        if r.requests == 0 || r.errors > 0 || r.non_2xx > 0 {
+            bail!(
+                "{} does not run cleanly ({} requests, {} errors, {} non-2xx): see {}",
+                w.label(),
+                r.requests,
+                r.errors,
+                r.non_2xx,
+                b.out_dir
+                    .join(format!("logs/{tag}-{program}.txt"))
+                    .display()
+            );
+        }
+    }
+    for otel in [false, true] {
+        let tag = format!("warmup-python{}", if otel { "-otel" } else { "" });
+        let mark = b.rotel.mark();
+        let mut g = b.python.start(otel)?;
+        let (program, args, _) = b.load_command(WorkloadKind::Python, 2, &tag);
+        let run = run_load(program, &args, None, 2, &b.out_dir, &tag);
+        g.stop();
+        std::fs::write(b.out_dir.join(format!("logs/{tag}-gunicorn.log")), g.log()).ok();
+        let (_, _, r) = run?;
+        if r.requests == 0 || r.errors > 0 || r.non_2xx > 0 {
+            bail!(
+                "the Flask service does not run cleanly ({} requests, {} errors, {} non-2xx): see {}",
+                r.requests,
+                r.errors,
+                r.non_2xx,
+                b.out_dir.join(format!("logs/{tag}-wrk.txt")).display()
+            );
+        }
+        let spans = b.rotel.spans_since(mark);
+        let sent = r.requests + PY_WARMUP_REQUESTS;
+        eprintln!(
+            "bench: {tag}: {} requests, Rotel received {spans} spans",
+            sent
+        );
+        if otel && spans < sent {
+            bail!(
+                "the OpenTelemetry instrumentation of gunicorn sent {spans} spans to Rotel for {sent} requests: \
+                 it does not export every request (see {})",
+                b.out_dir.join(format!("logs/{tag}-gunicorn.log")).display()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn fmt_f(v: Option<f64>, decimals: usize) -> String {
+    v.map_or("n/a".into(), |x| format!("{x:.decimals$}"))
+}
+
+pub fn fmt_us(v: Option<f64>) -> String {
+    match v {
+        None => "n/a".into(),
+        Some(us) if us.abs() < 1000.0 => format!("{us:.0} us"),
+        Some(us) if us.abs() < 1e6 => format!("{:.2} ms", us / 1e3),
+        Some(us) => format!("{:.2} s", us / 1e6),
+    }
+}
+
+pub fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), Some(2.0));
+        assert_eq!(median([4.0, 1.0].into_iter()), Some(2.5));
+        assert_eq!(median(std::iter::empty()), None);
+    }
+
+    #[test]
+    fn formats() {
+        assert_eq!(fmt_us(Some(12.4)), "12 us");
+        assert_eq!(fmt_us(Some(-12.4)), "-12 us");
+        assert_eq!(fmt_us(Some(1500.0)), "1.50 ms");
+        assert_eq!(fmt_us(None), "n/a");
+        assert_eq!(fmt_f(Some(1.234), 1), "1.2");
+    }
+
+    #[test]
+    fn workloads_have_none_first() {
+        for w in WORKLOADS {
+            assert_eq!(w.configs()[0], Config::None, "{w:?}");
+            assert!(w.configs().contains(&Config::Periscope));
+            assert!(w.configs().contains(&Config::Floor));
+        }
+        assert!(WorkloadKind::Python.configs().contains(&Config::Otel));
+        assert!(!WorkloadKind::Http.configs().contains(&Config::Otel));
+    }
+
+    #[test]
+    fn rotation() {
+        use Config::*;
+        let w = WorkloadKind::Http;
+        assert_eq!(run_order(w, 1, true), vec![None, Periscope, Floor]);
+        assert_eq!(run_order(w, 2, true), vec![Periscope, Floor, None]);
+        assert_eq!(run_order(w, 3, true), vec![Floor, None, Periscope]);
+        assert_eq!(run_order(w, 4, true), vec![None, Periscope, Floor]);
+        assert_eq!(run_order(w, 2, false), vec![Periscope, None]);
+        assert_eq!(
+            run_order(WorkloadKind::Python, 1, true),
+            vec![None, Periscope, Floor, Otel]
+        );
+    }
+
+    #[test]
+    fn scaling_labels() {
+        assert_eq!(ScalingSample::rate_label(Some(20_000)), "20k req/s");
+        assert_eq!(ScalingSample::rate_label(Some(1500)), "1500 req/s");
+        assert_eq!(ScalingSample::rate_label(None), "max");
+    }
+}

@@ -1,0 +1,1687 @@
+//! Aggregates over rounds, the targets, and the Markdown and JSON reports.
+
+use super::env::{Machine, SYSTEM_PYTHON};
+use super::parse::StopLine;
+use super::tls_calls::TlsCallSample;
+use super::{
+    AgentRun, CONFIGS, Config, SCALING, Sample, ScalingSample, WORKLOADS, WorkloadKind, fmt_f,
+    fmt_us, median,
+};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// Targets from the issue.
+pub const TARGET_HTTP_RATIO: f64 = 0.95;
+pub const TARGET_HTTPS_RATIO: f64 = 0.90;
+/// Periscope's added latency per request at most this many times the floor's.
+pub const TARGET_FLOOR_FACTOR: f64 = 2.0;
+/// Periscope's overhead on the Python service at most this fraction of OTel's.
+pub const TARGET_OTEL_FRACTION: f64 = 0.2;
+pub const TARGET_RSS_MIB: f64 = 64.0;
+/// The rate at which the RSS target holds, and the one with zero lost events.
+pub const RSS_TARGET_RATE: u32 = 20_000;
+pub const LOSSLESS_RATE: u32 = 5000;
+/// A disabled feature must cost almost nothing: within 2% of no agent.
+pub const TARGET_TLS_OFF_RATIO: f64 = 0.98;
+/// A rate counts as reached when hey achieved this fraction of it.
+const RATE_REACHED: f64 = 0.9;
+
+pub struct Report {
+    pub quick: bool,
+    pub rounds: usize,
+    pub secs: u32,
+    /// The agent took `--noop-probes`.
+    pub floor_measured: bool,
+    pub started: String,
+    pub elapsed: Duration,
+    /// Of `elapsed`: building the agent, and waiting for other agents on the
+    /// machine to exit.
+    pub build_time: Duration,
+    pub waited: Duration,
+    pub machine: Machine,
+    /// (what, command line)
+    pub commands: Vec<(String, String)>,
+    pub samples: Vec<Sample>,
+    pub scaling: Vec<ScalingSample>,
+    pub tls_calls: Vec<TlsCallSample>,
+    /// The chart's file name in the results folder, if it was drawn.
+    pub chart: Option<String>,
+}
+
+/// Aggregates for one (workload, config) over the rounds.
+#[derive(Default)]
+pub struct Agg {
+    pub runs: usize,
+    pub rps: Option<f64>,
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+    pub requests: u64,
+    pub errors: u64,
+    pub non_2xx: u64,
+    pub server_cpu_1k: Option<f64>,
+    pub client_cpu_1k: Option<f64>,
+    pub agent_cpu_1k: Option<f64>,
+    pub total_cpu_1k: Option<f64>,
+    pub rotel_cpu_1k: Option<f64>,
+    pub peak_rss_mib: Option<f64>,
+    pub lost: Option<u64>,
+    pub exported: Option<u64>,
+    pub built: Option<u64>,
+    pub dropped: Option<u64>,
+    /// Events the agent received, summed over runs.
+    pub events: Option<u64>,
+    /// Agent runs without a `stopped:` line.
+    pub missing_stop: usize,
+    /// Spans Rotel received for the measured requests, summed over runs.
+    pub rotel_spans: Option<u64>,
+    /// SERVER + CLIENT spans built, summed over runs (when the agent reports them).
+    pub request_spans: Option<u64>,
+}
+
+/// One configuration against `none` in the same workload.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Overhead {
+    pub throughput_ratio: Option<f64>,
+    /// Median p50 with minus median p50 without, microseconds.
+    pub added_p50_us: Option<f64>,
+    pub added_p99_us: Option<f64>,
+    /// Server + load generator + agent CPU per 1000 requests, minus none's.
+    pub added_cpu_1k: Option<f64>,
+}
+
+impl Overhead {
+    pub fn throughput_loss(&self) -> Option<f64> {
+        self.throughput_ratio.map(|r| 1.0 - r)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Verdict {
+    Met,
+    Missed,
+    Unknown,
+}
+
+impl Verdict {
+    pub fn word(self) -> &'static str {
+        match self {
+            Verdict::Met => "yes",
+            Verdict::Missed => "**NO**",
+            Verdict::Unknown => "unknown",
+        }
+    }
+}
+
+pub struct Target {
+    pub name: String,
+    pub measured: String,
+    pub verdict: Verdict,
+}
+
+/// `a <= factor * b` for overheads, where 0 or less means "nothing
+/// measurable": Met if `a` is nothing; Missed if `a` is something and `b`
+/// is nothing (or `a` is more than allowed); Unknown without figures.
+pub fn judge_at_most(a: Option<f64>, b: Option<f64>, factor: f64) -> Verdict {
+    match (a, b) {
+        (Some(a), _) if a <= 0.0 => Verdict::Met,
+        (Some(a), Some(b)) => {
+            if a <= factor * b.max(0.0) {
+                Verdict::Met
+            } else {
+                Verdict::Missed
+            }
+        }
+        _ => Verdict::Unknown,
+    }
+}
+
+fn judge_ratio(r: Option<f64>, min: f64) -> Verdict {
+    match r {
+        Some(r) if r >= min => Verdict::Met,
+        Some(_) => Verdict::Missed,
+        None => Verdict::Unknown,
+    }
+}
+
+/// `a / b` when both are known and b is positive.
+pub fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+fn fmt_pct(r: Option<f64>) -> String {
+    r.map_or("n/a".into(), |r| format!("{:.1}%", r * 100.0))
+}
+
+fn fmt_added_us(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v >= 0.0 => format!("+{}", fmt_us(Some(v))),
+        other => fmt_us(other),
+    }
+}
+
+fn fmt_x(r: Option<f64>) -> String {
+    r.map_or("n/a".into(), |r| format!("{r:.2}x"))
+}
+
+/// Aggregates of scaling runs at one asked rate.
+#[derive(Default)]
+pub struct ScaleAgg {
+    pub runs: usize,
+    pub rps: Option<f64>,
+    pub requests: u64,
+    pub agent_cpu_per_s: Option<f64>,
+    pub agent_cpu_1k: Option<f64>,
+    pub peak_rss_mib: Option<f64>,
+    pub lost: Option<u64>,
+    pub exported: Option<u64>,
+    pub dropped: Option<u64>,
+    pub rotel_spans: Option<u64>,
+    pub request_spans: Option<u64>,
+    pub errors: u64,
+    pub missing_stop: usize,
+}
+
+fn sum_request_spans(agents: &[&AgentRun]) -> Option<u64> {
+    let v: Vec<u64> = agents
+        .iter()
+        .filter_map(|a| a.stop.as_ref()?.request_spans)
+        .collect();
+    (!agents.is_empty() && v.len() == agents.len()).then(|| v.iter().sum())
+}
+
+fn sum_stops(agents: &[&AgentRun], f: impl Fn(&StopLine) -> u64) -> Option<u64> {
+    let stops: Vec<&StopLine> = agents.iter().filter_map(|a| a.stop.as_ref()).collect();
+    (!agents.is_empty() && stops.len() == agents.len()).then(|| stops.iter().map(|s| f(s)).sum())
+}
+
+impl Report {
+    fn runs(&self, w: WorkloadKind, c: Config) -> impl Iterator<Item = &Sample> {
+        self.samples
+            .iter()
+            .filter(move |s| s.workload == w && s.config == c)
+    }
+
+    pub fn measured(&self, w: WorkloadKind, c: Config) -> bool {
+        self.runs(w, c).next().is_some()
+    }
+
+    pub fn agg(&self, w: WorkloadKind, c: Config) -> Agg {
+        let runs: Vec<&Sample> = self.runs(w, c).collect();
+        let agents: Vec<&AgentRun> = runs.iter().filter_map(|s| s.agent.as_ref()).collect();
+        let with_stop = agents.iter().filter(|a| a.stop.is_some()).count();
+        let rotel: Vec<u64> = runs
+            .iter()
+            .filter_map(|s| s.rotel_spans_for_run())
+            .collect();
+        Agg {
+            runs: runs.len(),
+            rps: median(runs.iter().map(|s| s.load.rps)),
+            p50: median(runs.iter().filter_map(|s| s.load.p50_us)),
+            p99: median(runs.iter().filter_map(|s| s.load.p99_us)),
+            requests: runs.iter().map(|s| s.load.requests).sum(),
+            errors: runs.iter().map(|s| s.load.errors).sum(),
+            non_2xx: runs.iter().map(|s| s.load.non_2xx).sum(),
+            server_cpu_1k: median(runs.iter().filter_map(|s| s.server_cpu_per_1k())),
+            client_cpu_1k: median(runs.iter().filter_map(|s| s.client_cpu_per_1k())),
+            agent_cpu_1k: median(runs.iter().filter_map(|s| s.agent_cpu_per_1k())),
+            total_cpu_1k: median(runs.iter().filter_map(|s| s.total_cpu_per_1k())),
+            rotel_cpu_1k: median(runs.iter().filter_map(|s| s.rotel_cpu_per_1k())),
+            peak_rss_mib: agents
+                .iter()
+                .map(|a| a.peak_rss_kib as f64 / 1024.0)
+                .reduce(f64::max),
+            lost: sum_stops(&agents, |s| s.lost),
+            exported: sum_stops(&agents, |s| s.exported),
+            built: sum_stops(&agents, |s| s.spans_built),
+            dropped: sum_stops(&agents, |s| s.dropped),
+            events: sum_stops(&agents, |s| s.events),
+            missing_stop: agents.len() - with_stop,
+            rotel_spans: (!runs.is_empty() && rotel.len() == runs.len())
+                .then(|| rotel.iter().sum()),
+            request_spans: sum_request_spans(&agents),
+        }
+    }
+
+    pub fn overhead(&self, w: WorkloadKind, c: Config) -> Overhead {
+        let none = self.agg(w, Config::None);
+        let a = self.agg(w, c);
+        if a.runs == 0 || none.runs == 0 {
+            return Overhead::default();
+        }
+        let diff = |x: Option<f64>, y: Option<f64>| x.zip(y).map(|(x, y)| x - y);
+        Overhead {
+            throughput_ratio: ratio(a.rps, none.rps),
+            added_p50_us: diff(a.p50, none.p50),
+            added_p99_us: diff(a.p99, none.p99),
+            added_cpu_1k: diff(a.total_cpu_1k, none.total_cpu_1k),
+        }
+    }
+
+    fn scale_runs(&self, rate: Option<u32>) -> impl Iterator<Item = &ScalingSample> {
+        self.scaling.iter().filter(move |s| s.rate == rate)
+    }
+
+    pub fn scale_agg(&self, rate: Option<u32>) -> ScaleAgg {
+        let runs: Vec<&ScalingSample> = self.scale_runs(rate).collect();
+        let agents: Vec<&AgentRun> = runs.iter().map(|s| &s.agent).collect();
+        let rotel: Vec<u64> = runs.iter().filter_map(|s| s.rotel_spans).collect();
+        ScaleAgg {
+            runs: runs.len(),
+            rps: median(runs.iter().map(|s| s.load.rps)),
+            requests: runs.iter().map(|s| s.load.requests).sum(),
+            agent_cpu_per_s: median(runs.iter().filter_map(|s| s.agent_cpu_per_s())),
+            agent_cpu_1k: median(runs.iter().filter_map(|s| s.agent_cpu_per_1k())),
+            peak_rss_mib: agents
+                .iter()
+                .map(|a| a.peak_rss_kib as f64 / 1024.0)
+                .reduce(f64::max),
+            lost: sum_stops(&agents, |s| s.lost),
+            exported: sum_stops(&agents, |s| s.exported),
+            dropped: sum_stops(&agents, |s| s.dropped),
+            rotel_spans: (!runs.is_empty() && rotel.len() == runs.len())
+                .then(|| rotel.iter().sum()),
+            request_spans: sum_request_spans(&agents),
+            errors: runs.iter().map(|s| s.load.errors + s.load.non_2xx).sum(),
+            missing_stop: agents.iter().filter(|a| a.stop.is_none()).count(),
+        }
+    }
+
+    /// The first asked rate (in scaling order) with events lost in the
+    /// kernel, and the first with spans dropped by the exporter.
+    pub fn drops_start(&self) -> (Option<Option<u32>>, Option<Option<u32>>) {
+        let mut lost = None;
+        let mut dropped = None;
+        for (rate, _) in SCALING {
+            let a = self.scale_agg(rate);
+            if a.runs == 0 {
+                continue;
+            }
+            if lost.is_none() && a.lost.is_some_and(|l| l > 0) {
+                lost = Some(rate);
+            }
+            if dropped.is_none() && a.dropped.is_some_and(|d| d > 0) {
+                dropped = Some(rate);
+            }
+        }
+        (lost, dropped)
+    }
+
+    /// Median extra CPU per hooked TLS call, from the in-memory loop.
+    fn tls_call_ns(&self) -> Option<f64> {
+        median(self.tls_calls.iter().filter_map(|t| t.ns_per_call()))
+    }
+
+    pub fn targets(&self) -> Vec<Target> {
+        let mut t = Vec::new();
+        let http = self
+            .overhead(WorkloadKind::Http, Config::Periscope)
+            .throughput_ratio;
+        t.push(Target {
+            name: format!(
+                "HTTP/1.1 keep-alive throughput with Periscope >= {:.0}% of none (wrk, median req/s)",
+                TARGET_HTTP_RATIO * 100.0
+            ),
+            measured: fmt_pct(http),
+            verdict: judge_ratio(http, TARGET_HTTP_RATIO),
+        });
+        let https = self
+            .overhead(WorkloadKind::Https, Config::Periscope)
+            .throughput_ratio;
+        t.push(Target {
+            name: format!(
+                "HTTPS keep-alive throughput with Periscope >= {:.0}% of none (wrk, TLS 1.3, median req/s)",
+                TARGET_HTTPS_RATIO * 100.0
+            ),
+            measured: fmt_pct(https),
+            verdict: judge_ratio(https, TARGET_HTTPS_RATIO),
+        });
+        for w in WORKLOADS {
+            let name = format!(
+                "{}: Periscope's added latency per request (p50) <= {TARGET_FLOOR_FACTOR:.0}x the floor's",
+                w.short()
+            );
+            if !self.floor_measured {
+                t.push(Target {
+                    name,
+                    measured: "floor not measured (the agent does not take `run --noop-probes`)"
+                        .into(),
+                    verdict: Verdict::Unknown,
+                });
+                continue;
+            }
+            let p = self.overhead(w, Config::Periscope).added_p50_us;
+            let f = self.overhead(w, Config::Floor).added_p50_us;
+            t.push(Target {
+                name,
+                measured: format!("Periscope {}, floor {}", fmt_added_us(p), fmt_added_us(f)),
+                verdict: judge_at_most(p, f, TARGET_FLOOR_FACTOR),
+            });
+        }
+        let p = self.overhead(WorkloadKind::Python, Config::Periscope);
+        let o = self.overhead(WorkloadKind::Python, Config::Otel);
+        t.push(Target {
+            name: format!(
+                "Flask/gunicorn: Periscope's added latency per request (p50) <= {:.0}% of OTel auto-instrumentation's",
+                TARGET_OTEL_FRACTION * 100.0
+            ),
+            measured: format!(
+                "Periscope {}, OTel {} ({} of OTel's)",
+                fmt_added_us(p.added_p50_us),
+                fmt_added_us(o.added_p50_us),
+                fmt_pct(ratio(p.added_p50_us, o.added_p50_us))
+            ),
+            verdict: judge_at_most(p.added_p50_us, o.added_p50_us, TARGET_OTEL_FRACTION),
+        });
+        t.push(Target {
+            name: format!(
+                "Flask/gunicorn: Periscope's throughput loss <= {:.0}% of OTel auto-instrumentation's",
+                TARGET_OTEL_FRACTION * 100.0
+            ),
+            measured: format!(
+                "Periscope {}, OTel {} ({} of OTel's)",
+                fmt_pct(p.throughput_loss()),
+                fmt_pct(o.throughput_loss()),
+                fmt_pct(ratio(p.throughput_loss(), o.throughput_loss()))
+            ),
+            verdict: judge_at_most(p.throughput_loss(), o.throughput_loss(), TARGET_OTEL_FRACTION),
+        });
+        let s20 = self.scale_agg(Some(RSS_TARGET_RATE));
+        let reached20 = s20
+            .rps
+            .is_some_and(|r| r >= RSS_TARGET_RATE as f64 * RATE_REACHED);
+        t.push(Target {
+            name: format!(
+                "agent RSS < {TARGET_RSS_MIB:.0} MiB at {}k req/s (scaling, VmHWM)",
+                RSS_TARGET_RATE / 1000
+            ),
+            measured: match s20.peak_rss_mib {
+                Some(m) => format!("{m:.1} MiB at {} req/s achieved", fmt_f(s20.rps, 0)),
+                None => "n/a".into(),
+            },
+            verdict: match s20.peak_rss_mib {
+                Some(m) if m >= TARGET_RSS_MIB => Verdict::Missed,
+                Some(m) if m > 0.0 && reached20 => Verdict::Met,
+                _ => Verdict::Unknown,
+            },
+        });
+        let worst = self
+            .samples
+            .iter()
+            .filter_map(|s| s.agent.as_ref())
+            .chain(self.scaling.iter().map(|s| &s.agent))
+            .map(|a| a.peak_rss_kib as f64 / 1024.0)
+            .reduce(f64::max);
+        t.push(Target {
+            name: format!(
+                "agent peak RSS < {TARGET_RSS_MIB:.0} MiB in every run (VmHWM, worst run)"
+            ),
+            measured: worst.map_or("n/a".into(), |m| format!("{m:.1} MiB")),
+            verdict: match worst {
+                Some(m) if m > 0.0 && m < TARGET_RSS_MIB => Verdict::Met,
+                Some(m) if m > 0.0 => Verdict::Missed,
+                _ => Verdict::Unknown,
+            },
+        });
+        let s5 = self.scale_agg(Some(LOSSLESS_RATE));
+        let reached5 = s5
+            .rps
+            .is_some_and(|r| r >= LOSSLESS_RATE as f64 * RATE_REACHED);
+        t.push(Target {
+            name: format!(
+                "zero events lost at {}k req/s (scaling, hey, all rounds)",
+                LOSSLESS_RATE / 1000
+            ),
+            measured: match s5.lost {
+                Some(l) => format!("{l} lost at {} req/s achieved", fmt_f(s5.rps, 0)),
+                None => format!(
+                    "n/a ({} agent run(s) without a `stopped:` line)",
+                    s5.missing_stop
+                ),
+            },
+            verdict: match s5.lost {
+                Some(0) if reached5 => Verdict::Met,
+                Some(0) => Verdict::Unknown,
+                Some(_) => Verdict::Missed,
+                None => Verdict::Unknown,
+            },
+        });
+        let off = self
+            .overhead(WorkloadKind::Https, Config::TlsOff)
+            .throughput_ratio;
+        t.push(Target {
+            name: format!(
+                "HTTPS keep-alive with the tls feature disabled >= {:.0}% of none (wrk, median req/s)",
+                TARGET_TLS_OFF_RATIO * 100.0
+            ),
+            measured: fmt_pct(off),
+            verdict: judge_ratio(off, TARGET_TLS_OFF_RATIO),
+        });
+        t
+    }
+
+    /// What the bench prints when it ends: the title, the targets, the
+    /// results and the comparisons (summary.md has everything).
+    pub fn summary(&self) -> String {
+        let mut m = self.title();
+        m.push_str(&self.targets_markdown());
+        m.push_str(&self.results_markdown());
+        m.push_str(&self.floor_markdown());
+        m.push_str(&self.otel_markdown());
+        m.push_str(&self.scaling_markdown());
+        m.push_str(&self.notes_markdown());
+        m
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut m = self.title();
+        m.push_str(&self.description());
+        if let Some(c) = &self.chart {
+            m.push_str(&format!(
+                "![throughput, added latency and scaling]({c})\n\n"
+            ));
+        }
+        m.push_str(&self.targets_markdown());
+        m.push_str(&self.results_markdown());
+        m.push_str(&self.floor_markdown());
+        m.push_str(&self.otel_markdown());
+        m.push_str(&self.scaling_markdown());
+        m.push_str(&self.notes_markdown());
+        m.push_str(&self.tls_call_markdown());
+        m.push_str(&self.every_run_markdown());
+
+        m.push_str("## Commands\n\n```\n");
+        for (what, c) in &self.commands {
+            m.push_str(&format!("# {what}\n{c}\n"));
+        }
+        m.push_str("```\n");
+        if !self.machine.versions.is_empty() {
+            m.push_str("\nVersions: ");
+            m.push_str(
+                &self
+                    .machine
+                    .versions
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+            m.push('\n');
+        }
+        m
+    }
+
+    fn title(&self) -> String {
+        let mut m = String::new();
+        let mode = if self.quick { "quick" } else { "full" };
+        m.push_str(&format!(
+            "# Periscope benchmark ({mode}: {} round(s) of {} s runs, started {} UTC, took {:.0} s)\n\n",
+            self.rounds,
+            self.secs,
+            self.started,
+            self.elapsed.as_secs_f64()
+        ));
+        if self.build_time.as_secs() > 0 || self.waited.as_secs() > 0 {
+            m.push_str(&format!(
+                "Of those {:.0} s: {:.0} s building the agent, {:.0} s waiting for other periscope processes on the \
+                 machine to exit; the bench itself took {:.0} s.\n\n",
+                self.elapsed.as_secs_f64(),
+                self.build_time.as_secs_f64(),
+                self.waited.as_secs_f64(),
+                self.elapsed.saturating_sub(self.build_time + self.waited).as_secs_f64()
+            ));
+        }
+        m
+    }
+
+    fn description(&self) -> String {
+        format!(
+            "Everything on 127.0.0.1: nginx (1 worker, static 42-byte page; HTTP/1.1 keep-alive with nginx's default 1000 \
+             requests per connection; HTTPS on a second port with TLS 1.3 and a self-signed RSA-2048 certificate), loaded \
+             by wrk (keep-alive) and ab (a new connection per request); a Flask app under gunicorn ({} sync workers, a \
+             fresh start per run) loaded by wrk. The agent exports OTLP/gRPC to Rotel (blackhole exporter), which runs for \
+             the whole bench. Configurations: `none` (no agent), `Periscope` (every feature on), `floor` (`periscope run \
+             --noop-probes`: the same kernel programs attached, each returning at once), `Periscope, tls disabled` \
+             (HTTPS keep-alive only), and for the Python service `OTel` (gunicorn under `opentelemetry-instrument` with the \
+             Flask instrumentation, exporting to the same Rotel). They are interleaved per round (the order rotates each \
+             round); figures are medians over rounds, every ratio and difference is against `none` of this run. HTTP/2 \
+             (h2load) is not benchmarked: Periscope does not trace HTTP/2 yet. {} CPU(s), nothing pinned: the servers, \
+             the load generators, the agent and Rotel share them. Kernel {}, load average at start {}.\n\n",
+            super::GUNICORN_WORKERS,
+            self.machine.nproc,
+            self.machine.kernel,
+            self.machine.loadavg
+        )
+    }
+
+    fn targets_markdown(&self) -> String {
+        let mut m = String::from("## Targets\n\n| target | measured | met |\n|---|---|---|\n");
+        let targets = self.targets();
+        for t in &targets {
+            m.push_str(&format!(
+                "| {} | {} | {} |\n",
+                t.name,
+                t.measured,
+                t.verdict.word()
+            ));
+        }
+        let missed: Vec<&Target> = targets
+            .iter()
+            .filter(|t| t.verdict != Verdict::Met)
+            .collect();
+        if missed.is_empty() {
+            m.push_str("\nAll targets met.\n\n");
+        } else {
+            m.push('\n');
+            for t in missed {
+                let what = if t.verdict == Verdict::Missed {
+                    "MISSED"
+                } else {
+                    "NOT ESTABLISHED"
+                };
+                m.push_str(&format!(
+                    "- Target {what}: {} (measured: {}).\n",
+                    t.name, t.measured
+                ));
+            }
+            m.push('\n');
+        }
+        m
+    }
+
+    fn results_markdown(&self) -> String {
+        let mut m = String::from("## Results (medians over rounds)\n\n");
+        m.push_str(
+            "| workload | config | req/s | vs none | p50 | p99 | added p50 | added p99 | CPU ms / 1k req | added CPU ms / 1k req \
+             | agent CPU ms / 1k req | agent peak RSS MiB | events lost | spans exported per request | spans dropped |\n",
+        );
+        m.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+        for w in WORKLOADS {
+            for c in w.configs() {
+                let a = self.agg(w, *c);
+                if a.runs == 0 {
+                    continue;
+                }
+                let o = self.overhead(w, *c);
+                let is_none = *c == Config::None;
+                let per_req = |n: u64| {
+                    if a.requests > 0 {
+                        format!("{:.3}", n as f64 / a.requests as f64)
+                    } else {
+                        "n/a".into()
+                    }
+                };
+                let spans = match (*c, a.exported, a.rotel_spans) {
+                    (Config::Otel, _, Some(r)) => per_req(r),
+                    (c, Some(e), _) if c.is_agent() => per_req(e),
+                    (c, _, _) if c.is_agent() || c == Config::Otel => "n/a".into(),
+                    _ => "-".into(),
+                };
+                let dropped = match a.dropped {
+                    Some(d) if c.is_agent() => d.to_string(),
+                    _ if c.is_agent() => "n/a".into(),
+                    _ => "-".into(),
+                };
+                let dash = |s: String| if is_none { "-".to_string() } else { s };
+                let agent = |s: String| if c.is_agent() { s } else { "-".to_string() };
+                m.push_str(&format!(
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    w.label(),
+                    c.label(),
+                    fmt_f(a.rps, 0),
+                    if is_none { "100%".into() } else { fmt_pct(o.throughput_ratio) },
+                    fmt_us(a.p50),
+                    fmt_us(a.p99),
+                    dash(fmt_added_us(o.added_p50_us)),
+                    dash(fmt_added_us(o.added_p99_us)),
+                    fmt_f(a.total_cpu_1k, 1),
+                    dash(o.added_cpu_1k.map_or("n/a".into(), |v| format!("{v:+.1}"))),
+                    agent(fmt_f(a.agent_cpu_1k, 2)),
+                    agent(fmt_f(a.peak_rss_mib, 1)),
+                    agent(a.lost.map_or("n/a".into(), |l| l.to_string())),
+                    spans,
+                    dropped,
+                ));
+            }
+        }
+        m.push_str(
+            "\nrequests = responses the load generator received. Spans exported per request: Periscope's include its \
+             phase spans (see Span accounting below); OTel's are those Rotel received (one per request, gunicorn's server \
+             span). CPU ms / 1k req = server (nginx workers; gunicorn \
+             master and workers, the OTel SDK's export thread included) + load generator + agent, user + system time; \
+             the kernel programs' own cost is charged to the traced processes. Agent CPU counts from `periscope ready` + \
+             1 s to when its CPU use settled after the load.\n\n",
+        );
+        m.push_str(&self.accounting_markdown());
+        m
+    }
+
+    fn accounting_markdown(&self) -> String {
+        let mut m = String::from(
+            "### Span accounting (sums over rounds)\n\n| workload | config | requests | request spans (SERVER + CLIENT) | per request \
+             | spans built | per request | exported | dropped | Rotel received | events lost |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for w in WORKLOADS {
+            for c in w.configs() {
+                let a = self.agg(w, *c);
+                if a.runs == 0 || !(c.is_agent() || *c == Config::Otel) {
+                    continue;
+                }
+                let per_req = |n: Option<u64>| match n {
+                    Some(n) if a.requests > 0 => format!("{:.3}", n as f64 / a.requests as f64),
+                    _ => "n/a".into(),
+                };
+                let n = |v: Option<u64>| v.map_or("n/a".into(), |v| v.to_string());
+                let agent = |s: String| if c.is_agent() { s } else { "-".to_string() };
+                m.push_str(&format!(
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    w.short(),
+                    c.label(),
+                    a.requests,
+                    agent(n(a.request_spans)),
+                    agent(per_req(a.request_spans)),
+                    agent(n(a.built)),
+                    agent(per_req(a.built)),
+                    agent(n(a.exported)),
+                    agent(n(a.dropped)),
+                    n(a.rotel_spans),
+                    agent(n(a.lost)),
+                ));
+            }
+        }
+        m.push_str(&format!(
+            "\nEvery request should give {} request spans with Periscope (the server's SERVER span and the load generator's \
+             CLIENT span: both sides are traced), a few more for requests in flight when the load generator stopped; \
+             phase spans (INTERNAL: connect, request.send, handler, ...) come on top. The floor and `tls disabled` (on \
+             HTTPS) build none. \"Rotel received\" counts the spans the receiver logged between the start of the run and \
+             the end of the agent's (or gunicorn's) flush; OTel's exclude the {} warm-up requests it also traced. Spans \
+             dropped are counted by the agent (export queue full), never silent.\n\n",
+            WorkloadKind::Http.spans_per_request(),
+            super::PY_WARMUP_REQUESTS,
+        ));
+        m
+    }
+
+    fn floor_markdown(&self) -> String {
+        let mut m =
+            String::from("## Periscope against the floor (the same probes doing nothing)\n\n");
+        if !self.floor_measured {
+            m.push_str("Not measured: the agent binary does not take `run --noop-probes`.\n\n");
+            return m;
+        }
+        m.push_str(
+            "| workload | throughput: Periscope | floor | added p50: Periscope | floor | Periscope / floor | added CPU ms / 1k req: Periscope | floor | Periscope / floor |\n|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for w in WORKLOADS {
+            let p = self.overhead(w, Config::Periscope);
+            let f = self.overhead(w, Config::Floor);
+            m.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                w.short(),
+                fmt_pct(p.throughput_ratio),
+                fmt_pct(f.throughput_ratio),
+                fmt_added_us(p.added_p50_us),
+                fmt_added_us(f.added_p50_us),
+                fmt_x(ratio(p.added_p50_us, f.added_p50_us)),
+                p.added_cpu_1k.map_or("n/a".into(), |v| format!("{v:+.1}")),
+                f.added_cpu_1k.map_or("n/a".into(), |v| format!("{v:+.1}")),
+                fmt_x(ratio(p.added_cpu_1k, f.added_cpu_1k)),
+            ));
+        }
+        m.push_str(
+            "\nThe floor is what any agent using these hooks pays (the traps and the programs' entry) before doing \
+             any work; Periscope / floor says how much its own work adds on top. A ratio is n/a when the floor added \
+             nothing measurable.\n\n",
+        );
+        m
+    }
+
+    fn otel_markdown(&self) -> String {
+        let mut m = String::from(
+            "## Periscope against the OpenTelemetry Python auto-instrumentation (Flask/gunicorn)\n\n",
+        );
+        let w = WorkloadKind::Python;
+        if !self.measured(w, Config::Otel) {
+            m.push_str("Not measured.\n\n");
+            return m;
+        }
+        let p = self.overhead(w, Config::Periscope);
+        let o = self.overhead(w, Config::Otel);
+        let (pa, oa) = (self.agg(w, Config::Periscope), self.agg(w, Config::Otel));
+        m.push_str("| overhead | Periscope | OTel auto-instrumentation | Periscope / OTel |\n|---|---|---|---|\n");
+        m.push_str(&format!(
+            "| throughput loss | {} | {} | {} |\n",
+            fmt_pct(p.throughput_loss()),
+            fmt_pct(o.throughput_loss()),
+            fmt_pct(ratio(p.throughput_loss(), o.throughput_loss()))
+        ));
+        m.push_str(&format!(
+            "| added latency per request (p50) | {} | {} | {} |\n",
+            fmt_added_us(p.added_p50_us),
+            fmt_added_us(o.added_p50_us),
+            fmt_pct(ratio(p.added_p50_us, o.added_p50_us))
+        ));
+        m.push_str(&format!(
+            "| added latency (p99) | {} | {} | {} |\n",
+            fmt_added_us(p.added_p99_us),
+            fmt_added_us(o.added_p99_us),
+            fmt_pct(ratio(p.added_p99_us, o.added_p99_us))
+        ));
+        m.push_str(&format!(
+            "| added CPU ms / 1k req (server + client + agent) | {} | {} | {} |\n",
+            p.added_cpu_1k.map_or("n/a".into(), |v| format!("{v:+.1}")),
+            o.added_cpu_1k.map_or("n/a".into(), |v| format!("{v:+.1}")),
+            fmt_pct(ratio(p.added_cpu_1k, o.added_cpu_1k))
+        ));
+        let spans = |n: Option<u64>, reqs: u64| match n {
+            Some(n) if reqs > 0 => format!("{:.3}", n as f64 / reqs as f64),
+            _ => "n/a".into(),
+        };
+        m.push_str(&format!(
+            "| spans received by Rotel per request | {} | {} | |\n\n",
+            spans(pa.rotel_spans, pa.requests),
+            spans(oa.rotel_spans, oa.requests)
+        ));
+        m.push_str(
+            "Periscope's spans cover gunicorn (server) and wrk (client) without touching either; the OTel \
+             instrumentation gives gunicorn's server span from inside the process. Periscope's CPU is in its own \
+             process (agent CPU), OTel's in the workers.\n\n",
+        );
+        m
+    }
+
+    fn scaling_markdown(&self) -> String {
+        let mut m = String::from(
+            "## Scaling (nginx HTTP keep-alive, hey at fixed rates, with Periscope)\n\n",
+        );
+        if self.scaling.is_empty() {
+            m.push_str("Not measured.\n\n");
+            return m;
+        }
+        m.push_str(
+            "| asked | achieved req/s | requests | agent CPU ms / s | agent CPU ms / 1k req | agent peak RSS MiB | events lost | request spans per request | spans exported / requests | spans dropped | Rotel received | failed |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for (rate, workers) in SCALING {
+            let a = self.scale_agg(rate);
+            if a.runs == 0 {
+                continue;
+            }
+            let per_req = |n: u64| {
+                if a.requests > 0 {
+                    format!("{:.3}", n as f64 / a.requests as f64)
+                } else {
+                    "n/a".into()
+                }
+            };
+            m.push_str(&format!(
+                "| {} (hey -c {workers}) | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                ScalingSample::rate_label(rate),
+                fmt_f(a.rps, 0),
+                a.requests,
+                fmt_f(a.agent_cpu_per_s, 0),
+                fmt_f(a.agent_cpu_1k, 2),
+                fmt_f(a.peak_rss_mib, 1),
+                a.lost.map_or("n/a".into(), |l| l.to_string()),
+                a.request_spans.map_or("n/a".into(), per_req),
+                a.exported.map_or("n/a".into(), |e| format!("{e} / {} ({})", a.requests, per_req(e))),
+                a.dropped.map_or("n/a".into(), |d| d.to_string()),
+                a.rotel_spans.map_or("n/a".into(), |r| r.to_string()),
+                a.errors,
+            ));
+        }
+        let (lost, dropped) = self.drops_start();
+        let at = |r: Option<Option<u32>>| match r {
+            None => "none up to the highest rate measured".to_string(),
+            Some(rate) => format!("from {}", ScalingSample::rate_label(rate)),
+        };
+        m.push_str(&format!(
+            "\nEvents lost in the kernel (ring buffer full): {}. Spans dropped by the exporter (queue full): {}. \
+             agent CPU ms / s is CPU time per second of load (1000 = one core). hey's latency has 0.1 ms resolution and \
+             is not reported here.\n\n",
+            at(lost),
+            at(dropped)
+        ));
+        m
+    }
+
+    fn notes_markdown(&self) -> String {
+        let mut notes = Vec::new();
+        if !self.floor_measured {
+            notes.push(
+                "The agent does not take `run --noop-probes`: the floor configuration was not measured.".to_string(),
+            );
+        }
+        let agent_runs = self
+            .samples
+            .iter()
+            .filter_map(|s| s.agent.as_ref())
+            .chain(self.scaling.iter().map(|s| &s.agent));
+        if agent_runs
+            .filter_map(|a| a.stop.as_ref())
+            .any(|st| st.request_spans.is_none())
+        {
+            notes.push(
+                "The agent's `stopped:` line does not count request spans (SERVER + CLIENT) apart from phase spans: spans \
+                 per request are given, but they cannot show that every request was traced."
+                    .to_string(),
+            );
+        }
+        for w in WORKLOADS {
+            for c in CONFIGS {
+                let a = self.agg(w, c);
+                if a.runs == 0 {
+                    continue;
+                }
+                if a.errors > 0 || a.non_2xx > 0 {
+                    notes.push(format!(
+                        "{} {}: {} socket errors / failed requests, {} non-2xx/3xx responses",
+                        w.label(),
+                        c.label(),
+                        a.errors,
+                        a.non_2xx
+                    ));
+                }
+                if c.is_agent() {
+                    if let Some(d) = a.dropped.filter(|d| *d > 0) {
+                        notes.push(format!(
+                            "{} {}: the exporter dropped {d} spans",
+                            w.label(),
+                            c.label()
+                        ));
+                    }
+                    if let Some(l) = a.lost.filter(|l| *l > 0) {
+                        notes.push(format!(
+                            "{} {}: {l} events lost in the kernel",
+                            w.label(),
+                            c.label()
+                        ));
+                    }
+                    let want = if c == Config::Periscope {
+                        w.spans_per_request() * a.requests
+                    } else {
+                        0
+                    };
+                    if let Some(r) = a.request_spans
+                        && c != Config::TlsOff
+                        && (r < want || r > want + want / 100 + 100)
+                    {
+                        notes.push(format!(
+                            "{} {}: {} requests completed but {r} request spans built ({:.3} per request; expected {})",
+                            w.label(),
+                            c.label(),
+                            a.requests,
+                            if a.requests > 0 { r as f64 / a.requests as f64 } else { 0.0 },
+                            if c == Config::Periscope { w.spans_per_request() } else { 0 },
+                        ));
+                    }
+                    if let (Some(e), Some(r)) = (a.exported, a.rotel_spans)
+                        && e != r
+                    {
+                        notes.push(format!(
+                            "{} {}: the agent says it exported {e} spans, Rotel logged {r}",
+                            w.label(),
+                            c.label()
+                        ));
+                    }
+                    if a.missing_stop > 0 {
+                        notes.push(format!(
+                            "{} {}: {} run(s) ended without a `stopped:` line (see logs/)",
+                            w.label(),
+                            c.label(),
+                            a.missing_stop
+                        ));
+                    }
+                }
+                if c == Config::Otel
+                    && let Some(r) = a.rotel_spans
+                    && r < a.requests
+                {
+                    notes.push(format!(
+                        "{} OTel: Rotel received {r} spans for {} requests: the OTel SDK did not export every request",
+                        w.label(),
+                        a.requests
+                    ));
+                }
+            }
+        }
+        for s in &self.samples {
+            if let Some(a) = &s.agent
+                && a.exit != "exit status: 0"
+            {
+                notes.push(format!(
+                    "round {} {} {}: agent {}",
+                    s.round,
+                    s.workload.key(),
+                    s.config.key(),
+                    a.exit
+                ));
+            }
+            if !s.others.is_empty() {
+                notes.push(format!(
+                    "round {} {} {}: other periscope process(es) were running ({:?}): figures of this run are disturbed",
+                    s.round,
+                    s.workload.key(),
+                    s.config.key(),
+                    s.others
+                ));
+            }
+        }
+        for s in &self.scaling {
+            if s.agent.exit != "exit status: 0" {
+                notes.push(format!(
+                    "round {} scaling {}: agent {}",
+                    s.round,
+                    ScalingSample::rate_label(s.rate),
+                    s.agent.exit
+                ));
+            }
+            if !s.others.is_empty() {
+                notes.push(format!(
+                    "round {} scaling {}: other periscope process(es) were running ({:?}): figures of this run are disturbed",
+                    s.round,
+                    ScalingSample::rate_label(s.rate),
+                    s.others
+                ));
+            }
+        }
+        if notes.is_empty() {
+            return String::new();
+        }
+        let mut m = String::from("## Notes\n\n");
+        for n in notes {
+            m.push_str(&format!("- {n}\n"));
+        }
+        m.push('\n');
+        m
+    }
+
+    /// The proxy from the HTTPS runs: nginx's extra CPU per request with the
+    /// agent over its estimated hooked calls per request.
+    fn tls_call_proxy(&self) -> TlsProxy {
+        let delta_ns = |w: WorkloadKind| -> Option<f64> {
+            let b = self.agg(w, Config::None).server_cpu_1k?;
+            let a = self.agg(w, Config::Periscope).server_cpu_1k?;
+            Some((a - b) * 1e6 / 1000.0)
+        };
+        let per_req = |w: WorkloadKind| -> Option<f64> {
+            let a = self.agg(w, Config::Periscope);
+            let e = a.events?;
+            (a.requests > 0).then(|| e as f64 / a.requests as f64)
+        };
+        let https = delta_ns(WorkloadKind::Https);
+        let http = delta_ns(WorkloadKind::Http);
+        let (ev_https, ev_http) = (per_req(WorkloadKind::Https), per_req(WorkloadKind::Http));
+        // On a TLS connection the agent's events are the plaintext of the
+        // SSL_read/SSL_write calls that moved data, and nginx and wrk each
+        // make half of them. Calls that moved nothing trap too but send no
+        // event: the count is low, so the cost per call is, if anything,
+        // overstated.
+        let calls = ev_https.filter(|e| *e > 0.0).map(|e| e / 2.0);
+        let per_call = |d: Option<f64>| match (d, calls) {
+            (Some(d), Some(c)) if c > 0.0 => Some(d / c),
+            _ => None,
+        };
+        TlsProxy {
+            nginx_extra_ns_https: https,
+            nginx_extra_ns_http: http,
+            events_per_req_https: ev_https,
+            events_per_req_http: ev_http,
+            nginx_calls_per_req: calls,
+            ns_per_call: per_call(https),
+            ns_per_call_net: per_call(https.zip(http).map(|(a, b)| a - b)),
+        }
+    }
+
+    fn tls_call_markdown(&self) -> String {
+        let mut m = String::from("## Uprobe cost per TLS library call\n\n");
+        let direct = self.tls_call_ns();
+        m.push_str(&format!(
+            "- **Measured directly: {} ns of CPU per hooked call** (one uprobe + one uretprobe + the agent's kernel program), \
+             median over {} round(s). Method: Debian's Python (`{SYSTEM_PYTHON}`, system libssl) pushes 64-byte records through \
+             an in-memory TLS 1.3 pair (`ssl.MemoryBIO`: no socket, no syscalls), `SSL_write_ex` + `SSL_read_ex` per iteration; \
+             the loop's CPU time (`time.process_time`) with the agent minus without, over the number of calls. The agent \
+             cannot tie these calls to a socket, so it does less with them than with real traffic: this is the cost of the \
+             trap and the program's first steps, the floor for any hooked call.\n",
+            fmt_f(direct, 0),
+            self.tls_calls.len()
+        ));
+        let p = self.tls_call_proxy();
+        m.push_str(&format!(
+            "- Proxy from the HTTPS keep-alive runs: {} ns per call = nginx's extra CPU per HTTPS request with the agent ({} ns) / \
+             nginx's estimated hooked calls per request ({}). Calls per request are estimated from the agent's event count: \
+             events per HTTPS request ({}) / 2, because each SSL_read/SSL_write that moves data is one event and nginx and wrk \
+             each make half of them (events per plain HTTP request, for comparison: {}). Calls that move nothing trap too \
+             but send no event, so the calls are undercounted and the cost overstated. nginx's extra CPU also includes the \
+             socket tracepoints that plain HTTP pays too ({} ns per plain request); without that part: {} ns per call.\n",
+            fmt_f(p.ns_per_call, 0),
+            fmt_f(p.nginx_extra_ns_https, 0),
+            fmt_f(p.nginx_calls_per_req, 2),
+            fmt_f(p.events_per_req_https, 2),
+            fmt_f(p.events_per_req_http, 2),
+            fmt_f(p.nginx_extra_ns_http, 0),
+            fmt_f(p.ns_per_call_net, 0),
+        ));
+        if !self.tls_calls.is_empty() {
+            m.push_str("\n| round | calls | CPU s without agent | CPU s with agent | ns per call | agent events |\n|---|---|---|---|---|---|\n");
+            for t in &self.tls_calls {
+                m.push_str(&format!(
+                    "| {} | {} | {:.3} | {:.3} | {} | {} |\n",
+                    t.round,
+                    t.calls,
+                    t.baseline_cpu_s,
+                    t.agent_cpu_s,
+                    fmt_f(t.ns_per_call(), 0),
+                    t.agent_events.map_or("n/a".into(), |e| e.to_string())
+                ));
+            }
+            for t in self.tls_calls.iter().filter(|t| !t.others.is_empty()) {
+                m.push_str(&format!(
+                    "\nRound {}: other periscope process(es) {:?} were running during the TLS call loop: its figures are disturbed.\n",
+                    t.round, t.others
+                ));
+            }
+        }
+        m.push('\n');
+        m
+    }
+
+    fn every_run_markdown(&self) -> String {
+        let mut m = String::from(
+            "## Every run\n\n| round | workload | config | req/s | requests | p50 | p99 | server CPU ms | client CPU ms | agent CPU ms | \
+             agent ms / 1k req | peak RSS MiB | drain ms | events | spans exported | lost | Rotel received | Rotel CPU ms |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for s in &self.samples {
+            let (cpu, per1k, rss, drain, events, exported, lost) = match &s.agent {
+                Some(a) => (
+                    format!("{:.0}", a.cpu_ms),
+                    fmt_f(s.agent_cpu_per_1k(), 2),
+                    format!("{:.1}", a.peak_rss_kib as f64 / 1024.0),
+                    a.drain_ms.to_string(),
+                    a.stop
+                        .as_ref()
+                        .map_or("n/a".into(), |x| x.events.to_string()),
+                    a.stop
+                        .as_ref()
+                        .map_or("n/a".into(), |x| x.exported.to_string()),
+                    a.stop.as_ref().map_or("n/a".into(), |x| x.lost.to_string()),
+                ),
+                None => Default::default(),
+            };
+            m.push_str(&format!(
+                "| {} | {} | {} | {:.0} | {} | {} | {} | {:.0} | {:.0} | {cpu} | {per1k} | {rss} | {drain} | {events} | {exported} | {lost} | {} | {:.0} |\n",
+                s.round,
+                s.workload.key(),
+                s.config.key(),
+                s.load.rps,
+                s.load.requests,
+                fmt_us(s.load.p50_us),
+                fmt_us(s.load.p99_us),
+                s.server_cpu_ms,
+                s.client_cpu_ms,
+                s.rotel_spans_for_run().map_or("n/a".into(), |r| r.to_string()),
+                s.rotel_cpu_ms,
+            ));
+        }
+        for s in &self.scaling {
+            let a = &s.agent;
+            m.push_str(&format!(
+                "| {} | scaling {} | periscope | {:.0} | {} | {} | {} | | | {:.0} | {} | {:.1} | {} | {} | {} | {} | {} | |\n",
+                s.round,
+                ScalingSample::rate_label(s.rate),
+                s.load.rps,
+                s.load.requests,
+                fmt_us(s.load.p50_us),
+                fmt_us(s.load.p99_us),
+                a.cpu_ms,
+                fmt_f(s.agent_cpu_per_1k(), 2),
+                a.peak_rss_kib as f64 / 1024.0,
+                a.drain_ms,
+                a.stop.as_ref().map_or("n/a".into(), |x| x.events.to_string()),
+                a.stop.as_ref().map_or("n/a".into(), |x| x.exported.to_string()),
+                a.stop.as_ref().map_or("n/a".into(), |x| x.lost.to_string()),
+                s.rotel_spans.map_or("n/a".into(), |r| r.to_string()),
+            ));
+        }
+        m.push('\n');
+        m
+    }
+
+    fn tls_call_json(&self) -> Value {
+        let p = self.tls_call_proxy();
+        json!({
+            "ns_per_call_direct_median": self.tls_call_ns(),
+            "rounds": self.tls_calls.iter().map(|t| json!({
+                "round": t.round,
+                "calls": t.calls,
+                "baseline_cpu_s": t.baseline_cpu_s,
+                "agent_cpu_s": t.agent_cpu_s,
+                "ns_per_call": t.ns_per_call(),
+                "agent_events": t.agent_events,
+                "other_periscope_pids": t.others,
+            })).collect::<Vec<_>>(),
+            "proxy": {
+                "nginx_extra_ns_per_https_request": p.nginx_extra_ns_https,
+                "nginx_extra_ns_per_http_request": p.nginx_extra_ns_http,
+                "agent_events_per_https_request": p.events_per_req_https,
+                "agent_events_per_http_request": p.events_per_req_http,
+                "nginx_hooked_calls_per_request_estimate": p.nginx_calls_per_req,
+                "method": "nginx extra CPU per HTTPS request (periscope - none) / (agent events per HTTPS request / 2)",
+                "ns_per_call": p.ns_per_call,
+                "ns_per_call_without_the_http_delta": p.ns_per_call_net,
+            },
+        })
+    }
+
+    pub fn json(&self) -> Value {
+        let agent_json = |a: &AgentRun, requests: u64| {
+            json!({
+                "startup_ms": a.startup_ms,
+                "cpu_ms": a.cpu_ms,
+                "cpu_ms_per_1k_requests": super::per_1k(a.cpu_ms, requests),
+                "drain_ms": a.drain_ms,
+                "peak_rss_kib": a.peak_rss_kib,
+                "end_rss_kib": a.end_rss_kib,
+                "exit": a.exit,
+                "stopped": a.stop.as_ref().map(|st| json!({
+                    "events": st.events,
+                    "spans_built": st.spans_built,
+                    "exported": st.exported,
+                    "dropped": st.dropped,
+                    "events_lost_in_kernel": st.lost,
+                    "request_spans": st.request_spans,
+                })),
+            })
+        };
+        let runs: Vec<Value> = self
+            .samples
+            .iter()
+            .map(|s| {
+                json!({
+                    "round": s.round,
+                    "workload": s.workload.key(),
+                    "config": s.config.key(),
+                    "command": s.command,
+                    "requests": s.load.requests,
+                    "requests_per_sec": s.load.rps,
+                    "latency_p50_us": s.load.p50_us,
+                    "latency_p99_us": s.load.p99_us,
+                    "errors": s.load.errors,
+                    "non_2xx_3xx": s.load.non_2xx,
+                    "server_cpu_ms": s.server_cpu_ms,
+                    "client_cpu_ms": s.client_cpu_ms,
+                    "rotel_cpu_ms": s.rotel_cpu_ms,
+                    "total_cpu_ms_per_1k_requests": s.total_cpu_per_1k(),
+                    "rotel_spans_received": s.rotel_spans,
+                    "warmup_requests_traced": s.warmup_traced,
+                    "other_periscope_pids": s.others,
+                    "loadavg_before": s.loadavg,
+                    "agent": s.agent.as_ref().map(|a| agent_json(a, s.load.requests)),
+                    "raw_output": s.raw_output,
+                })
+            })
+            .collect();
+        let mut summary = serde_json::Map::new();
+        for w in WORKLOADS {
+            for c in w.configs() {
+                let a = self.agg(w, *c);
+                if a.runs == 0 {
+                    continue;
+                }
+                let o = self.overhead(w, *c);
+                summary.insert(
+                    format!("{}_{}", w.key(), c.key()),
+                    json!({
+                        "runs": a.runs,
+                        "median_requests_per_sec": a.rps,
+                        "throughput_ratio": o.throughput_ratio,
+                        "median_latency_p50_us": a.p50,
+                        "median_latency_p99_us": a.p99,
+                        "added_latency_p50_us": o.added_p50_us,
+                        "added_latency_p99_us": o.added_p99_us,
+                        "requests": a.requests,
+                        "errors": a.errors,
+                        "non_2xx_3xx": a.non_2xx,
+                        "median_server_cpu_ms_per_1k_requests": a.server_cpu_1k,
+                        "median_client_cpu_ms_per_1k_requests": a.client_cpu_1k,
+                        "median_agent_cpu_ms_per_1k_requests": a.agent_cpu_1k,
+                        "median_total_cpu_ms_per_1k_requests": a.total_cpu_1k,
+                        "added_cpu_ms_per_1k_requests": o.added_cpu_1k,
+                        "median_rotel_cpu_ms_per_1k_requests": a.rotel_cpu_1k,
+                        "max_agent_peak_rss_mib": a.peak_rss_mib,
+                        "events_lost": a.lost,
+                        "spans_built": a.built,
+                        "spans_exported": a.exported,
+                        "spans_dropped": a.dropped,
+                        "request_spans": a.request_spans,
+                        "rotel_spans_received": a.rotel_spans,
+                    }),
+                );
+            }
+            if self.floor_measured {
+                let p = self.overhead(w, Config::Periscope);
+                let f = self.overhead(w, Config::Floor);
+                summary.insert(
+                    format!("{}_periscope_over_floor", w.key()),
+                    json!({
+                        "added_latency_p50": ratio(p.added_p50_us, f.added_p50_us),
+                        "added_cpu": ratio(p.added_cpu_1k, f.added_cpu_1k),
+                    }),
+                );
+            }
+        }
+        let p = self.overhead(WorkloadKind::Python, Config::Periscope);
+        let o = self.overhead(WorkloadKind::Python, Config::Otel);
+        summary.insert(
+            "python_flask_periscope_over_otel".into(),
+            json!({
+                "added_latency_p50": ratio(p.added_p50_us, o.added_p50_us),
+                "throughput_loss": ratio(p.throughput_loss(), o.throughput_loss()),
+                "added_cpu": ratio(p.added_cpu_1k, o.added_cpu_1k),
+            }),
+        );
+        let scaling: Vec<Value> = SCALING
+            .iter()
+            .filter_map(|(rate, workers)| {
+                let a = self.scale_agg(*rate);
+                (a.runs > 0).then(|| {
+                    json!({
+                        "asked_requests_per_sec": rate,
+                        "hey_workers": workers,
+                        "runs": a.runs,
+                        "median_requests_per_sec": a.rps,
+                        "requests": a.requests,
+                        "median_agent_cpu_ms_per_s": a.agent_cpu_per_s,
+                        "median_agent_cpu_ms_per_1k_requests": a.agent_cpu_1k,
+                        "max_agent_peak_rss_mib": a.peak_rss_mib,
+                        "events_lost": a.lost,
+                        "spans_exported": a.exported,
+                        "spans_dropped": a.dropped,
+                        "request_spans": a.request_spans,
+                        "rotel_spans_received": a.rotel_spans,
+                        "failed_or_non_2xx": a.errors,
+                    })
+                })
+            })
+            .collect();
+        let scaling_runs: Vec<Value> = self
+            .scaling
+            .iter()
+            .map(|s| {
+                json!({
+                    "round": s.round,
+                    "asked_requests_per_sec": s.rate,
+                    "hey_workers": s.workers,
+                    "secs": s.secs,
+                    "command": s.command,
+                    "requests": s.load.requests,
+                    "requests_per_sec": s.load.rps,
+                    "latency_p50_us": s.load.p50_us,
+                    "latency_p99_us": s.load.p99_us,
+                    "errors": s.load.errors,
+                    "non_2xx_3xx": s.load.non_2xx,
+                    "agent": agent_json(&s.agent, s.load.requests),
+                    "agent_cpu_ms_per_s": s.agent_cpu_per_s(),
+                    "rotel_spans_received": s.rotel_spans,
+                    "other_periscope_pids": s.others,
+                    "raw_output": s.raw_output,
+                })
+            })
+            .collect();
+        let (lost_from, dropped_from) = self.drops_start();
+        let targets: Vec<Value> = self
+            .targets()
+            .iter()
+            .map(|t| {
+                json!({
+                    "target": t.name,
+                    "measured": t.measured,
+                    "met": match t.verdict { Verdict::Met => json!(true), Verdict::Missed => json!(false), Verdict::Unknown => Value::Null },
+                })
+            })
+            .collect();
+        json!({
+            "started_utc": self.started,
+            "quick": self.quick,
+            "rounds": self.rounds,
+            "secs_per_run": self.secs,
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "build_s": self.build_time.as_secs_f64(),
+            "waited_for_other_agents_s": self.waited.as_secs_f64(),
+            "floor_measured": self.floor_measured,
+            "machine": {
+                "cpus": self.machine.nproc,
+                "kernel": self.machine.kernel,
+                "loadavg_at_start": self.machine.loadavg,
+                "versions": self.machine.versions.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect::<serde_json::Map<_, _>>(),
+            },
+            "commands": self.commands.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect::<serde_json::Map<_, _>>(),
+            "tls_call_cost": self.tls_call_json(),
+            "targets": targets,
+            "summary": summary,
+            "scaling": {
+                "rates": scaling,
+                "events_lost_from_asked_rate": lost_from.map(|r| r.map_or(json!("max"), |r| json!(r))),
+                "spans_dropped_from_asked_rate": dropped_from.map(|r| r.map_or(json!("max"), |r| json!(r))),
+                "runs": scaling_runs,
+            },
+            "runs": runs,
+        })
+    }
+}
+
+/// See [`Report::tls_call_proxy`].
+struct TlsProxy {
+    nginx_extra_ns_https: Option<f64>,
+    nginx_extra_ns_http: Option<f64>,
+    events_per_req_https: Option<f64>,
+    events_per_req_http: Option<f64>,
+    nginx_calls_per_req: Option<f64>,
+    ns_per_call: Option<f64>,
+    ns_per_call_net: Option<f64>,
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+    use crate::bench::parse::LoadResult;
+
+    pub fn sample(
+        w: WorkloadKind,
+        c: Config,
+        round: usize,
+        rps: f64,
+        p50: f64,
+        cpu_ms: f64,
+    ) -> Sample {
+        let requests = (rps * 10.0) as u64;
+        Sample {
+            round,
+            workload: w,
+            config: c,
+            command: String::new(),
+            load: LoadResult {
+                requests,
+                rps,
+                p50_us: Some(p50),
+                p99_us: Some(p50 * 3.0),
+                errors: 0,
+                non_2xx: 0,
+            },
+            server_cpu_ms: cpu_ms,
+            client_cpu_ms: cpu_ms / 2.0,
+            rotel_cpu_ms: 0.0,
+            agent: c.is_agent().then(|| AgentRun {
+                cpu_ms: 100.0,
+                peak_rss_kib: 40 * 1024,
+                stop: Some(StopLine {
+                    events: requests * 4,
+                    spans_built: requests * 2,
+                    exported: if c == Config::Periscope {
+                        requests * 2
+                    } else {
+                        0
+                    },
+                    dropped: 0,
+                    lost: 0,
+                    request_spans: Some(if c == Config::Periscope {
+                        requests * 2
+                    } else {
+                        0
+                    }),
+                }),
+                exit: "exit status: 0".into(),
+                ..Default::default()
+            }),
+            rotel_spans: Some(match c {
+                Config::Periscope => requests * 2,
+                Config::Otel => requests + 50,
+                _ => 0,
+            }),
+            warmup_traced: if c == Config::Otel { 50 } else { 0 },
+            others: Vec::new(),
+            loadavg: String::new(),
+            raw_output: String::new(),
+        }
+    }
+
+    pub fn scaling(
+        rate: Option<u32>,
+        rps: f64,
+        rss_mib: u64,
+        lost: u64,
+        dropped: u64,
+    ) -> ScalingSample {
+        let requests = (rps * 10.0) as u64;
+        ScalingSample {
+            round: 1,
+            rate,
+            workers: 10,
+            secs: 10,
+            command: String::new(),
+            load: LoadResult {
+                requests,
+                rps,
+                ..Default::default()
+            },
+            agent: AgentRun {
+                cpu_ms: rps / 10.0,
+                peak_rss_kib: rss_mib * 1024,
+                stop: Some(StopLine {
+                    exported: requests * 2 - dropped,
+                    dropped,
+                    lost,
+                    request_spans: Some(requests * 2),
+                    ..Default::default()
+                }),
+                exit: "exit status: 0".into(),
+                ..Default::default()
+            },
+            rotel_spans: Some(requests * 2 - dropped),
+            others: Vec::new(),
+            raw_output: String::new(),
+        }
+    }
+
+    pub fn report(samples: Vec<Sample>, scaling: Vec<ScalingSample>) -> Report {
+        Report {
+            quick: true,
+            rounds: 1,
+            secs: 10,
+            floor_measured: true,
+            started: "2026-01-01 00:00:00".into(),
+            elapsed: Duration::from_secs(100),
+            build_time: Duration::ZERO,
+            waited: Duration::ZERO,
+            machine: Machine {
+                nproc: 2,
+                kernel: "6.18".into(),
+                loadavg: "0 0 0".into(),
+                versions: Vec::new(),
+            },
+            commands: vec![("wrk".into(), "wrk -t1".into())],
+            samples,
+            scaling,
+            tls_calls: Vec::new(),
+            chart: Some("chart.png".into()),
+        }
+    }
+
+    /// Every workload: none 10000 req/s p50 100 us; Periscope 9700 / 110 us;
+    /// floor 9900 / 104 us; tls off 9900 / 101 us; OTel (Python) 6000 / 200 us.
+    pub fn full_report() -> Report {
+        let mut samples = Vec::new();
+        for w in WORKLOADS {
+            for c in w.configs() {
+                let (rps, p50, cpu) = match c {
+                    Config::None => (10_000.0, 100.0, 1000.0),
+                    Config::Periscope => (9700.0, 110.0, 1100.0),
+                    Config::Floor => (9900.0, 104.0, 1000.0),
+                    Config::TlsOff => (9900.0, 101.0, 1000.0),
+                    Config::Otel => (6000.0, 200.0, 1500.0),
+                };
+                samples.push(sample(w, *c, 1, rps, p50, cpu));
+            }
+        }
+        let scaling = vec![
+            scaling(Some(1000), 1000.0, 40, 0, 0),
+            scaling(Some(5000), 4990.0, 42, 0, 0),
+            scaling(Some(20_000), 19_500.0, 50, 0, 10),
+            scaling(None, 40_000.0, 58, 7, 1000),
+        ];
+        report(samples, scaling)
+    }
+
+    #[test]
+    fn span_accounting_notes() {
+        let mut r = full_report();
+        // One Periscope run traced half of its requests; another agent has no request-span count.
+        for s in r.samples.iter_mut() {
+            if let Some(st) = s.agent.as_mut().and_then(|a| a.stop.as_mut()) {
+                match (s.workload, s.config) {
+                    (WorkloadKind::Http, Config::Periscope) => {
+                        st.request_spans = Some(s.load.requests)
+                    }
+                    (WorkloadKind::Https, Config::Floor) => st.request_spans = None,
+                    _ => {}
+                }
+            }
+        }
+        let md = r.markdown();
+        assert!(
+            md.contains(
+                "requests completed but 97000 request spans built (1.000 per request; expected 2)"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("does not count request spans"), "{md}");
+        assert_eq!(
+            r.agg(WorkloadKind::Https, Config::Floor).request_spans,
+            None
+        );
+    }
+
+    #[test]
+    fn judging() {
+        assert_eq!(judge_at_most(Some(10.0), Some(6.0), 2.0), Verdict::Met);
+        assert_eq!(judge_at_most(Some(13.0), Some(6.0), 2.0), Verdict::Missed);
+        // Nothing measurable added: met, whatever the other.
+        assert_eq!(judge_at_most(Some(-1.0), Some(6.0), 2.0), Verdict::Met);
+        assert_eq!(judge_at_most(Some(0.0), None, 2.0), Verdict::Met);
+        // Something added where the other added nothing: missed.
+        assert_eq!(judge_at_most(Some(3.0), Some(-2.0), 2.0), Verdict::Missed);
+        assert_eq!(judge_at_most(None, Some(1.0), 2.0), Verdict::Unknown);
+        assert_eq!(judge_at_most(Some(1.0), None, 2.0), Verdict::Unknown);
+        assert_eq!(ratio(Some(1.0), Some(0.0)), None);
+        assert_eq!(ratio(Some(1.0), Some(4.0)), Some(0.25));
+    }
+
+    #[test]
+    fn overheads_and_targets() {
+        let r = full_report();
+        let o = r.overhead(WorkloadKind::Http, Config::Periscope);
+        assert!((o.throughput_ratio.unwrap() - 0.97).abs() < 1e-9);
+        assert!((o.added_p50_us.unwrap() - 10.0).abs() < 1e-9);
+        // total CPU per 1k: (1100 + 550 + 100) / 97 req * 1000 vs (1000 + 500) / 100 req * 1000.
+        let want = (1750.0 / 97_000.0 - 1500.0 / 100_000.0) * 1000.0;
+        assert!(
+            (o.added_cpu_1k.unwrap() - want).abs() < 1e-9,
+            "{:?}",
+            o.added_cpu_1k
+        );
+        let t = r.targets();
+        let find = |needle: &str| {
+            t.iter()
+                .find(|t| t.name.contains(needle))
+                .unwrap_or_else(|| panic!("{needle}"))
+        };
+        assert_eq!(find("HTTP/1.1 keep-alive throughput").verdict, Verdict::Met);
+        assert_eq!(find("HTTPS keep-alive throughput").verdict, Verdict::Met);
+        // +10 us against a floor of +4 us: more than 2x.
+        assert_eq!(
+            find("HTTP keep-alive: Periscope's added latency").verdict,
+            Verdict::Missed
+        );
+        // Python: +10 us against OTel's +100 us (10%); loss 3% against 40% (7.5%).
+        assert_eq!(
+            find("Flask/gunicorn: Periscope's added latency per request (p50) <= 20%").verdict,
+            Verdict::Met
+        );
+        assert_eq!(
+            find("Flask/gunicorn: Periscope's throughput loss").verdict,
+            Verdict::Met
+        );
+        assert_eq!(find("at 20k req/s").verdict, Verdict::Met);
+        assert_eq!(find("in every run").verdict, Verdict::Met);
+        assert_eq!(find("zero events lost").verdict, Verdict::Met);
+        assert_eq!(find("tls feature disabled").verdict, Verdict::Met);
+        assert_eq!(r.drops_start(), (Some(None), Some(Some(20_000))));
+        // OTel's spans exclude the warm-up it traced.
+        let a = r.agg(WorkloadKind::Python, Config::Otel);
+        assert_eq!(a.rotel_spans, Some(a.requests));
+    }
+
+    #[test]
+    fn targets_missed_and_unknown() {
+        let mut r = full_report();
+        r.scaling = vec![
+            scaling(Some(5000), 3000.0, 70, 0, 0),
+            scaling(Some(20_000), 12_000.0, 63, 0, 0),
+        ];
+        let t = r.targets();
+        let find = |needle: &str| t.iter().find(|t| t.name.contains(needle)).unwrap();
+        // 5k asked, 3k reached: nothing lost, but not established.
+        assert_eq!(find("zero events lost").verdict, Verdict::Unknown);
+        // 63 MiB at 12k req/s: under the limit but the rate was not reached.
+        assert_eq!(find("at 20k req/s").verdict, Verdict::Unknown);
+        assert_eq!(find("in every run").verdict, Verdict::Missed);
+        r.floor_measured = false;
+        let t = r.targets();
+        assert!(
+            t.iter()
+                .filter(|t| t.name.contains("the floor's"))
+                .all(|t| t.verdict == Verdict::Unknown && t.measured.contains("--noop-probes"))
+        );
+    }
+
+    #[test]
+    fn markdown_and_json() {
+        let r = full_report();
+        let md = r.markdown();
+        for needle in [
+            "## Targets",
+            "## Results (medians over rounds)",
+            "## Periscope against the floor",
+            "## Periscope against the OpenTelemetry Python auto-instrumentation",
+            "## Scaling",
+            "![throughput, added latency and scaling](chart.png)",
+            "HTTP/2 (h2load) is not benchmarked",
+            "| throughput loss | 3.0% | 40.0% | 7.5% |",
+            "Events lost in the kernel (ring buffer full): from max",
+            "Spans dropped by the exporter (queue full): from 20k req/s",
+        ] {
+            assert!(md.contains(needle), "missing {needle:?} in\n{md}");
+        }
+        assert!(!md.contains("does not count request spans"), "{md}");
+        assert!(!md.contains("request spans built"), "{md}");
+        let short = r.summary();
+        assert!(short.contains("## Targets") && short.contains("## Scaling"), "{short}");
+        assert!(!short.contains("## Every run"), "{short}");
+        let j = r.json();
+        assert_eq!(
+            j["summary"]["http_keepalive_periscope"]["throughput_ratio"],
+            json!(0.97)
+        );
+        assert_eq!(j["scaling"]["spans_dropped_from_asked_rate"], json!(20_000));
+        assert_eq!(j["scaling"]["events_lost_from_asked_rate"], json!("max"));
+        assert!(
+            j["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t["met"] == json!(false))
+        );
+    }
+}
