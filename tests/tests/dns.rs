@@ -1007,9 +1007,9 @@ fn nxdomain() {
     });
 }
 
-/// Server phases appear when a transfer takes time: curl downloads nginx's
-/// 100 KiB file at 200 KB/s, so nginx spends about half a second writing the
-/// response. The server span gets `request.receive`, `handler`,
+/// Server phases appear when a transfer takes time: curl downloads an 8 MiB
+/// file from nginx at 16 MB/s (more than the socket buffers hold), so nginx
+/// spends about half a second writing the response. The server span gets `request.receive`, `handler`,
 /// `response.send` (the last one most of it), tiled like the client's.
 #[test]
 fn server_phases_when_the_response_takes_time() {
@@ -1020,15 +1020,16 @@ fn server_phases_when_the_response_takes_time() {
         let worker = nginx.worker_pid()?;
         let (mut agent, _control) = start_agent(&rotel)?;
         let resolv = ResolvConf::via(dns.addr())?;
-        let url = format!("http://{}:{}/big.bin", host(8), nginx.port());
-        let (pid, t) = curl1_via(&resolv, &url, &["--limit-rate", "200k"])?;
+        std::fs::write(nginx.www().join("huge.bin"), vec![7u8; 8 << 20])?;
+        let url = format!("http://{}:{}/huge.bin", host(8), nginx.port());
+        let (pid, t) = curl1_via(&resolv, &url, &["--limit-rate", "16M"])?;
         ensure!(t.http_code == 200, "curl {url}: {t:?}");
         let (clients, _) = http_clients(&rotel, pid, 1, HTTP_PHASES.len())?;
-        let _ = settle(&rotel, |s| is_server_of(s, worker) && s.path() == Some("/big.bin"), 1, SPAN_WAIT);
+        let _ = settle(&rotel, |s| is_server_of(s, worker) && s.path() == Some("/huge.bin"), 1, SPAN_WAIT);
         let all = settle(&rotel, |s| s.pid() == Some(worker) && is_phase(s), SERVER_PHASES.len(), FAMILY_WAIT);
         let mut e = Expect::new();
-        expect_server_phases(&mut e, &all, worker, "/big.bin", "nginx, slow download", &SERVER_PHASES);
-        if let Some(s) = all.iter().find(|s| is_server_of(s, worker) && s.path() == Some("/big.bin")) {
+        expect_server_phases(&mut e, &all, worker, "/huge.bin", "nginx, slow download", &SERVER_PHASES);
+        if let Some(s) = all.iter().find(|s| is_server_of(s, worker) && s.path() == Some("/huge.bin")) {
             let ph = phases_of(&all, s);
             let send = phase_ms(&ph, "response.send").unwrap_or(0.0);
             e.that(send >= 200.0 && send >= 0.8 * s.duration_ms(), || {
@@ -1039,7 +1040,7 @@ fn server_phases_when_the_response_takes_time() {
             let ph = phases_of(&all, c);
             let receive = phase_ms(&ph, "response.receive").unwrap_or(0.0);
             e.that(receive >= 200.0, || {
-                format!("curl's response.receive took {receive:.1} ms, want >= 200 ms at 200 KB/s")
+                format!("curl's response.receive took {receive:.1} ms, want >= 200 ms at 16 MB/s")
             });
         }
         agent.check_running()?;
