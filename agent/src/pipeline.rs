@@ -75,8 +75,8 @@ pub struct Pipeline {
     resolutions: Resolutions,
     links: TraceLinks,
     held: HeldSpans,
-    /// Requests the parser just started: (seq, traceparent), reused per event.
-    new_requests: Vec<(u64, Option<([u8; 16], [u8; 8])>)>,
+    /// Requests the parser just started, reused per event.
+    new_requests: Vec<NewRequest>,
     phase_buf: Vec<Phase>,
     dns_messages: Vec<Vec<u8>>,
     finished_lookups: Vec<dns::Lookup>,
@@ -84,6 +84,10 @@ pub struct Pipeline {
     /// Latest kernel timestamp seen (the clock for hold and link deadlines).
     now_ns: u64,
 }
+
+/// A request whose head the parser just read: its number on the connection,
+/// and the (trace id, parent span id) of its traceparent header, if any.
+type NewRequest = (u64, Option<([u8; 16], [u8; 8])>);
 
 /// Lookups with no answer for this long are given up (glibc's default
 /// timeout is 5 s per attempt; a retry re-arms it).
@@ -328,7 +332,7 @@ impl Pipeline {
                     self.finish(conn, c.header.ts_ns);
                 }
                 for r in orphans {
-                    self.emit_resolution(r, None);
+                    self.emit_resolution(r);
                 }
             }
             Event::Getaddrinfo(g) => self.on_getaddrinfo(&g),
@@ -502,12 +506,11 @@ impl Pipeline {
             if self.phases_enabled {
                 let phase_list = std::mem::take(&mut self.phase_buf);
                 for phase in &phase_list {
-                    if phase.name == phases::name::DNS {
-                        if let Some(r) = resolution.take() {
+                    if phase.name == phases::name::DNS
+                        && let Some(r) = resolution.take() {
                             self.resolution_spans(&r, true, parent_id, &resource, &mut bundle);
                             continue;
                         }
-                    }
                     bundle.push(phase_span(phase, parent_id, &resource, &self.clock, &mut self.rng));
                 }
                 self.phase_buf = phase_list;
@@ -516,7 +519,7 @@ impl Pipeline {
             // Without phases the resolution is not part of the request's
             // breakdown: it goes out on its own, as getaddrinfo.
             if let Some(r) = resolution.take() {
-                self.emit_resolution(*r, None);
+                self.emit_resolution(*r);
             }
         }
         self.exchanges = exchanges;
@@ -542,7 +545,7 @@ impl Pipeline {
     }
 
     /// A resolution nothing linked: exported on its own, with its lookups.
-    fn emit_resolution(&mut self, r: Resolution, _parent: Option<IdentityRef>) {
+    fn emit_resolution(&mut self, r: Resolution) {
         let identity = Identity::root(&mut self.rng, true);
         let mut bundle = Vec::with_capacity(1 + r.lookups.len());
         let mut span = resolutions::build(&r, false, &self.clock);
@@ -701,7 +704,7 @@ impl Pipeline {
         };
         if let Some(out) = self.resolutions.on_getaddrinfo(r) {
             Stats::inc(&self.stats.correlation_overflow);
-            self.emit_resolution(out, None);
+            self.emit_resolution(out);
         }
     }
 
@@ -800,7 +803,7 @@ impl Pipeline {
             self.emit(&mut conn);
         }
         if let Some(r) = conn.resolution.take() {
-            self.emit_resolution(*r, None);
+            self.emit_resolution(*r);
         }
     }
 
@@ -879,7 +882,7 @@ impl Pipeline {
             self.finish(conn, now);
         }
         for r in orphans {
-            self.emit_resolution(r, None);
+            self.emit_resolution(r);
         }
         let mut gone = std::mem::take(&mut self.finished_lookups);
         self.lookups.expire(now, LOOKUP_TIMEOUT_NS, &mut gone);
@@ -891,7 +894,7 @@ impl Pipeline {
         let (mut rs, mut ls) = (Vec::new(), Vec::new());
         self.resolutions.expire(now, &mut rs, &mut ls);
         for r in rs {
-            self.emit_resolution(r, None);
+            self.emit_resolution(r);
         }
         for w in ls {
             self.emit_lookup(w);
@@ -915,7 +918,7 @@ impl Pipeline {
         let (mut rs, mut ls) = (Vec::new(), Vec::new());
         self.resolutions.drain(&mut rs, &mut ls);
         for r in orphans.into_iter().chain(rs) {
-            self.emit_resolution(r, None);
+            self.emit_resolution(r);
         }
         for w in ls {
             self.emit_lookup(w);

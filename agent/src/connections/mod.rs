@@ -256,11 +256,10 @@ impl ConnectionTable {
             // Ports 0 are a socket not (yet) bound or connected: no verdict.
             let (local, peer) = (old.local.port(), old.peer.port());
             let moved = |was: u16, now: u16| was != 0 && now != 0 && was != now;
-            if moved(local, tuple.src_port) || moved(peer, tuple.dst_port) {
-                if let Some(old) = self.by_sock.remove(&sock) {
+            if (moved(local, tuple.src_port) || moved(peer, tuple.dst_port))
+                && let Some(old) = self.by_sock.remove(&sock) {
                     self.replaced.push(old);
                 }
-            }
         }
         if !self.by_sock.contains_key(&sock) && self.by_sock.len() >= self.max_connections {
             return Admit::Full;
@@ -343,11 +342,10 @@ impl ConnectionTable {
     pub fn remove_idle(&mut self, cutoff_ns: u64, orphans: &mut Vec<Resolution>) -> Vec<Connection> {
         self.pending.retain(|_, p| {
             let keep = p.seen_ns >= cutoff_ns;
-            if !keep {
-                if let Some(r) = p.resolution.take() {
+            if !keep
+                && let Some(r) = p.resolution.take() {
                     orphans.push(*r);
                 }
-            }
             keep
         });
         let socks: Vec<u64> =

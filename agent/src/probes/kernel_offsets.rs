@@ -47,14 +47,13 @@ pub fn field_offset(btf: &Btf, name: &str, field: &str) -> Result<u32> {
     let types = btf.resolve_types_by_name(name).map_err(|e| anyhow!("{e}"))
         .with_context(|| format!("struct {name} not in kernel BTF"))?;
     for ty in types {
-        if let Type::Struct(s) = ty {
-            if let Some(bits) = find_member(btf, &s, field, 0)? {
+        if let Type::Struct(s) = ty
+            && let Some(bits) = find_member(btf, &s, field, 0)? {
                 if bits % 8 != 0 {
                     bail!("{name}.{field} is not byte aligned");
                 }
                 return Ok(bits / 8);
             }
-        }
     }
     bail!("field {name}.{field} not found in kernel BTF")
 }

@@ -37,11 +37,10 @@ pub fn new_span_id(rng: &mut impl Rng) -> [u8; 8] {
 /// Splits a Host header into name and port; IPv6 literals keep their
 /// brackets off.
 pub fn split_host(host: &str) -> (&str, Option<u16>) {
-    if let Some(rest) = host.strip_prefix('[') {
-        if let Some((name, after)) = rest.split_once(']') {
+    if let Some(rest) = host.strip_prefix('[')
+        && let Some((name, after)) = rest.split_once(']') {
             return (name, after.strip_prefix(':').and_then(|p| p.parse().ok()));
         }
-    }
     match host.rsplit_once(':') {
         Some((name, port)) if !name.contains(':') => (name, port.parse().ok()),
         _ => (host, None),
