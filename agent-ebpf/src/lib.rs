@@ -37,6 +37,13 @@ pub mod direction {
     pub const INGRESS: u8 = 1;
 }
 
+/// Flags of a data event.
+pub mod data_flags {
+    /// An earlier data event of this socket could not be written (the ring
+    /// was full): the daemon's view of the byte stream has a hole.
+    pub const LOST_BEFORE: u8 = 1;
+}
+
 /// Which system call family carried a data event (decides how its user
 /// buffer was found).
 pub mod syscall {
@@ -137,7 +144,8 @@ pub struct DataEvent {
     pub direction: u8,
     pub syscall: u8,
     pub source: u8,
-    pub _pad: u8,
+    /// `data_flags::*`.
+    pub flags: u8,
     pub tail_len: u16,
     pub _pad2: u16,
     pub tuple: SockTuple,

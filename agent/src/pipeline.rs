@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use log::{info, warn};
-use periscope_ebpf::{DataEvent, GetaddrinfoEvent, IPPROTO_UDP, direction, source};
+use periscope_ebpf::{DataEvent, GetaddrinfoEvent, IPPROTO_UDP, data_flags, direction, source};
 use tokio::io::unix::AsyncFd;
 
 use crate::connections::{Admit, ConnectTiming, Connection, ConnectionTable, ProtocolState, TlsState, socket_addrs};
@@ -86,8 +86,9 @@ pub struct Pipeline {
 }
 
 /// A request whose head the parser just read: its number on the connection,
-/// and the (trace id, parent span id) of its traceparent header, if any.
-type NewRequest = (u64, Option<([u8; 16], [u8; 8])>);
+/// the (trace id, parent span id) of its traceparent header if any, and the
+/// fingerprint of its method and path.
+type NewRequest = (u64, Option<([u8; 16], [u8; 8])>, u64);
 
 /// Lookups with no answer for this long are given up (glibc's default
 /// timeout is 5 s per attempt; a retry re-arms it).
@@ -211,6 +212,10 @@ impl Pipeline {
                     }
                 };
                 let egress = event.direction == direction::EGRESS;
+                if event.flags & data_flags::LOST_BEFORE != 0 && !conn.out_of_step {
+                    conn.out_of_step = true;
+                    Stats::inc(&self.stats.connections_out_of_step);
+                }
                 if let ProtocolState::Dns(framing) = &mut conn.protocol {
                     let framer = &mut framing.framers[if egress { 0 } else { 1 }];
                     self.dns_messages.clear();
@@ -281,7 +286,8 @@ impl Pipeline {
                     for seq in conn.requests_noted..seen {
                         if let Some(ex) = parser.pending_request(seq) {
                             let traceparent = ex.traceparent.as_deref().and_then(http::parse_traceparent);
-                            self.new_requests.push((seq, traceparent));
+                            let fingerprint = crate::spans::links::fingerprint(&ex.method, &ex.path);
+                            self.new_requests.push((seq, traceparent, fingerprint));
                         }
                     }
                     conn.requests_noted = seen;
@@ -378,7 +384,7 @@ impl Pipeline {
     /// `tid`: each gets its identity (and parent) now.
     fn start_requests(&mut self, sock: u64, tid: u32) {
         let requests = std::mem::take(&mut self.new_requests);
-        for &(seq, traceparent) in &requests {
+        for &(seq, traceparent, fingerprint) in &requests {
             let Some(conn) = self.connections.get(sock) else { break };
             let (local, peer) = (conn.local, conn.peer);
             let side = match &conn.protocol {
@@ -387,10 +393,23 @@ impl Pipeline {
             };
             let mut outcome = LinkOutcome::default();
             let identity = match side {
+                // Events of this connection were lost: its request numbering
+                // may be off, so it is linked to nothing.
+                Some(_) if conn.out_of_step => Identity::root(&mut self.rng, true),
                 Some(Side::Client) => {
                     let connections = &self.connections;
                     let is_open = |sock: u64, seq: u64, id: &IdentityRef| connections.serving_request(sock, seq, id);
-                    self.links.client_request(tid, local, peer, seq, self.now_ns, &mut self.rng, is_open, &mut outcome)
+                    self.links.client_request(
+                        tid,
+                        local,
+                        peer,
+                        seq,
+                        fingerprint,
+                        self.now_ns,
+                        &mut self.rng,
+                        is_open,
+                        &mut outcome,
+                    )
                 }
                 Some(Side::Server) => {
                     let connections = &self.connections;
@@ -401,6 +420,7 @@ impl Pipeline {
                         local,
                         peer,
                         seq,
+                        fingerprint,
                         traceparent,
                         self.now_ns,
                         &mut self.rng,

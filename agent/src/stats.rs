@@ -52,6 +52,9 @@ pub struct Stats {
     pub trace_links_cross_process: AtomicU64,
     /// Client requests whose thread had several open server requests: left unlinked.
     pub trace_links_ambiguous: AtomicU64,
+    /// Connections that lost data events in the kernel (ring full): their
+    /// requests are no longer linked across processes or threads.
+    pub connections_out_of_step: AtomicU64,
     /// Links found too late (the span's children were already exported): not made.
     pub trace_links_refused: AtomicU64,
     /// Spans held until their parent's trace was known.

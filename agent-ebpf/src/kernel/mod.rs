@@ -122,7 +122,7 @@ fn count_lost(probe_id: u32) {
 /// failure against `probe_id`.
 #[inline(always)]
 fn output_bytes(data: *const c_void, size: u64, probe_id: u32) {
-    output_bytes_flags(data, size, probe_id, false)
+    output_bytes_flags(data, size, probe_id, false);
 }
 
 /// Like `output`, but wakes the daemon at once: for rare events it must act
@@ -133,7 +133,7 @@ fn output_now<T>(event: &T, probe_id: u32) {
 }
 
 #[inline(always)]
-fn output_bytes_flags(data: *const c_void, size: u64, probe_id: u32, wake_now: bool) {
+fn output_bytes_flags(data: *const c_void, size: u64, probe_id: u32, wake_now: bool) -> bool {
     const BPF_RB_NO_WAKEUP: u64 = 1;
     const BPF_RB_FORCE_WAKEUP: u64 = 2;
     const BPF_RB_AVAIL_DATA: u64 = 0;
@@ -143,6 +143,36 @@ fn output_bytes_flags(data: *const c_void, size: u64, probe_id: u32, wake_now: b
     let ret = unsafe { generated::bpf_ringbuf_output(ring, data as *mut c_void, size, flags) };
     if ret < 0 {
         count_lost(probe_id);
+        return false;
+    }
+    true
+}
+
+/// Sockets whose data events could not all be written (ring full); their
+/// next event that is written says so. `ANY_LOSSY` keeps the lookup off the
+/// hot path until a loss has happened at all.
+#[map]
+static LOSSY_SOCKS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
+
+#[map]
+static ANY_LOSSY: aya_ebpf::maps::Array<u32> = aya_ebpf::maps::Array::with_max_entries(1, 0);
+
+/// Writes a data event for `sk`, marking it when an earlier one of the
+/// same socket was lost, and remembering the socket when this one is.
+#[inline(always)]
+fn output_data(data: *mut periscope_ebpf::DataEvent, size: u64, sk: u64, probe_id: u32) {
+    let any = ANY_LOSSY.get(0).copied().unwrap_or(0) != 0;
+    if any && unsafe { LOSSY_SOCKS.get(&sk) }.is_some() {
+        unsafe { (*data).flags |= periscope_ebpf::data_flags::LOST_BEFORE };
+        let _ = LOSSY_SOCKS.remove(&sk);
+    }
+    if !output_bytes_flags(data as *const c_void, size, probe_id, false) {
+        let _ = LOSSY_SOCKS.insert(&sk, &1, 0);
+        if !any {
+            if let Some(flag) = ANY_LOSSY.get_ptr_mut(0) {
+                unsafe { *flag = 1 };
+            }
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use super::filter::{feature_enabled, ignored, ports_traced, process_traced};
 use super::tls::{CALL_HANDSHAKE, ESTABLISHED, LAST_RECV, SessionKey, TLS_CALLS};
 use periscope_ebpf::control::{FEATURE_DNS, FEATURE_HTTP, FEATURE_TLS};
 use periscope_ebpf::{DNS_PORT, IPPROTO_UDP};
-use super::{OFFSETS, PAYLOAD_CAP, SCRATCH, SELF_TGID, bounded, inet_socket, output_bytes, read_kernel, read_tuple};
+use super::{OFFSETS, PAYLOAD_CAP, SCRATCH, SELF_TGID, bounded, inet_socket, output_data, read_kernel, read_tuple};
 
 const MSG_PEEK: i32 = 2;
 
@@ -165,7 +165,7 @@ pub(super) fn start_data_event(buf: &mut DataEventBuf, tgid: u32, tid: u32, sk: 
     ev.direction = dir;
     ev.syscall = syscall::OTHER;
     ev.source = src;
-    ev._pad = 0;
+    ev.flags = 0;
     ev._pad2 = 0;
     ev.tuple = SockTuple::default();
 }
@@ -179,7 +179,8 @@ pub(super) fn finish_data_event(buf: &mut DataEventBuf, head: u32, tail: u32, pr
     if size > core::mem::size_of::<DataEventBuf>() as u64 {
         size = core::mem::size_of::<DataEventBuf>() as u64;
     }
-    output_bytes(buf as *const DataEventBuf as *const c_void, size, probe_id);
+    let sk = buf.event.sock;
+    output_data(&mut buf.event as *mut DataEvent, size, sk, probe_id);
 }
 
 /// Copies head and tail of a flat user buffer of `total` bytes.

@@ -116,6 +116,9 @@ pub struct Connection {
     pub resolution: Option<Box<Resolution>>,
     /// The first request's span (with connect and handshake phases) was built.
     pub first_exchange_done: bool,
+    /// Some of its data events were lost in the kernel: which request is
+    /// which may be off by some, so it takes part in no trace links.
+    pub out_of_step: bool,
 }
 
 impl Connection {
@@ -134,6 +137,7 @@ impl Connection {
             requests_noted: 0,
             resolution: None,
             first_exchange_done: false,
+            out_of_step: false,
         }
     }
 
@@ -314,6 +318,9 @@ impl ConnectionTable {
     /// served on `sock` (read, its response not started).
     pub fn serving_request(&self, sock: u64, seq: u64, id: &IdentityRef) -> bool {
         let Some(conn) = self.by_sock.get(&sock) else { return false };
+        if conn.out_of_step {
+            return false;
+        }
         let ProtocolState::Http1(parser) = &conn.protocol else { return false };
         conn.requests.iter().any(|(s, i)| *s == seq && std::rc::Rc::ptr_eq(i, id)) && parser.awaiting_response(seq)
     }

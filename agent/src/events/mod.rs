@@ -83,7 +83,7 @@ mod tests {
             direction: direction::EGRESS,
             syscall: 1,
             source: 0,
-            _pad: 0,
+            flags: 0,
             tail_len,
             _pad2: 0,
             tuple: SockTuple::default(),

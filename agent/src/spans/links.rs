@@ -29,11 +29,29 @@ struct LinkKey {
     seq: u64,
 }
 
+/// One end's view of request `seq`: its identity, a fingerprint of its
+/// method and path (both ends must agree, or the request numbering of one
+/// of them is off), and when it was seen.
+struct End {
+    identity: IdentityRef,
+    fingerprint: u64,
+    seen_ns: u64,
+}
+
 enum LinkEntry {
-    /// The client sent request `seq`; its identity, for the server's span.
-    ClientSent(IdentityRef, u64),
-    /// The server read request `seq` first; its (unsettled) identity.
-    ServerWaiting(IdentityRef, u64),
+    /// The client sent request `seq`, for the server's span.
+    ClientSent(End),
+    /// The server read request `seq` first; its identity is unsettled.
+    ServerWaiting(End),
+}
+
+/// A request's fingerprint for matching its two ends: its method and path.
+pub fn fingerprint(method: &str, path: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    method.hash(&mut h);
+    path.hash(&mut h);
+    h.finish()
 }
 
 /// A server request a thread read and has not answered yet.
@@ -85,6 +103,7 @@ impl TraceLinks {
         local: SocketAddr,
         peer: SocketAddr,
         seq: u64,
+        fingerprint: u64,
         now_ns: u64,
         rng: &mut impl Rng,
         is_open: impl Fn(u64, u64, &IdentityRef) -> bool,
@@ -101,12 +120,16 @@ impl TraceLinks {
         if peer_may_be_local(local, peer) {
             let key = LinkKey { client: local, server: peer, seq };
             match self.ends.remove(&key) {
-                Some(LinkEntry::ServerWaiting(server, _)) => match server.link_to(&identity) {
+                Some(LinkEntry::ServerWaiting(server)) if server.fingerprint != fingerprint => outcome.refused = true,
+                Some(LinkEntry::ServerWaiting(server)) => match server.identity.link_to(&identity) {
                     Ok(()) => outcome.cross_process = true,
                     Err(LinkRefused::AlreadyLinked) => {}
                     Err(_) => outcome.refused = true,
                 },
-                _ => self.remember(key, LinkEntry::ClientSent(identity.clone(), now_ns), outcome),
+                _ => {
+                    let end = End { identity: identity.clone(), fingerprint, seen_ns: now_ns };
+                    self.remember(key, LinkEntry::ClientSent(end), outcome)
+                }
             }
         }
         identity
@@ -122,29 +145,44 @@ impl TraceLinks {
         local: SocketAddr,
         peer: SocketAddr,
         seq: u64,
+        fingerprint: u64,
         traceparent: Option<([u8; 16], [u8; 8])>,
         now_ns: u64,
         rng: &mut impl Rng,
         is_open: impl Fn(u64, u64, &IdentityRef) -> bool,
         outcome: &mut LinkOutcome,
     ) -> IdentityRef {
-        let identity = if let Some((trace, parent)) = traceparent {
-            Identity::remote_child(trace, parent, rng)
-        } else if peer_may_be_local(local, peer) {
-            let key = LinkKey { client: peer, server: local, seq };
+        let key = LinkKey { client: peer, server: local, seq };
+        let client = if peer_may_be_local(local, peer) {
             match self.ends.remove(&key) {
-                Some(LinkEntry::ClientSent(client, _)) => {
-                    outcome.cross_process = true;
-                    Identity::child_of(&client, rng)
+                Some(LinkEntry::ClientSent(end)) if end.fingerprint == fingerprint => Some(end.identity),
+                Some(LinkEntry::ClientSent(_)) => {
+                    outcome.refused = true;
+                    None
                 }
-                _ => {
-                    let id = Identity::root(rng, false);
-                    self.remember(key, LinkEntry::ServerWaiting(id.clone(), now_ns), outcome);
-                    id
-                }
+                _ => None,
             }
         } else {
-            Identity::root(rng, true)
+            None
+        };
+        let identity = match (traceparent, client) {
+            // The traced client on this node is the parent, unless the
+            // request carries another trace's context (an instrumented
+            // caller whose own span is the real parent): a proxy that
+            // forwards the header leaves its client span in that trace.
+            (Some((trace, parent)), Some(c)) if c.trace_id() != trace => Identity::remote_child(trace, parent, rng),
+            (_, Some(c)) => {
+                outcome.cross_process = true;
+                Identity::child_of(&c, rng)
+            }
+            (Some((trace, parent)), None) => Identity::remote_child(trace, parent, rng),
+            (None, None) if peer_may_be_local(local, peer) => {
+                let id = Identity::root(rng, false);
+                let end = End { identity: id.clone(), fingerprint, seen_ns: now_ns };
+                self.remember(key, LinkEntry::ServerWaiting(end), outcome);
+                id
+            }
+            (None, None) => Identity::root(rng, true),
         };
         let served = self.serving.entry(tid).or_default();
         // Requests this thread already answered leave first: the list stays
@@ -188,7 +226,7 @@ impl TraceLinks {
     pub fn expire(&mut self, now_ns: u64, is_open: impl Fn(u64, u64, &IdentityRef) -> bool) {
         let cutoff = now_ns.saturating_sub(LINK_TTL_NS);
         self.ends.retain(|_, e| match e {
-            LinkEntry::ClientSent(_, t) | LinkEntry::ServerWaiting(_, t) => *t >= cutoff,
+            LinkEntry::ClientSent(end) | LinkEntry::ServerWaiting(end) => end.seen_ns >= cutoff,
         });
         self.serving.retain(|_, v| {
             v.retain(|s| is_open(s.sock, s.seq, &s.identity));
@@ -212,16 +250,16 @@ mod tests {
         let (c, s) = (addr("127.0.0.1:40000"), addr("127.0.0.1:80"));
         let mut o = LinkOutcome::default();
         // Client first.
-        let client = links.client_request(1, c, s, 0, 0, rng, |_, _, _| false, &mut o);
-        let server = links.server_request(2, 9, s, c, 0, None, 0, rng, |_, _, _| true, &mut o);
+        let client = links.client_request(1, c, s, 0, 7, 0, rng, |_, _, _| false, &mut o);
+        let server = links.server_request(2, 9, s, c, 0, 7, None, 0, rng, |_, _, _| true, &mut o);
         assert!(o.cross_process);
         assert_eq!(server.trace_id(), client.trace_id());
         assert_eq!(server.parent_span_id(), Some(client.span_id()));
         // Server first (its event came out of the ring first).
         let mut o = LinkOutcome::default();
-        let server = links.server_request(2, 9, s, c, 1, None, 0, rng, |_, _, _| true, &mut o);
+        let server = links.server_request(2, 9, s, c, 1, 7, None, 0, rng, |_, _, _| true, &mut o);
         assert!(!server.chain_settled());
-        let client = links.client_request(1, c, s, 1, 0, rng, |_, _, _| false, &mut o);
+        let client = links.client_request(1, c, s, 1, 7, 0, rng, |_, _, _| false, &mut o);
         assert!(o.cross_process);
         assert_eq!(server.trace_id(), client.trace_id());
         assert!(server.chain_settled());
@@ -234,21 +272,21 @@ mod tests {
         let mut links = TraceLinks::new(100);
         let up = addr("10.0.0.9:5000");
         let mut o = LinkOutcome::default();
-        let served = links.server_request(7, 1, addr("10.0.0.1:80"), up, 0, None, 0, rng, |_, _, _| true, &mut o);
-        let call = links.client_request(7, addr("10.0.0.1:41000"), addr("10.0.0.2:80"), 0, 0, rng, |_, _, _| true, &mut o);
+        let served = links.server_request(7, 1, addr("10.0.0.1:80"), up, 0, 7, None, 0, rng, |_, _, _| true, &mut o);
+        let call = links.client_request(7, addr("10.0.0.1:41000"), addr("10.0.0.2:80"), 0, 7, 0, rng, |_, _, _| true, &mut o);
         assert!(o.in_process);
         assert_eq!(call.parent_span_id(), Some(served.span_id()));
         // A second open request on the same thread: no guess.
         let mut o = LinkOutcome::default();
-        links.server_request(7, 2, addr("10.0.0.1:80"), addr("10.0.0.9:5001"), 0, None, 0, rng, |_, _, _| true, &mut o);
-        let call = links.client_request(7, addr("10.0.0.1:41001"), addr("10.0.0.2:80"), 0, 0, rng, |_, _, _| true, &mut o);
+        links.server_request(7, 2, addr("10.0.0.1:80"), addr("10.0.0.9:5001"), 0, 7, None, 0, rng, |_, _, _| true, &mut o);
+        let call = links.client_request(7, addr("10.0.0.1:41001"), addr("10.0.0.2:80"), 0, 7, 0, rng, |_, _, _| true, &mut o);
         assert!(o.ambiguous && !o.in_process);
         assert!(!call.has_parent());
         // Another thread is not affected; closed requests are dropped.
         let mut o = LinkOutcome::default();
-        let call = links.client_request(8, addr("10.0.0.1:41002"), addr("10.0.0.2:80"), 0, 0, rng, |_, _, _| true, &mut o);
+        let call = links.client_request(8, addr("10.0.0.1:41002"), addr("10.0.0.2:80"), 0, 7, 0, rng, |_, _, _| true, &mut o);
         assert!(!call.has_parent() && !o.ambiguous);
-        let call = links.client_request(7, addr("10.0.0.1:41003"), addr("10.0.0.2:80"), 0, 0, rng, |sock, _, _| sock == 2, &mut o);
+        let call = links.client_request(7, addr("10.0.0.1:41003"), addr("10.0.0.2:80"), 0, 7, 0, rng, |sock, _, _| sock == 2, &mut o);
         assert!(call.has_parent());
     }
 
@@ -257,11 +295,49 @@ mod tests {
         let rng = &mut rand::rng();
         let mut links = TraceLinks::new(100);
         let mut o = LinkOutcome::default();
-        let id = links.server_request(1, 1, addr("10.0.0.1:80"), addr("10.0.0.7:5000"), 0, Some(([1; 16], [2; 8])), 0, rng, |_, _, _| true, &mut o);
+        let id = links.server_request(1, 1, addr("10.0.0.1:80"), addr("10.0.0.7:5000"), 0, 7, Some(([1; 16], [2; 8])), 0, rng, |_, _, _| true, &mut o);
         assert_eq!(id.trace_id(), [1; 16]);
-        let id = links.server_request(1, 1, addr("10.0.0.1:80"), addr("10.0.0.7:5000"), 1, None, 0, rng, |_, _, _| true, &mut o);
+        let id = links.server_request(1, 1, addr("10.0.0.1:80"), addr("10.0.0.7:5000"), 1, 7, None, 0, rng, |_, _, _| true, &mut o);
         assert!(id.chain_settled());
         assert_eq!(links.pending(), 0);
+    }
+
+    #[test]
+    fn ends_that_disagree_on_the_request_are_not_joined() {
+        let rng = &mut rand::rng();
+        let mut links = TraceLinks::new(100);
+        let (c, s) = (addr("127.0.0.1:40000"), addr("127.0.0.1:80"));
+        let mut o = LinkOutcome::default();
+        links.client_request(1, c, s, 0, fingerprint("GET", "/a"), 0, rng, |_, _, _| false, &mut o);
+        let server = links.server_request(2, 9, s, c, 0, fingerprint("GET", "/b"), None, 0, rng, |_, _, _| true, &mut o);
+        assert!(o.refused && !o.cross_process);
+        assert!(!server.has_parent());
+    }
+
+    #[test]
+    fn a_forwarded_traceparent_keeps_the_proxys_client_as_parent() {
+        let rng = &mut rand::rng();
+        let mut links = TraceLinks::new(100);
+        let (c, s) = (addr("127.0.0.1:40000"), addr("127.0.0.1:80"));
+        let mut o = LinkOutcome::default();
+        let remote = Identity::remote_child([5; 16], [6; 8], rng);
+        let proxy_client = Identity::child_of(&remote, rng);
+        // The proxy's client span is in the header's trace: it is the parent.
+        links.ends.insert(
+            LinkKey { client: c, server: s, seq: 0 },
+            LinkEntry::ClientSent(End { identity: proxy_client.clone(), fingerprint: 7, seen_ns: 0 }),
+        );
+        let id = links.server_request(2, 9, s, c, 0, 7, Some(([5; 16], [6; 8])), 0, rng, |_, _, _| true, &mut o);
+        assert_eq!(id.parent_span_id(), Some(proxy_client.span_id()));
+        // An instrumented caller's own context (another trace) wins.
+        let caller = Identity::root(rng, true);
+        links.ends.insert(
+            LinkKey { client: c, server: s, seq: 1 },
+            LinkEntry::ClientSent(End { identity: caller, fingerprint: 7, seen_ns: 0 }),
+        );
+        let id = links.server_request(2, 9, s, c, 1, 7, Some(([5; 16], [6; 8])), 0, rng, |_, _, _| true, &mut o);
+        assert_eq!(id.parent_span_id(), Some([6; 8]));
+        assert_eq!(id.trace_id(), [5; 16]);
     }
 
     #[test]
@@ -270,8 +346,8 @@ mod tests {
         let mut links = TraceLinks::new(1);
         let mut o = LinkOutcome::default();
         let s = addr("127.0.0.1:80");
-        links.client_request(1, addr("127.0.0.1:1"), s, 0, 0, rng, |_, _, _| false, &mut o);
-        links.client_request(1, addr("127.0.0.1:2"), s, 0, 0, rng, |_, _, _| false, &mut o);
+        links.client_request(1, addr("127.0.0.1:1"), s, 0, 7, 0, rng, |_, _, _| false, &mut o);
+        links.client_request(1, addr("127.0.0.1:2"), s, 0, 7, 0, rng, |_, _, _| false, &mut o);
         assert!(o.overflow);
         links.expire(LINK_TTL_NS + 1, |_, _, _| false);
         assert_eq!(links.pending(), 0);
