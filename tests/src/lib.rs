@@ -17,6 +17,7 @@
 
 pub mod agent;
 pub mod certs;
+pub mod chain;
 pub mod clients;
 pub mod expect;
 pub mod nginx;

@@ -25,6 +25,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "redis-tools",
     "apache2-utils",
     "python3",
+    // Node's http/https servers and clients (TLS and trace tests).
+    "nodejs",
     // TLS tests: s_server/s_client and test certificates, GnuTLS's
     // gnutls-serv/gnutls-cli, and `ip netns` to give gnutls-serv (which
     // binds every address) a namespace of its own.
