@@ -1007,10 +1007,12 @@ fn nxdomain() {
     });
 }
 
-/// Server phases appear when a transfer takes time: curl downloads an 8 MiB
-/// file from nginx at 16 MB/s (more than the socket buffers hold), so nginx
-/// spends about half a second writing the response. The server span gets `request.receive`, `handler`,
-/// `response.send` (the last one most of it), tiled like the client's.
+/// Server phases appear when a transfer takes time: a Python client with a
+/// small receive buffer reads an 8 MiB file from nginx 16 KiB at a time,
+/// pausing 2 ms between reads, so nginx (whose send buffer holds at most a
+/// few MiB) spends a good part of a second writing the response. (curl's
+/// `--limit-rate` is no slow reader: it reads what has arrived at once and
+/// sleeps afterwards.)
 #[test]
 fn server_phases_when_the_response_takes_time() {
     run_test(LIMIT, || {
@@ -1021,9 +1023,24 @@ fn server_phases_when_the_response_takes_time() {
         let (mut agent, _control) = start_agent(&rotel)?;
         let resolv = ResolvConf::via(dns.addr())?;
         std::fs::write(nginx.www().join("huge.bin"), vec![7u8; 8 << 20])?;
-        let url = format!("http://{}:{}/huge.bin", host(8), nginx.port());
-        let (pid, t) = curl1_via(&resolv, &url, &["--limit-rate", "16M"])?;
-        ensure!(t.http_code == 200, "curl {url}: {t:?}");
+        const SLOW_READER: &str = r#"
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.sendall(b"GET /huge.bin HTTP/1.1\r\nHost: " + sys.argv[1].encode() + b"\r\nConnection: close\r\n\r\n")
+n = 0
+while True:
+    b = s.recv(16384)
+    if not b:
+        break
+    n += len(b)
+    time.sleep(0.002)
+print("read", n, flush=True)
+"#;
+        let f = python_via(&resolv, SLOW_READER, &[&host(8), &nginx.port().to_string()])?;
+        ensure!(f.stdout.contains("read 838"), "slow reader: {f:?}");
+        let pid = f.pid;
         let (clients, _) = http_clients(&rotel, pid, 1, HTTP_PHASES.len())?;
         let _ = settle(&rotel, |s| is_server_of(s, worker) && s.path() == Some("/huge.bin"), 1, SPAN_WAIT);
         let all = settle(&rotel, |s| s.pid() == Some(worker) && is_phase(s), SERVER_PHASES.len(), FAMILY_WAIT);
@@ -1032,15 +1049,17 @@ fn server_phases_when_the_response_takes_time() {
         if let Some(s) = all.iter().find(|s| is_server_of(s, worker) && s.path() == Some("/huge.bin")) {
             let ph = phases_of(&all, s);
             let send = phase_ms(&ph, "response.send").unwrap_or(0.0);
-            e.that(send >= 200.0 && send >= 0.8 * s.duration_ms(), || {
-                format!("nginx's response.send took {send:.1} ms of a {:.1} ms span; want most of it (>= 200 ms)", s.duration_ms())
+            // How much the socket buffers absorb varies (autotuning), so
+            // only "most of the span, and well past the 1 ms rule".
+            e.that(send >= 50.0 && send >= 0.8 * s.duration_ms(), || {
+                format!("nginx's response.send took {send:.1} ms of a {:.1} ms span; want most of it (>= 50 ms)", s.duration_ms())
             });
         }
         if let Some(c) = clients.first() {
             let ph = phases_of(&all, c);
             let receive = phase_ms(&ph, "response.receive").unwrap_or(0.0);
-            e.that(receive >= 200.0, || {
-                format!("curl's response.receive took {receive:.1} ms, want >= 200 ms at 16 MB/s")
+            e.that(receive >= 500.0, || {
+                format!("the slow reader's response.receive took {receive:.1} ms, want >= 500 ms (512 reads, 2 ms apart)")
             });
         }
         agent.check_running()?;
