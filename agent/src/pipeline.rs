@@ -292,11 +292,10 @@ impl Pipeline {
                     }
                     conn.requests_noted = seen;
                 }
-                let tgid = conn.tgid;
                 if !self.new_requests.is_empty() {
                     self.start_requests(event.sock, event.tid);
                 }
-                self.emit_exchanges(event.sock, tgid);
+                self.emit_exchanges(event.sock);
             }
             Event::TlsHandshake(h) => {
                 if h.sock == 0 {
@@ -335,6 +334,11 @@ impl Pipeline {
             Event::Close(c) => {
                 let mut orphans = Vec::new();
                 if let Some(conn) = self.connections.remove(c.sock, &mut orphans) {
+                    if matches!(conn.protocol, ProtocolState::Dns(_)) {
+                        // DNS over TCP: what was never answered on it is given up.
+                        let (sock, ts) = (c.sock, c.header.ts_ns);
+                        self.give_up_lookups(|t, out| t.close_socket(sock, out), |_| ts);
+                    }
                     self.finish(conn, c.header.ts_ns);
                 }
                 for r in orphans {
@@ -353,30 +357,27 @@ impl Pipeline {
                 for conn in self.connections.remove_process(e.header.tgid) {
                     self.finish(conn, e.header.ts_ns);
                 }
-                let mut gone = std::mem::take(&mut self.finished_lookups);
-                self.lookups.remove_process(e.header.tgid, &mut gone);
-                for lookup in gone.drain(..) {
-                    let peer = lookup.peer;
-                    self.lookup_finished(lookup, peer, e.header.ts_ns);
-                }
-                self.finished_lookups = gone;
+                let tgid = e.header.tgid;
+                self.give_up_lookups(|t, out| t.remove_process(tgid, out), |_| e.header.ts_ns);
                 self.processes.forget(e.header.tgid);
             }
         }
     }
 
     /// Builds spans for the exchanges the parser just completed on `sock`.
-    fn emit_exchanges(&mut self, sock: u64, tgid: u32) {
+    fn emit_exchanges(&mut self, sock: u64) {
         if self.exchanges.is_empty() {
             return;
         }
-        let Some(mut conn) = self.connections.take(sock) else {
-            self.exchanges.clear();
-            return;
-        };
-        let _ = tgid;
-        self.emit(&mut conn);
-        self.connections.put_back(sock, conn);
+        // The table is set aside while the spans are built (they need the
+        // connection and the rest of the pipeline at once); swapping in an
+        // empty one allocates nothing.
+        let mut table = std::mem::replace(&mut self.connections, ConnectionTable::new(0));
+        match table.get_mut(sock) {
+            Some(conn) => self.emit(conn),
+            None => self.exchanges.clear(),
+        }
+        self.connections = table;
     }
 
 
@@ -586,38 +587,28 @@ impl Pipeline {
         bundle: &mut Vec<Span>,
     ) {
         for w in lookups {
-            let peer = w.peer.unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 53)));
             let span_id = http::new_span_id(&mut self.rng);
-            bundle.push(crate::spans::dns::build(
-                &w.lookup,
-                peer,
-                [0; 16],
-                span_id,
-                Some(parent),
-                resource.cloned().unwrap_or_else(|| w.resource.clone()),
-                &self.clock,
-                w.end_ns,
-            ));
-            Stats::inc(&self.stats.dns_lookups);
+            let resource = resource.cloned().unwrap_or_else(|| w.resource.clone());
+            bundle.push(self.lookup_span(w, span_id, Some(parent), resource));
         }
+    }
+
+    fn lookup_span(
+        &self,
+        w: &WireLookup,
+        span_id: [u8; 8],
+        parent: Option<[u8; 8]>,
+        resource: std::sync::Arc<crate::spans::model::Resource>,
+    ) -> Span {
+        Stats::inc(&self.stats.dns_lookups);
+        let peer = w.lookup.peer.unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 53)));
+        crate::spans::dns::build(&w.lookup, peer, [0; 16], span_id, parent, resource, &self.clock, w.end_ns)
     }
 
     /// A wire lookup nothing claimed: exported on its own.
     fn emit_lookup(&mut self, w: WireLookup) {
-        let resource = w.resource.clone();
         let identity = Identity::root(&mut self.rng, true);
-        let peer = w.peer.unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 53)));
-        let span = crate::spans::dns::build(
-            &w.lookup,
-            peer,
-            [0; 16],
-            identity.span_id(),
-            None,
-            resource,
-            &self.clock,
-            w.end_ns,
-        );
-        Stats::inc(&self.stats.dns_lookups);
+        let span = self.lookup_span(&w, identity.span_id(), None, w.resource.clone());
         self.submit(vec![span], identity);
     }
 
@@ -680,13 +671,7 @@ impl Pipeline {
         let n = (g.n_addrs as usize).min(g.addrs.len());
         let mut addresses = Vec::with_capacity(n);
         for i in 0..n {
-            let a = &g.addrs[i];
-            let ip = if g.families[i] == periscope_ebpf::AF_INET {
-                std::net::IpAddr::from([a[0], a[1], a[2], a[3]])
-            } else {
-                let v6 = std::net::Ipv6Addr::from(*a);
-                v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(std::net::IpAddr::V6(v6))
-            };
+            let ip = crate::connections::ip_from(g.families[i], &g.addrs[i]);
             if !addresses.contains(&ip) {
                 addresses.push(ip);
             }
@@ -695,22 +680,14 @@ impl Pipeline {
         // unanswered were given up when it returned (glibc moved on to the
         // next server or attempt): each ends where the thread's next query
         // began, or at the return.
-        let mut abandoned = std::mem::take(&mut self.finished_lookups);
-        self.lookups.take_started_by(g.header.tgid, g.tid, g.start_ns, g.header.ts_ns, &mut abandoned);
-        let mut starts: Vec<u64> = self.resolutions.query_starts(g.header.tgid, g.tid, g.start_ns, g.header.ts_ns);
-        starts.extend(abandoned.iter().map(|l| l.first_query_ns));
+        let (tgid, tid, start, end) = (g.header.tgid, g.tid, g.start_ns, g.header.ts_ns);
+        let mut starts = self.resolutions.query_starts(tgid, tid, start, end);
+        starts.extend(self.lookups.pending_starts(tgid, tid, start, end));
         starts.sort_unstable();
-        for lookup in abandoned.drain(..) {
-            let end = starts
-                .iter()
-                .copied()
-                .find(|&t| t > lookup.last_query_ns)
-                .unwrap_or(g.header.ts_ns)
-                .min(g.header.ts_ns);
-            let peer = lookup.peer;
-            self.lookup_finished(lookup, peer, end);
-        }
-        self.finished_lookups = abandoned;
+        self.give_up_lookups(
+            |t, out| t.take_started_by(tgid, tid, start, end, out),
+            |l| starts.iter().copied().find(|&t| t > l.last_query_ns).unwrap_or(end).min(end),
+        );
         let r = Resolution {
             tgid: g.header.tgid,
             tid: g.tid,
@@ -769,17 +746,34 @@ impl Pipeline {
             + (after.server_side_messages - before.server_side_messages);
         Stats::add(&self.stats.dns_unmatched_messages, unmatched);
         Stats::add(&self.stats.correlation_overflow, after.dropped_overflow - before.dropped_overflow);
-        if let Some(lookup) = done {
+        if let Some(mut lookup) = done {
+            lookup.peer = lookup.peer.or(peer);
             let end = lookup.response.as_ref().map(|a| a.ts_ns).unwrap_or(ts);
-            self.lookup_finished(lookup, peer, end);
+            self.lookup_finished(lookup, end);
         }
+    }
+
+    /// Unanswered lookups `take` removes from the tracker are given up, each
+    /// ending at `end_of(lookup)`.
+    fn give_up_lookups(
+        &mut self,
+        take: impl FnOnce(&mut LookupTracker, &mut Vec<dns::Lookup>),
+        end_of: impl Fn(&dns::Lookup) -> u64,
+    ) {
+        let mut gone = std::mem::take(&mut self.finished_lookups);
+        take(&mut self.lookups, &mut gone);
+        for lookup in gone.drain(..) {
+            let end = end_of(&lookup);
+            self.lookup_finished(lookup, end);
+        }
+        self.finished_lookups = gone;
     }
 
     /// A lookup got its answer or was given up: it waits for a
     /// getaddrinfo call or a connection to claim it.
-    fn lookup_finished(&mut self, lookup: dns::Lookup, peer: Option<std::net::SocketAddr>, end_ns: u64) {
+    fn lookup_finished(&mut self, lookup: dns::Lookup, end_ns: u64) {
         let resource = self.processes.resource(lookup.tgid);
-        let w = WireLookup { lookup, peer, end_ns, resource };
+        let w = WireLookup { lookup, end_ns, resource };
         if let Some(out) = self.resolutions.on_lookup(w) {
             Stats::inc(&self.stats.correlation_overflow);
             self.emit_lookup(out);
@@ -904,13 +898,7 @@ impl Pipeline {
         for r in orphans {
             self.emit_resolution(r);
         }
-        let mut gone = std::mem::take(&mut self.finished_lookups);
-        self.lookups.expire(now, LOOKUP_TIMEOUT_NS, &mut gone);
-        for lookup in gone.drain(..) {
-            let peer = lookup.peer;
-            self.lookup_finished(lookup, peer, now);
-        }
-        self.finished_lookups = gone;
+        self.give_up_lookups(|t, out| t.expire(now, LOOKUP_TIMEOUT_NS, out), |_| now);
         let (mut rs, mut ls) = (Vec::new(), Vec::new());
         self.resolutions.expire(now, &mut rs, &mut ls);
         for r in rs {

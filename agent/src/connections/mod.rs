@@ -172,19 +172,21 @@ impl Connection {
     }
 }
 
+/// An address as the kernel hands it over (IPv4 in the first 4 bytes);
+/// IPv4 peers of dual-stack sockets (`::ffff:a.b.c.d`) become IPv4.
+pub fn ip_from(family: u16, a: &[u8; 16]) -> IpAddr {
+    if family == AF_INET {
+        IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+    } else {
+        let v6 = Ipv6Addr::from(*a);
+        v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6))
+    }
+}
+
 pub fn socket_addrs(tuple: &SockTuple) -> (SocketAddr, SocketAddr) {
-    let ip = |a: &[u8; 16]| -> IpAddr {
-        if tuple.family == AF_INET {
-            IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
-        } else {
-            let v6 = Ipv6Addr::from(*a);
-            // IPv4 peers of dual-stack sockets appear as ::ffff:a.b.c.d.
-            v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6))
-        }
-    };
     (
-        SocketAddr::new(ip(&tuple.src_addr), tuple.src_port),
-        SocketAddr::new(ip(&tuple.dst_addr), tuple.dst_port),
+        SocketAddr::new(ip_from(tuple.family, &tuple.src_addr), tuple.src_port),
+        SocketAddr::new(ip_from(tuple.family, &tuple.dst_addr), tuple.dst_port),
     )
 }
 
@@ -302,16 +304,6 @@ impl ConnectionTable {
 
     pub fn get(&self, sock: u64) -> Option<&Connection> {
         self.by_sock.get(&sock)
-    }
-
-    /// Takes a connection out while spans are built from it; `put_back`
-    /// returns it.
-    pub fn take(&mut self, sock: u64) -> Option<Connection> {
-        self.by_sock.remove(&sock)
-    }
-
-    pub fn put_back(&mut self, sock: u64, conn: Connection) {
-        self.by_sock.insert(sock, conn);
     }
 
     /// Whether server request `seq` with identity `id` is still being

@@ -27,6 +27,7 @@ use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, DecodeError};
 
 /// Length of the fixed DNS header; shorter messages are never DNS.
 pub const HEADER_LEN: usize = 12;
+#[allow(dead_code)] // used by the tests and the fuzz target
 /// Largest DNS message over TCP (the length prefix is 16 bits).
 pub const MAX_TCP_MESSAGE: usize = u16::MAX as usize;
 /// Records decoded per message, all sections together. Bounds the work a
@@ -458,21 +459,25 @@ impl TcpFramer {
         }
     }
 
+    #[allow(dead_code)] // used by the tests and the fuzz target
     /// Whether the framer knows where the next message starts.
     pub fn in_sync(&self) -> bool {
         self.state != FrameState::Desynced
     }
 
+    #[allow(dead_code)] // used by the tests and the fuzz target
     /// Bytes held for an incomplete message.
     pub fn buffered(&self) -> usize {
         self.buf.len()
     }
 
+    #[allow(dead_code)] // used by the tests and the fuzz target
     /// Messages dropped because uncaptured bytes fell inside them.
     pub fn lost_messages(&self) -> u64 {
         self.lost
     }
 
+    #[allow(dead_code)] // used by the tests and the fuzz target
     /// Times the framing was found again after it was lost.
     pub fn resyncs(&self) -> u64 {
         self.resyncs
@@ -525,9 +530,11 @@ pub struct Answer {
 /// id, and its response if one came.
 #[derive(Clone, Debug)]
 pub struct Lookup {
+    #[allow(dead_code)] // identifies the lookup in Debug output and tests
     pub sock: u64,
     pub tgid: u32,
     pub tid: u32,
+    #[allow(dead_code)] // identifies the lookup in Debug output and tests
     pub id: u16,
     pub transport: Transport,
     pub question: Question,
@@ -733,6 +740,15 @@ impl LookupTracker {
         );
     }
 
+    /// When the unanswered lookups of thread `tid` of `tgid`, begun between
+    /// `from_ns` and `to_ns`, were first sent.
+    pub fn pending_starts(&self, tgid: u32, tid: u32, from_ns: u64, to_ns: u64) -> impl Iterator<Item = u64> + '_ {
+        self.pending
+            .values()
+            .filter(move |l| l.tgid == tgid && l.tid == tid && l.first_query_ns >= from_ns && l.first_query_ns <= to_ns)
+            .map(|l| l.first_query_ns)
+    }
+
     /// The socket closed: its unanswered lookups, returned and forgotten.
     pub fn close_socket(&mut self, sock: u64, out: &mut Vec<Lookup>) {
         self.take((sock, 0, 0)..=(sock, u16::MAX, u64::MAX), |_| true, out);
@@ -758,6 +774,7 @@ impl LookupTracker {
         out[start..].sort_by_key(|l| l.first_query_ns);
     }
 
+    #[allow(dead_code)] // used by the tests and the fuzz target
     pub fn pending(&self) -> usize {
         self.pending.len()
     }

@@ -2,8 +2,6 @@
 
 pub mod clock;
 pub mod context;
-// Not all of the DNS API is used by the pipeline yet (drop the allow once it is).
-#[allow(dead_code)]
 pub mod dns;
 pub mod http;
 pub mod links;

@@ -8,7 +8,7 @@
 //! once, unlinked, and counted by the caller.
 
 use std::collections::VecDeque;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::clock::Clock;
@@ -22,12 +22,11 @@ pub const HOLD_NS: u64 = 2_000_000_000;
 /// is not getaddrinfo) belong together when they start this close.
 const SIBLING_WINDOW_NS: u64 = 50_000_000;
 
-/// A wire lookup with the resolver it asked and when it ended (response or
-/// given up).
+/// A wire lookup (with the resolver it asked, `lookup.peer`) and when it
+/// ended (response or given up).
 #[derive(Clone, Debug)]
 pub struct WireLookup {
     pub lookup: Lookup,
-    pub peer: Option<SocketAddr>,
     pub end_ns: u64,
     /// The process, captured when the lookup ended (it may exit before the
     /// span is exported).
@@ -284,7 +283,6 @@ mod tests {
                 }),
                 peer: None,
             },
-            peer: None,
             end_ns: end,
             resource: Arc::new(Resource { pid: tgid, attributes: vec![] }),
         }
