@@ -5,7 +5,8 @@
 //! - `build [--release]`    setup, then build the agent (its build script builds the eBPF side)
 //! - `run [-- ARGS]`        setup, release build, exec `periscope run ARGS` (needs root)
 //! - `test [--release]`     setup --test-deps, build, unit tests, then end-to-end tests (needs root)
-//! - `bench [--quick]`      the agent's cost: nginx (wrk, ab, hey) and Flask/gunicorn against no agent, the no-op floor and OTel; scaling
+//! - `bench [--quick] [--profile]`  the agent's cost: nginx (wrk, ab, hey) and Flask/gunicorn against no agent, the no-op floor and OTel;
+//!   scaling; CPU per request by part; `--profile`: a perf flame graph of the agent under load (alone: only that)
 
 mod bench;
 mod cmd;
@@ -16,7 +17,7 @@ use anyhow::{Result, bail};
 use setup::Setup;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <setup [--test-deps] | build [--release] | run [-- ARGS] | test [--release] | bench [--quick]>";
+const USAGE: &str = "usage: cargo xtask <setup [--test-deps] | build [--release] | run [-- ARGS] | test [--release] | bench [--quick] [--profile]>";
 
 fn main() -> ExitCode {
     // Everything below (bpf-linker, nested cargo, aya-build) needs ~/.cargo/bin on PATH.
@@ -62,9 +63,12 @@ fn real_main() -> Result<ExitCode> {
             return test::run(release);
         }
         "bench" => {
-            let quick = flags(&rest, &["--quick"])?.contains(&"--quick");
+            let given = flags(&rest, &["--quick", "--profile"])?;
             Setup { test_deps: false }.run()?;
-            bench::run(bench::BenchArgs::new(quick))?;
+            bench::run(bench::BenchArgs::new(
+                given.contains(&"--quick"),
+                given.contains(&"--profile"),
+            ))?;
         }
         "-h" | "--help" | "help" => eprintln!("{USAGE}"),
         other => {

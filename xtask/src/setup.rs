@@ -51,6 +51,8 @@ pub const BENCH_APT: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     ("/usr/bin/python3", "python3"),
     (BENCH_FONT, "fonts-dejavu-core"),
+    // `bench --profile`: perf record / perf script.
+    ("perf", "linux-perf"),
 ];
 
 /// `/usr/bin/python3 -m venv` needs ensurepip, which Debian ships apart.

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--quick]`: what the agent costs unmodified servers,
+//! `cargo xtask bench [--quick] [--profile]`: what the agent costs unmodified servers,
 //! side by side with the bare cost of its probes and with what a user would
 //! deploy instead.
 //!
@@ -34,27 +34,47 @@
 //! dropped, events lost in the kernel); and the spans Rotel received in the
 //! run (its `--debug-log traces` summary lines).
 //!
+//! CPU per request by part (see `agent_cpu`), per workload and agent
+//! configuration: the kernel programs' own run time (BPF stats, which the
+//! bench turns on with `kernel.bpf_stats_enabled=1` for its duration and
+//! restores after; charged to the traced processes), the agent's event loop
+//! (its main thread), its export (the `periscope-io` tokio workers), its
+//! other threads, and the receiver (Rotel).
+//!
 //! Scaling: hey at 1k, 5k and 20k req/s and unlimited against nginx with the
 //! agent: agent CPU per second and per 1000 requests, RSS, events lost and
-//! spans exported against requests, and where drops start.
+//! spans exported against requests, and where drops start; and the agent
+//! idle (running, no load, IDLE_SECS): CPU per second.
 //!
 //! And the cost of one hooked TLS library call (see `tls_calls`).
+//!
+//! `--profile` (see `profile`): perf records the agent's threads while wrk
+//! loads nginx over HTTP/1.1 keep-alive for PROFILE_SECS, and the `inferno`
+//! crate turns that into `OUT_DIR/flamegraph.svg`, `OUT_DIR/profile.folded`
+//! and a top-functions table in summary.md. `--profile` alone runs only the
+//! profile (no rounds, no chart); `--quick --profile` runs the quick bench,
+//! then the profile. For a full bench and a profile, run `bench`, then
+//! `bench --profile`: the profile does not depend on the rounds.
 //!
 //! `PERISCOPE_BIN=PATH` benches that agent binary instead of building
 //! `target/release/periscope`.
 //!
 //! Results go to `OUT_DIR/summary.md` (its targets and tables are printed
-//! at the end), `OUT_DIR/chart.png`,
+//! at the end), `OUT_DIR/chart.png`, with `--profile` `OUT_DIR/flamegraph.svg`
+//! and `OUT_DIR/profile.folded`,
 //! `OUT_DIR/raw.json` (every run's numbers and raw tool output) and
 //! `OUT_DIR/logs/`.
 
+mod agent_cpu;
 mod chart;
 mod env;
 mod parse;
+mod profile;
 mod report;
 mod sys;
 mod tls_calls;
 
+use agent_cpu::{CpuSplit, Snapshot};
 use anyhow::{Context, Result, bail};
 use env::{SYSTEM_PYTHON, check_http_ok};
 use parse::{
@@ -92,6 +112,11 @@ const SCALING: [(Option<u32>, u32); 4] = [
     (Some(20_000), 50),
     (None, 50),
 ];
+/// Seconds of the idle measurement (the agent running, no load): long
+/// enough for 10 ms clock ticks to resolve 1 ms of CPU per second.
+const IDLE_SECS: u64 = 10;
+/// Seconds of load the profile records.
+const PROFILE_SECS: u32 = 10;
 
 /// What `cargo xtask bench` was asked to do.
 #[derive(Clone, Debug)]
@@ -104,22 +129,26 @@ pub struct BenchArgs {
     pub rounds: Option<usize>,
     /// Run `cargo build --release -p periscope` first (default true).
     pub build: bool,
+    /// Record the agent with perf under load: flamegraph.svg, profile.folded
+    /// and the top functions. Alone (without `quick`) it is all that runs.
+    pub profile: bool,
 }
 
 impl BenchArgs {
-    pub fn new(quick: bool) -> BenchArgs {
+    pub fn new(quick: bool, profile: bool) -> BenchArgs {
         BenchArgs {
             quick,
             out_dir: default_out_dir(),
             rounds: None,
             build: true,
+            profile,
         }
     }
 }
 
 impl Default for BenchArgs {
     fn default() -> Self {
-        BenchArgs::new(false)
+        BenchArgs::new(false, false)
     }
 }
 
@@ -272,9 +301,16 @@ impl Config {
 pub struct AgentRun {
     pub startup_ms: u64,
     pub cpu_ms: f64,
+    /// The window `cpu_ms` and `split` were measured over.
+    pub window_ms: u64,
+    /// `cpu_ms` by thread kind, and the kernel programs' run time.
+    pub split: CpuSplit,
     /// Time after the load ended until the agent's CPU use settled.
     pub drain_ms: u64,
+    /// VmHWM from `periscope ready` + 1 s on (the start-up peak is reset).
     pub peak_rss_kib: u64,
+    /// VmHWM at `periscope ready` + 1 s: what start-up needed.
+    pub startup_peak_rss_kib: u64,
     pub end_rss_kib: u64,
     pub stop: Option<StopLine>,
     /// How the agent ended after SIGINT ("exit status: 0", or "killed ...").
@@ -307,6 +343,7 @@ pub struct Sample {
     pub raw_output: String,
 }
 
+/// ms per 1000 requests, which is also µs per request.
 fn per_1k(ms: f64, requests: u64) -> Option<f64> {
     (requests > 0).then(|| ms * 1000.0 / requests as f64)
 }
@@ -323,6 +360,15 @@ impl Sample {
     }
     pub fn rotel_cpu_per_1k(&self) -> Option<f64> {
         per_1k(self.rotel_cpu_ms, self.load.requests)
+    }
+    /// A part of the agent's CPU split (ms), in µs per request.
+    pub fn split_us(&self, part: impl Fn(&CpuSplit) -> Option<f64>) -> Option<f64> {
+        per_1k(part(&self.agent.as_ref()?.split)?, self.load.requests)
+    }
+    /// Kernel program runs per request.
+    pub fn prog_runs_per_request(&self) -> Option<f64> {
+        let k = self.agent.as_ref()?.split.kernel?;
+        (self.load.requests > 0).then(|| k.run_cnt as f64 / self.load.requests as f64)
     }
     /// Server + load generator + agent CPU per 1000 requests: what the
     /// machine spent on each request, the tracer included (the kernel
@@ -426,11 +472,38 @@ impl ScalingSample {
     }
 }
 
+/// The agent running with no load at all.
+pub struct IdleSample {
+    pub round: usize,
+    pub agent: AgentRun,
+    pub others: Vec<u32>,
+}
+
+impl IdleSample {
+    /// Agent CPU in ms per second of the window.
+    pub fn agent_cpu_per_s(&self) -> Option<f64> {
+        (self.agent.window_ms > 0).then(|| self.agent.cpu_ms * 1000.0 / self.agent.window_ms as f64)
+    }
+    fn one_line(&self) -> String {
+        format!(
+            "round {} idle: agent {} ms CPU/s over {:.1} s, peak RSS {:.1} MiB",
+            self.round,
+            fmt_f(self.agent_cpu_per_s(), 2),
+            self.agent.window_ms as f64 / 1000.0,
+            self.agent.peak_rss_kib as f64 / 1024.0,
+        )
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The plan
 
 pub struct Plan {
     pub quick: bool,
+    /// Run the rounds (workloads, idle, scaling, TLS call cost).
+    pub bench: bool,
+    /// Record the profile.
+    pub profile: bool,
     pub rounds: usize,
     /// Seconds per measured run.
     pub secs: u32,
@@ -443,6 +516,8 @@ impl Plan {
         let (rounds, secs) = if args.quick { (1, 5) } else { (3, 10) };
         Plan {
             quick: args.quick,
+            bench: args.quick || !args.profile,
+            profile: args.profile,
             rounds: args.rounds.unwrap_or(rounds).max(1),
             secs,
             scaling_secs: secs,
@@ -478,7 +553,7 @@ impl AgentCmd {
     /// Start, wait for `periscope ready`, then 1 s for start-up work
     /// (process discovery, first allocations) to finish. Returns the agent
     /// and how long it took to be ready.
-    pub fn start_timed(&self, extra: &[String], log_path: &Path) -> Result<(Proc, u64)> {
+    pub fn start_timed(&self, extra: &[String], log_path: &Path) -> Result<(Proc, Startup)> {
         let t = Instant::now();
         let mut p = spawn(
             "periscope",
@@ -493,9 +568,14 @@ impl AgentCmd {
             std::fs::write(log_path, p.log()).ok();
             return Err(e);
         }
-        let startup_ms = t.elapsed().as_millis() as u64;
+        let ms = t.elapsed().as_millis() as u64;
         std::thread::sleep(Duration::from_secs(1));
-        Ok((p, startup_ms))
+        // Start-up (the kernel's BTF parsed, programs loaded) has its own
+        // peak; reset the high-water mark so that the run's VmHWM is what
+        // the agent needs while it works.
+        let peak_rss_kib = proc_status_kib(p.pid(), "VmHWM:").unwrap_or(0);
+        std::fs::write(format!("/proc/{}/clear_refs", p.pid()), "5").ok();
+        Ok((p, Startup { ms, peak_rss_kib }))
     }
 
     pub fn start(&self, extra: &[String], log_path: &Path) -> Result<Proc> {
@@ -503,11 +583,26 @@ impl AgentCmd {
     }
 }
 
+/// The agent's start: how long until `periscope ready`, and its peak RSS
+/// until then (start-up only).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Startup {
+    pub ms: u64,
+    pub peak_rss_kib: u64,
+}
+
 /// After the load: let the agent drain (its CPU use settles, at most 15 s),
-/// read its figures, stop it (SIGINT) and parse its `stopped:` line.
-fn finish_agent(mut p: Proc, startup_ms: u64, cpu0: u64, clk: u64, log_path: &Path) -> AgentRun {
+/// read its figures against `before` (taken when the load started), stop it
+/// (SIGINT) and parse its `stopped:` line.
+fn finish_agent(
+    mut p: Proc,
+    startup: Startup,
+    before: &Snapshot,
+    clk: u64,
+    log_path: &Path,
+) -> AgentRun {
     let t_end = Instant::now();
-    let mut last = cpu_ticks(p.pid()).unwrap_or(cpu0);
+    let mut last = cpu_ticks(p.pid()).unwrap_or(before.total_ticks);
     let mut settled_at = t_end;
     while t_end.elapsed() < Duration::from_secs(15) {
         std::thread::sleep(Duration::from_millis(500));
@@ -519,7 +614,12 @@ fn finish_agent(mut p: Proc, startup_ms: u64, cpu0: u64, clk: u64, log_path: &Pa
         settled_at = Instant::now();
     }
     let drain_ms = (settled_at - t_end).as_millis() as u64;
-    let cpu1 = cpu_ticks(p.pid()).unwrap_or(last);
+    let after = Snapshot::take(p.pid()).unwrap_or_else(|_| Snapshot {
+        at: Instant::now(),
+        total_ticks: last,
+        threads: Vec::new(),
+        progs: None,
+    });
     let peak_rss_kib = proc_status_kib(p.pid(), "VmHWM:").unwrap_or(0);
     let end_rss_kib = proc_status_kib(p.pid(), "VmRSS:").unwrap_or(0);
     let still_running = p.is_running();
@@ -542,8 +642,11 @@ fn finish_agent(mut p: Proc, startup_ms: u64, cpu0: u64, clk: u64, log_path: &Pa
     let log = p.log();
     std::fs::write(log_path, &log).ok();
     AgentRun {
-        startup_ms,
-        cpu_ms: ticks_ms(cpu1.saturating_sub(cpu0), clk),
+        startup_ms: startup.ms,
+        startup_peak_rss_kib: startup.peak_rss_kib,
+        cpu_ms: ticks_ms(after.total_ticks.saturating_sub(before.total_ticks), clk),
+        window_ms: (after.at - before.at).as_millis() as u64,
+        split: agent_cpu::split(p.pid(), before, &after, clk),
         drain_ms,
         peak_rss_kib,
         end_rss_kib,
@@ -813,8 +916,8 @@ impl Bench {
         };
         let server0 = sum_ticks(&server_pids);
         let agent0 = match &agent {
-            Some((p, _)) => cpu_ticks(p.pid())?,
-            None => 0,
+            Some((p, _)) => Some(Snapshot::take(p.pid())?),
+            None => None,
         };
         let rotel0 = self.rotel.cpu_ticks();
         let client0 = reaped_children_cpu_ms();
@@ -830,8 +933,9 @@ impl Bench {
 
         let client_cpu_ms = reaped_children_cpu_ms() - client0;
         let server1 = sum_ticks(&server_pids);
-        let agent_run =
-            agent.map(|(p, startup)| finish_agent(p, startup, agent0, self.clk, &agent_log));
+        let agent_run = agent
+            .zip(agent0)
+            .map(|((p, startup), before)| finish_agent(p, startup, &before, self.clk, &agent_log));
         if let Some(mut g) = gunicorn {
             // SIGTERM: gunicorn's workers exit gracefully and the OTel SDK
             // flushes what it still holds.
@@ -860,6 +964,26 @@ impl Bench {
             others,
             loadavg,
             raw_output,
+        })
+    }
+
+    /// The agent started, then IDLE_SECS with no load.
+    fn measure_idle(&mut self, round: usize) -> Result<IdleSample> {
+        let tag = format!("r{round}-idle");
+        wait_for_other_agents(Duration::from_secs(180))?;
+        eprintln!(
+            "bench: {} {tag}: the agent with no load for {IDLE_SECS} s",
+            sys::since_start()
+        );
+        let agent_log = self.out_dir.join(format!("logs/agent-{tag}.log"));
+        let (p, startup) = self.agent.start_timed(&[], &agent_log)?;
+        let others = other_periscopes(Some(p.pid()));
+        let before = Snapshot::take(p.pid())?;
+        sys::sleep_unless_interrupted(Duration::from_secs(IDLE_SECS))?;
+        Ok(IdleSample {
+            round,
+            agent: finish_agent(p, startup, &before, self.clk, &agent_log),
+            others,
         })
     }
 
@@ -895,9 +1019,9 @@ impl Bench {
         let agent_log = self.out_dir.join(format!("logs/agent-{tag}.log"));
         let (p, startup) = self.agent.start_timed(&[], &agent_log)?;
         let others = other_periscopes(Some(p.pid()));
-        let agent0 = cpu_ticks(p.pid())?;
+        let agent0 = Snapshot::take(p.pid())?;
         let run = run_load("hey", &args, None, secs, &self.out_dir, &tag);
-        let agent = finish_agent(p, startup, agent0, self.clk, &agent_log);
+        let agent = finish_agent(p, startup, &agent0, self.clk, &agent_log);
         let rotel_spans = self.rotel.spans_since(rotel_mark);
         let (command, raw_output, load) = run?;
         Ok(ScalingSample {
@@ -976,42 +1100,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     let plan = Plan::new(&args);
-    let runs_per_round: usize = WORKLOADS.iter().map(|w| w.configs().len()).sum();
-    eprintln!(
-        "bench: {} round(s) of {runs_per_round} runs of {} s ({} workloads x their configurations), scaling at {} x {} s, \
-         TLS call cost; results in {}",
-        plan.rounds,
-        plan.secs,
-        WORKLOADS.len(),
-        SCALING.len(),
-        plan.scaling_secs,
-        args.out_dir.display()
-    );
+    announce(&plan, &args.out_dir);
+    // Counted for the whole bench; the old value is back when this drops.
+    let _bpf_stats = sys::BpfStats::enable();
 
     // 1. Tools, tracefs, the venv and the agent binary.
     env::ensure_apt_tools()?;
     let rotel_agent = env::ensure_rotel()?;
     env::ensure_tracefs()?;
-    let venv = env::ensure_venv()?;
-    // PERISCOPE_BIN (as in the end-to-end tests): bench that binary, unbuilt.
-    let given_bin = std::env::var_os("PERISCOPE_BIN")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from);
+    let venv = if plan.bench {
+        env::ensure_venv()?
+    } else {
+        PathBuf::new()
+    };
     let t_build = Instant::now();
-    if args.build && given_bin.is_none() {
-        env::build_agent()?;
-    }
+    let agent_bin = agent_binary(args.build)?;
     let build_time = t_build.elapsed();
-    let agent_bin =
-        given_bin.unwrap_or_else(|| crate::cmd::target_dir().join("release").join("periscope"));
-    if !agent_bin.is_file() {
-        bail!(
-            "{} is missing: build it with `cargo build --release -p periscope`",
-            agent_bin.display()
-        );
-    }
     let floor = env::agent_has_noop_probes(&agent_bin);
-    if !floor {
+    if !floor && plan.bench {
         eprintln!(
             "bench: WARNING: {} does not take `run --noop-probes`: the floor configuration is left out and the report says so",
             agent_bin.display()
@@ -1027,28 +1133,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     // 2. The receiver and nginx, up for the whole bench.
     let rotel = Receiver::start(&rotel_agent)?;
-    let nginx_port = free_port();
-    let https_port = free_port();
-    let (cert, key) = env::make_test_cert(tmp.path())?;
-    let nginx_conf = env::write_nginx_files(tmp.path(), nginx_port, https_port, &cert, &key)?;
-    let mut nginx_cmd = Command::new("nginx");
-    nginx_cmd
-        .arg("-c")
-        .arg(&nginx_conf)
-        .arg("-p")
-        .arg(tmp.path())
-        .arg("-e")
-        .arg(tmp.join("error.log"));
-    let nginx_shown = show(&nginx_cmd);
-    let mut nginx = spawn(
-        "nginx",
-        &mut nginx_cmd,
-        libc::SIGTERM,
-        Duration::from_secs(5),
-    )?;
-    wait_for_port(&mut nginx, nginx_port, Duration::from_secs(15))?;
-    check_http_ok(nginx_port).context("nginx does not answer GET / with 200")?;
-
+    let nginx = Nginx::start(tmp.path())?;
     let tls_off_config = out_dir.join("tls-off.toml");
     std::fs::write(&tls_off_config, "disabled_features = [\"tls\"]\n")?;
     let app_dir = env::write_flask_app(tmp.path())?;
@@ -1066,59 +1151,231 @@ pub fn run(args: BenchArgs) -> Result<()> {
         plan,
         floor,
         tls_off_config,
-        nginx_pid: nginx.pid(),
-        http_url: format!("http://127.0.0.1:{nginx_port}/"),
-        https_url: format!("https://127.0.0.1:{https_port}/"),
+        nginx_pid: nginx.proc.pid(),
+        http_url: format!("http://127.0.0.1:{}/", nginx.port),
+        https_url: format!("https://127.0.0.1:{}/", nginx.https_port),
         rotel,
         out_dir: out_dir.clone(),
         clk: clk_tck(),
     };
 
-    // 3. Warm-ups, not measured; each also checks that the workload runs cleanly.
-    warm_up(&mut b)?;
+    // 3. The rounds (after warm-ups, not measured), then the profile.
+    let rounds = if b.plan.bench {
+        warm_up(&mut b)?;
+        run_rounds(&mut b, &nginx)?
+    } else {
+        Rounds::default()
+    };
+    let profile = if b.plan.profile {
+        check_interrupted()?;
+        match profile::record(&mut b) {
+            Ok(p) => Some(Ok(p)),
+            Err(e) if b.plan.bench => {
+                eprintln!("bench: WARNING: no profile: {e:#}");
+                Some(Err(format!("{e:#}")))
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        None
+    };
 
-    // 4. The rounds.
-    let mut samples: Vec<Sample> = Vec::new();
-    let mut scaling: Vec<ScalingSample> = Vec::new();
-    let mut tls_calls: Vec<TlsCallSample> = Vec::new();
+    // 4. Stop the servers (their logs go with the results), then report.
+    let commands = commands(&b, &nginx.shown);
+    std::fs::write(out_dir.join("logs/flask-app.py"), env::FLASK_APP).ok();
+    b.rotel.proc.stop();
+    std::fs::write(out_dir.join("logs/rotel.log"), b.rotel.proc.log()).ok();
+    nginx.stop(&out_dir);
+
+    let report = Report {
+        quick: b.plan.quick,
+        rounds: b.plan.rounds,
+        secs: b.plan.secs,
+        floor_measured: b.floor,
+        bpf_stats: sys::bpf_stats_enabled(),
+        started,
+        elapsed: t0.elapsed(),
+        build_time,
+        waited: sys::waited(),
+        machine,
+        commands,
+        samples: rounds.samples,
+        scaling: rounds.scaling,
+        idle: rounds.idle,
+        tls_calls: rounds.tls_calls,
+        profile,
+        chart: None,
+    };
+    write_report(report, &out_dir, t0)
+}
+
+/// What the bench will do, on stderr.
+fn announce(plan: &Plan, out_dir: &Path) {
+    let runs_per_round: usize = WORKLOADS.iter().map(|w| w.configs().len()).sum();
+    if plan.bench {
+        eprintln!(
+            "bench: {} round(s) of {runs_per_round} runs of {} s ({} workloads x their configurations), scaling at {} x {} s \
+             and idle {IDLE_SECS} s, TLS call cost; results in {}",
+            plan.rounds,
+            plan.secs,
+            WORKLOADS.len(),
+            SCALING.len(),
+            plan.scaling_secs,
+            out_dir.display()
+        );
+    }
+    if plan.profile {
+        eprintln!(
+            "bench: profile: perf on the agent under {} for {PROFILE_SECS} s; flame graph in {}",
+            WorkloadKind::Http.label(),
+            out_dir.join("flamegraph.svg").display()
+        );
+    }
+}
+
+/// `PERISCOPE_BIN` (as in the end-to-end tests): that binary, unbuilt;
+/// otherwise `target/release/periscope`, built first when `build`.
+fn agent_binary(build: bool) -> Result<PathBuf> {
+    let given_bin = std::env::var_os("PERISCOPE_BIN")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from);
+    if build && given_bin.is_none() {
+        env::build_agent()?;
+    }
+    let agent_bin =
+        given_bin.unwrap_or_else(|| crate::cmd::target_dir().join("release").join("periscope"));
+    if !agent_bin.is_file() {
+        bail!(
+            "{} is missing: build it with `cargo build --release -p periscope`",
+            agent_bin.display()
+        );
+    }
+    Ok(agent_bin)
+}
+
+/// nginx (one worker, HTTP and HTTPS), up for the whole bench.
+struct Nginx {
+    proc: Proc,
+    port: u16,
+    https_port: u16,
+    /// The HTTPS server's certificate and key.
+    cert: PathBuf,
+    key: PathBuf,
+    conf: PathBuf,
+    error_log: PathBuf,
+    shown: String,
+}
+
+impl Nginx {
+    fn start(dir: &Path) -> Result<Nginx> {
+        let port = free_port();
+        let https_port = free_port();
+        let (cert, key) = env::make_test_cert(dir)?;
+        let conf = env::write_nginx_files(dir, port, https_port, &cert, &key)?;
+        let error_log = dir.join("error.log");
+        let mut cmd = Command::new("nginx");
+        cmd.arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(&error_log);
+        let shown = show(&cmd);
+        let mut proc = spawn("nginx", &mut cmd, libc::SIGTERM, Duration::from_secs(5))?;
+        wait_for_port(&mut proc, port, Duration::from_secs(15))?;
+        check_http_ok(port).context("nginx does not answer GET / with 200")?;
+        Ok(Nginx {
+            proc,
+            port,
+            https_port,
+            cert,
+            key,
+            conf,
+            error_log,
+            shown,
+        })
+    }
+
+    /// Stop it; its configuration and error log go to `out_dir/logs`.
+    fn stop(mut self, out_dir: &Path) {
+        self.proc.stop();
+        std::fs::copy(&self.error_log, out_dir.join("logs/nginx-error.log")).ok();
+        std::fs::copy(&self.conf, out_dir.join("logs/nginx.conf")).ok();
+    }
+}
+
+/// Everything the rounds measured.
+#[derive(Default)]
+struct Rounds {
+    samples: Vec<Sample>,
+    scaling: Vec<ScalingSample>,
+    idle: Vec<IdleSample>,
+    tls_calls: Vec<TlsCallSample>,
+}
+
+fn run_rounds(b: &mut Bench, nginx: &Nginx) -> Result<Rounds> {
+    let mut r = Rounds::default();
     for round in 1..=b.plan.rounds {
         for w in WORKLOADS {
             for config in b.configs(w, round) {
                 check_interrupted()?;
                 let s = b.measure(round, w, config)?;
                 eprintln!("bench: {} {}", sys::since_start(), s.one_line());
-                samples.push(s);
+                r.samples.push(s);
                 if config.is_agent() {
                     // Let the detached programs and the receiver settle.
                     std::thread::sleep(Duration::from_secs(1));
                 }
             }
         }
+        check_interrupted()?;
+        let s = b.measure_idle(round)?;
+        eprintln!("bench: {} {}", sys::since_start(), s.one_line());
+        r.idle.push(s);
         for (rate, workers) in SCALING {
             check_interrupted()?;
             let s = b.measure_scaling(round, rate, workers)?;
             eprintln!("bench: {} {}", sys::since_start(), s.one_line());
-            scaling.push(s);
+            r.scaling.push(s);
             std::thread::sleep(Duration::from_secs(1));
         }
         check_interrupted()?;
         let t = measure_tls_calls(
             &b.agent,
-            &out_dir,
+            &b.out_dir,
             round,
             b.plan.uprobe_iterations,
-            &cert,
-            &key,
+            &nginx.cert,
+            &nginx.key,
         )?;
         eprintln!("bench: {} {}", sys::since_start(), t.one_line());
-        tls_calls.push(t);
+        r.tls_calls.push(t);
     }
+    Ok(r)
+}
 
-    // 5. Stop the servers (their logs go with the results), then report.
+/// Every command the bench ran, for the report: (what, command line).
+fn commands(b: &Bench, nginx_shown: &str) -> Vec<(String, String)> {
     let mut commands: Vec<(String, String)> = vec![
-        ("nginx".into(), nginx_shown),
+        ("nginx".into(), nginx_shown.to_string()),
         ("rotel".into(), b.rotel.shown.clone()),
         ("agent".into(), b.agent.shown(&[])),
+    ];
+    if b.plan.bench {
+        commands.extend(bench_commands(b));
+    }
+    if b.plan.profile {
+        let (program, args, _) = b.load_command(WorkloadKind::Http, PROFILE_SECS, "TAG");
+        commands.push((
+            "profile load".into(),
+            format!("{program} {}", args.join(" ")),
+        ));
+    }
+    commands
+}
+
+fn bench_commands(b: &Bench) -> Vec<(String, String)> {
+    let mut commands: Vec<(String, String)> = vec![
         (
             "agent, floor".into(),
             b.agent.shown(&b.agent_extra(Config::Floor)),
@@ -1149,33 +1406,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
             b.plan.uprobe_iterations
         ),
     ));
-    std::fs::write(out_dir.join("logs/flask-app.py"), env::FLASK_APP).ok();
-    b.rotel.proc.stop();
-    nginx.stop();
-    std::fs::write(out_dir.join("logs/rotel.log"), b.rotel.proc.log()).ok();
-    std::fs::copy(tmp.join("error.log"), out_dir.join("logs/nginx-error.log")).ok();
-    std::fs::copy(&nginx_conf, out_dir.join("logs/nginx.conf")).ok();
+    commands
+}
 
-    let mut report = Report {
-        quick: b.plan.quick,
-        rounds: b.plan.rounds,
-        secs: b.plan.secs,
-        floor_measured: b.floor,
-        started,
-        elapsed: t0.elapsed(),
-        build_time,
-        waited: sys::waited(),
-        machine,
-        commands,
-        samples,
-        scaling,
-        tls_calls,
-        chart: None,
-    };
+/// summary.md, chart.png (when the rounds ran) and raw.json; the summary
+/// on stdout.
+fn write_report(mut report: Report, out_dir: &Path, t0: Instant) -> Result<()> {
     let chart_path = out_dir.join("chart.png");
-    match chart::draw(&report, &chart_path) {
-        Ok(()) => report.chart = Some("chart.png".into()),
-        Err(e) => eprintln!("bench: WARNING: no chart: {e:#}"),
+    if !report.samples.is_empty() {
+        match chart::draw(&report, &chart_path) {
+            Ok(()) => report.chart = Some("chart.png".into()),
+            Err(e) => eprintln!("bench: WARNING: no chart: {e:#}"),
+        }
     }
     let md = report.markdown();
     std::fs::write(out_dir.join("summary.md"), &md)?;
@@ -1185,9 +1427,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     )?;
     println!("{}", report.summary());
     eprintln!(
-        "bench: wrote {}, {} and {} in {:.0} s",
+        "bench: wrote {} and {} in {:.0} s",
         out_dir.join("summary.md").display(),
-        chart_path.display(),
         out_dir.join("raw.json").display(),
         t0.elapsed().as_secs_f64()
     );

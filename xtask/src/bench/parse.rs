@@ -353,6 +353,54 @@ pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
+/// One BPF program's counters from `/proc/PID/fdinfo/FD`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgStats {
+    pub id: u32,
+    /// Time spent in the program, summed over runs (counted only while
+    /// `kernel.bpf_stats_enabled` is 1).
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
+}
+
+/// The counters of a BPF program fd's fdinfo (`prog_id:`, `run_time_ns:`,
+/// `run_cnt:`); None for anything else (a map, a link: they have no run
+/// counters).
+pub fn parse_fdinfo_prog(text: &str) -> Option<ProgStats> {
+    let field = |key: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    Some(ProgStats {
+        id: u32::try_from(field("prog_id")?).ok()?,
+        run_time_ns: field("run_time_ns")?,
+        run_cnt: field("run_cnt")?,
+    })
+}
+
+/// Whether `perf stat -x, -e EVENT` counted the event (CSV on stderr:
+/// `COUNT,UNIT,EVENT,...`; `<not supported>` or `<not counted>` otherwise).
+pub fn perf_stat_counted(stderr: &str, event: &str) -> bool {
+    stderr.lines().any(|l| {
+        let mut f = l.split(',');
+        let count = f.next().unwrap_or("");
+        let named = f.nth(1).is_some_and(|e| e.trim().starts_with(event));
+        named && count.trim().parse::<u64>().is_ok_and(|c| c > 0)
+    })
+}
+
+/// The sample count of `perf record`'s closing line
+/// (`[ perf record: Captured and wrote 27.523 MB perf.data (3406 samples) ]`).
+pub fn parse_perf_record_samples(text: &str) -> Option<u64> {
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("perf record: Captured"))?;
+    let (_, tail) = line.rsplit_once('(')?;
+    tail.split_whitespace().next()?.parse().ok()
+}
+
 /// Whether `periscope run --noop-probes --help` was accepted: clap prints
 /// the help and exits 0 for a known flag, and says `unexpected argument`
 /// (exit 2) for an unknown one.
@@ -562,7 +610,64 @@ mod tests {
         // A comm with spaces and parentheses.
         let stat = "1234 (tokio (x) 1) S 1 1234 1234 0 -1 4194560 2000 0 0 0 150 37 0 0 20 0 3 0 100 1000000 500 18446744073709551615";
         assert_eq!(parse_stat_ticks(stat), Some(187));
+        // A thread's line (/proc/PID/task/TID/stat) has the same fields.
+        let thread = "2211 (periscope-io) S 1 2200 2200 0 -1 4194368 90 0 0 0 41 12 0 0 20 0 4 0 5000 900000000 8000 18446744073709551615";
+        assert_eq!(parse_stat_ticks(thread), Some(53));
+        assert_eq!(
+            parse_stat_ticks("2211 (x) S 1 2 3 4 5 6 7 8 9 10 x 12"),
+            None
+        );
         assert_eq!(parse_stat_ticks("1234 (x) S 1"), None);
+    }
+
+    #[test]
+    fn fdinfo() {
+        // A program fd while kernel.bpf_stats_enabled is 1 (6.18).
+        let prog = "pos:\t0\nflags:\t02000002\nmnt_id:\t16\nino:\t2087\nprog_type:\t5\n\
+                    prog_jited:\t1\nprog_tag:\t8f9cd35e4ab1a4f0\nmemlock:\t4096\nprog_id:\t412\n\
+                    run_time_ns:\t123456789\nrun_cnt:\t98765\nrecursion_misses:\t0\nverified_insns:\t1234\n";
+        assert_eq!(
+            parse_fdinfo_prog(prog),
+            Some(ProgStats {
+                id: 412,
+                run_time_ns: 123_456_789,
+                run_cnt: 98_765
+            })
+        );
+        // A link and a map have no run counters; odd values are not a program.
+        let link = "pos:\t0\nflags:\t02000000\nlink_type:\tperf\nlink_id:\t7\nprog_tag:\tab\nprog_id:\t412\n";
+        assert_eq!(parse_fdinfo_prog(link), None);
+        assert_eq!(
+            parse_fdinfo_prog("map_type:\t27\nmax_entries:\t262144\n"),
+            None
+        );
+        assert_eq!(
+            parse_fdinfo_prog("prog_id:\tx\nrun_time_ns:\t1\nrun_cnt:\t1\n"),
+            None
+        );
+        assert_eq!(parse_fdinfo_prog(""), None);
+    }
+
+    #[test]
+    fn perf_stat_csv() {
+        let vm = "<not supported>,,cycles,0,100.00,,\n";
+        assert!(!perf_stat_counted(vm, "cycles"));
+        let hw = "1234567,,cycles,1000,100.00,,\n";
+        assert!(perf_stat_counted(hw, "cycles"));
+        assert!(!perf_stat_counted(hw, "instructions"));
+        assert!(!perf_stat_counted("", "cycles"));
+    }
+
+    #[test]
+    fn perf_record_line() {
+        let out = "[ perf record: Woken up 110 times to write data ]\nWarning:\nProcessed 4826 events and lost 2 chunks!\n\
+                   [ perf record: Captured and wrote 27.523 MB /r/logs/perf.data (3406 samples) ]\n";
+        assert_eq!(parse_perf_record_samples(out), Some(3406));
+        assert_eq!(
+            parse_perf_record_samples("[ perf record: Captured and wrote 0.1 MB x ]"),
+            None
+        );
+        assert_eq!(parse_perf_record_samples(""), None);
     }
 
     #[test]

@@ -52,6 +52,19 @@ pub fn check_interrupted() -> Result<()> {
     Ok(())
 }
 
+/// Sleep for `d`, in steps, failing early on Ctrl-C.
+pub fn sleep_unless_interrupted(d: Duration) -> Result<()> {
+    let end = Instant::now() + d;
+    loop {
+        check_interrupted()?;
+        let now = Instant::now();
+        if now >= end {
+            return Ok(());
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(200)));
+    }
+}
+
 /// Spawn with captured output, stopped by `signal` then SIGKILL after `grace`.
 pub fn spawn(name: &str, cmd: &mut Command, signal: i32, grace: Duration) -> Result<Proc> {
     Proc::spawn_with(name, cmd, StopWith { signal, grace })
@@ -116,6 +129,45 @@ pub fn reaped_children_cpu_ms() -> f64 {
     }
     let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
     ms(ru.ru_utime) + ms(ru.ru_stime)
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// Whether the kernel counts BPF programs' run time (`kernel.bpf_stats_enabled`).
+pub fn bpf_stats_enabled() -> bool {
+    std::fs::read_to_string(BPF_STATS).is_ok_and(|v| v.trim() == "1")
+}
+
+/// `kernel.bpf_stats_enabled=1` for as long as it lives; the old value
+/// back on drop.
+pub struct BpfStats {
+    old: Option<String>,
+}
+
+impl BpfStats {
+    /// Turn the stats on; a warning (and no kernel figures) if that fails.
+    pub fn enable() -> BpfStats {
+        let old = std::fs::read_to_string(BPF_STATS).map(|v| v.trim().to_string());
+        match old.and_then(|old| std::fs::write(BPF_STATS, "1").map(|()| old)) {
+            Ok(old) => BpfStats { old: Some(old) },
+            Err(e) => {
+                eprintln!(
+                    "bench: WARNING: could not set {BPF_STATS} to 1 ({e}): the kernel programs' run time is not measured"
+                );
+                BpfStats { old: None }
+            }
+        }
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Some(old) = self.old.take().filter(|o| o != "1")
+            && let Err(e) = std::fs::write(BPF_STATS, &old)
+        {
+            eprintln!("bench: WARNING: could not restore {BPF_STATS} to {old}: {e}");
+        }
+    }
 }
 
 pub fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
