@@ -301,6 +301,13 @@ pub struct KernelOffsets {
     pub task_mm: u32,
     pub mm_env_start: u32,
     pub mm_env_end: u32,
+    /// Non-zero when `sock_common` starts with daddr, rcv_saddr, hash,
+    /// dport, num, family back to back (as on x86_64 since 2.6): the
+    /// programs then read all of them with one copy.
+    pub sock_common_packed: u32,
+    /// Non-zero when pt_regs holds dx, si, di, orig_ax back to back (x86_64):
+    /// the system call number and first three arguments take one copy.
+    pub pt_regs_packed: u32,
 }
 
 /// Runtime control, shared with the daemon through the `CONTROL` array map

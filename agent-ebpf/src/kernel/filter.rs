@@ -28,11 +28,11 @@ static PORT_FILTER: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
 #[map]
 pub static IGNORED_SOCKS: aya_ebpf::maps::LruHashMap<u64, u32> = aya_ebpf::maps::LruHashMap::with_max_entries(65536, 0);
 
-/// Whether `sk` is one the daemon asked not to copy (and still the same connection).
+/// Whether `sk`, now with port pair `current`, is one the daemon asked not
+/// to copy (and still the same connection).
 #[inline(always)]
-pub fn ignored(sk: u64, portpair_offset: u32) -> bool {
+pub fn ignored(sk: u64, current: u32) -> bool {
     let Some(&pair) = (unsafe { IGNORED_SOCKS.get(&sk) }) else { return false };
-    let current: u32 = super::read_kernel(sk, portpair_offset).unwrap_or(!pair);
     if current == pair {
         return true;
     }

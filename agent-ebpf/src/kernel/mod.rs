@@ -68,6 +68,8 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     task_mm: 0,
     mm_env_start: 0,
     mm_env_end: 0,
+    sock_common_packed: 0,
+    pt_regs_packed: 0,
 });
 
 /// Every event goes through this one ring buffer. The loader may resize it.
@@ -220,6 +222,56 @@ fn inet_socket(sk: u64, off: &KernelOffsets) -> Option<(u16, u16)> {
         return None;
     }
     Some((family, protocol))
+}
+
+/// The start of `struct sock_common` when its fields are packed (see
+/// `KernelOffsets::sock_common_packed`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SockCommonHead {
+    daddr: [u8; 4],
+    rcv_saddr: [u8; 4],
+    _hash: u32,
+    /// Network byte order; with `num` it is `skc_portpair`.
+    dport: u16,
+    num: u16,
+    family: u16,
+}
+
+/// What a data event needs of its socket, read with as few copies as the
+/// kernel's layout allows: the tuple (written into `tuple`), the protocol,
+/// and the port pair (`skc_portpair`, as the ignore map stores it). None for
+/// sockets that are not TCP or UDP over IPv4/IPv6.
+#[inline(always)]
+fn read_socket(sk: u64, off: &KernelOffsets, tuple: &mut SockTuple) -> Option<(u16, u32)> {
+    if off.sock_common_packed == 0 {
+        let (family, protocol) = inet_socket(sk, off)?;
+        read_tuple(sk, family, off, tuple);
+        let pair: u32 = read_kernel(sk, off.skc_dport).unwrap_or(0);
+        return Some((protocol, pair));
+    }
+    let head: SockCommonHead = read_kernel(sk, off.skc_daddr).ok()?;
+    if head.family != AF_INET && head.family != periscope_ebpf::AF_INET6 {
+        return None;
+    }
+    let protocol: u16 = read_kernel(sk, off.sk_protocol).ok()?;
+    if protocol != IPPROTO_TCP && protocol != periscope_ebpf::IPPROTO_UDP {
+        return None;
+    }
+    tuple.family = head.family;
+    tuple.protocol = IPPROTO_TCP;
+    tuple.src_port = head.num;
+    tuple.dst_port = u16::from_be(head.dport);
+    if head.family == AF_INET {
+        tuple.src_addr = [0; 16];
+        tuple.dst_addr = [0; 16];
+        tuple.src_addr[..4].copy_from_slice(&head.rcv_saddr);
+        tuple.dst_addr[..4].copy_from_slice(&head.daddr);
+    } else {
+        tuple.src_addr = read_kernel(sk, off.skc_v6_rcv_saddr).unwrap_or([0; 16]);
+        tuple.dst_addr = read_kernel(sk, off.skc_v6_daddr).unwrap_or([0; 16]);
+    }
+    Some((protocol, head.dport as u32 | (head.num as u32) << 16))
 }
 
 /// Reads the socket's local and remote address and port.

@@ -21,7 +21,7 @@ use super::filter::{feature_enabled, ignored, ports_traced, process_traced};
 use super::tls::{CALL_HANDSHAKE, ESTABLISHED, LAST_RECV, SessionKey, TLS_CALLS};
 use periscope_ebpf::control::{FEATURE_DNS, FEATURE_HTTP, FEATURE_TLS};
 use periscope_ebpf::{DNS_PORT, IPPROTO_UDP};
-use super::{OFFSETS, PAYLOAD_CAP, SCRATCH, SELF_TGID, bounded, inet_socket, output_data, read_kernel, read_tuple};
+use super::{OFFSETS, PAYLOAD_CAP, SCRATCH, SELF_TGID, bounded, output_data, read_kernel, read_socket};
 
 const MSG_PEEK: i32 = 2;
 
@@ -67,9 +67,10 @@ fn on_socket_io(ctx: &BtfTracePointContext, dir: u8, probe_id: u32) -> Option<()
         return None;
     }
     let off = OFFSETS.load();
-    let (family, protocol) = inet_socket(sk, &off)?;
+    let buf = unsafe { &mut *SCRATCH.get_ptr_mut(0)? };
+    let (protocol, portpair) = read_socket(sk, &off, &mut buf.event.tuple)?;
     if protocol == IPPROTO_UDP {
-        return on_dns_datagram(sk, family, &off, tgid, pid_tgid, dir, probe_id, ret as u32);
+        return on_dns_datagram(buf, sk, &off, tgid, pid_tgid, dir, probe_id, ret as u32);
     }
     let tls_on = feature_enabled(FEATURE_TLS);
     // Inside a TLS library call: remember the socket for the plaintext
@@ -93,16 +94,17 @@ fn on_socket_io(ctx: &BtfTracePointContext, dir: u8, probe_id: u32) -> Option<()
     if !feature_enabled(wanted) {
         return None;
     }
-    if ignored(sk, off.skc_dport) {
+    if ignored(sk, portpair) {
         return None;
     }
-    if dir == direction::INGRESS && tls_on {
+    // Written only when it changes: a keep-alive connection's thread keeps
+    // receiving from the same socket, and an LRU update costs far more than
+    // the lookup.
+    if dir == direction::INGRESS && tls_on && unsafe { LAST_RECV.get(&pid_tgid) }.copied() != Some(sk) {
         let _ = LAST_RECV.insert(&pid_tgid, &sk, 0);
     }
 
-    let buf = unsafe { &mut *SCRATCH.get_ptr_mut(0)? };
     start_data_event(buf, tgid, pid_tgid as u32, sk, dir, source::SOCKET, ret as u32);
-    read_tuple(sk, family, &off, &mut buf.event.tuple);
     if !ports_traced(buf.event.tuple.src_port, buf.event.tuple.dst_port) {
         return None;
     }
@@ -115,8 +117,8 @@ fn on_socket_io(ctx: &BtfTracePointContext, dir: u8, probe_id: u32) -> Option<()
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn on_dns_datagram(
+    buf: &mut DataEventBuf,
     sk: u64,
-    family: u16,
     off: &KernelOffsets,
     tgid: u32,
     pid_tgid: u64,
@@ -130,13 +132,10 @@ fn on_dns_datagram(
     // The port first: most UDP traffic is not DNS and stops here. Only
     // client sockets connected to a resolver's port 53 (glibc, Go, c-ares
     // and Node all connect theirs); a DNS server's own traffic is not copied.
-    let remote_port = u16::from_be(read_kernel::<u16>(sk, off.skc_dport).unwrap_or(0));
-    if remote_port != DNS_PORT {
+    if buf.event.tuple.dst_port != DNS_PORT {
         return None;
     }
-    let buf = unsafe { &mut *SCRATCH.get_ptr_mut(0)? };
     start_data_event(buf, tgid, pid_tgid as u32, sk, dir, source::SOCKET, len);
-    read_tuple(sk, family, off, &mut buf.event.tuple);
     buf.event.tuple.protocol = IPPROTO_UDP;
     copy_and_send(buf, off, len, probe_id);
     Some(())
@@ -151,7 +150,8 @@ fn copy_and_send(buf: &mut DataEventBuf, off: &KernelOffsets, len: u32, probe_id
     finish_data_event(buf, head, tail, probe_id);
 }
 
-/// Fills the scratch event's header fields for one call.
+/// Fills the scratch event's header fields for one call (the tuple is the
+/// caller's: it was read with the socket).
 #[inline(always)]
 pub(super) fn start_data_event(buf: &mut DataEventBuf, tgid: u32, tid: u32, sk: u64, dir: u8, src: u8, total: u32) {
     let ev: &mut DataEvent = &mut buf.event;
@@ -167,7 +167,6 @@ pub(super) fn start_data_event(buf: &mut DataEventBuf, tgid: u32, tid: u32, sk: 
     ev.source = src;
     ev.flags = 0;
     ev._pad2 = 0;
-    ev.tuple = SockTuple::default();
 }
 
 /// Records what was copied and writes the event out at its real size.
@@ -230,12 +229,9 @@ fn copy_syscall_payload(buf: &mut DataEventBuf, off: &KernelOffsets, want: &Want
     if regs == 0 {
         return (syscall::OTHER, -1, 0, 0);
     }
-    let Ok(nr) = read_kernel::<u64>(regs, off.pt_regs_orig_ax) else {
+    let Some(SyscallRegs { dx: arg2, si: arg1, di: arg0, orig_ax: nr }) = syscall_regs(regs, off) else {
         return (syscall::OTHER, -1, 0, 0);
     };
-    let arg0 = read_kernel::<u64>(regs, off.pt_regs_di).unwrap_or(0);
-    let arg1 = read_kernel::<u64>(regs, off.pt_regs_si).unwrap_or(0);
-    let arg2 = read_kernel::<u64>(regs, off.pt_regs_dx).unwrap_or(0);
     let fd = arg0 as i32;
     let (sys, fd, head, tail) = match nr {
         nr::READ | nr::WRITE => (syscall::READ_WRITE, fd, copy_flat(buf, arg1, want), 0),
@@ -284,6 +280,30 @@ fn copy_syscall_payload(buf: &mut DataEventBuf, off: &KernelOffsets, want: &Want
         _ => tail,
     };
     (sys, fd, head, tail)
+}
+
+/// The system call number and first three arguments, in pt_regs order.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SyscallRegs {
+    dx: u64,
+    si: u64,
+    di: u64,
+    orig_ax: u64,
+}
+
+/// Reads the saved user registers with one copy where they lie together.
+#[inline(always)]
+fn syscall_regs(regs: u64, off: &KernelOffsets) -> Option<SyscallRegs> {
+    if off.pt_regs_packed != 0 {
+        return read_kernel::<SyscallRegs>(regs, off.pt_regs_dx).ok();
+    }
+    Some(SyscallRegs {
+        orig_ax: read_kernel::<u64>(regs, off.pt_regs_orig_ax).ok()?,
+        di: read_kernel::<u64>(regs, off.pt_regs_di).unwrap_or(0),
+        si: read_kernel::<u64>(regs, off.pt_regs_si).unwrap_or(0),
+        dx: read_kernel::<u64>(regs, off.pt_regs_dx).unwrap_or(0),
+    })
 }
 
 /// Copies `TAIL_CAPTURE` bytes from `src` into the payload at `at`.

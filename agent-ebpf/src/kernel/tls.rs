@@ -24,7 +24,7 @@ use periscope_ebpf::{EventHeader, SockTuple, TlsHandshakeEvent, direction, kind,
 use super::filter::{feature_enabled, ports_traced, process_traced};
 use super::socket_io::{copy_flat_call, finish_data_event, start_data_event};
 use periscope_ebpf::control::FEATURE_TLS;
-use super::{OFFSETS, SCRATCH, SELF_TGID, count, output, read_tuple, tcp_family};
+use super::{OFFSETS, SCRATCH, SELF_TGID, count, output, read_socket, read_tuple, tcp_family};
 use periscope_ebpf::kernel_counter;
 
 pub const CALL_READ: u8 = 0;
@@ -257,7 +257,9 @@ fn finish_read_write(n: u32) -> u32 {
     if n == 0 {
         return 0;
     }
-    let _ = ESTABLISHED.insert(&key, &1, 0);
+    if unsafe { ESTABLISHED.get(&key) }.is_none() {
+        let _ = ESTABLISHED.insert(&key, &1, 0);
+    }
     if sock == 0 {
         count(kernel_counter::TLS_UNLINKED);
         return 0;
@@ -269,9 +271,10 @@ fn finish_read_write(n: u32) -> u32 {
     buf.event.syscall = call.library;
     buf.event.call_start_ns = call.start_ns;
     let off = OFFSETS.load();
-    if let Some(family) = tcp_family(sock, &off) {
-        read_tuple(sock, family, &off, &mut buf.event.tuple);
+    if read_socket(sock, &off, &mut buf.event.tuple).is_none() {
+        buf.event.tuple = SockTuple::default();
     }
+    buf.event.tuple.protocol = periscope_ebpf::IPPROTO_TCP;
     if !ports_traced(buf.event.tuple.src_port, buf.event.tuple.dst_port) {
         return 0;
     }

@@ -16,7 +16,7 @@ pub fn from_running_kernel() -> Result<KernelOffsets> {
 
 pub fn from_btf(btf: &Btf) -> Result<KernelOffsets> {
     let sock_common = |field: &str| field_offset(btf, "sock_common", field);
-    Ok(KernelOffsets {
+    Ok(with_packing(KernelOffsets {
         skc_daddr: sock_common("skc_daddr")?,
         skc_rcv_saddr: sock_common("skc_rcv_saddr")?,
         skc_dport: sock_common("skc_dport")?,
@@ -38,7 +38,20 @@ pub fn from_btf(btf: &Btf) -> Result<KernelOffsets> {
         task_mm: field_offset(btf, "task_struct", "mm")?,
         mm_env_start: field_offset(btf, "mm_struct", "env_start")?,
         mm_env_end: field_offset(btf, "mm_struct", "env_end")?,
-    })
+        sock_common_packed: 0,
+        pt_regs_packed: 0,
+    }))
+}
+
+/// Marks the layouts the programs can read with one copy.
+fn with_packing(mut off: KernelOffsets) -> KernelOffsets {
+    let d = off.skc_daddr;
+    off.sock_common_packed =
+        (off.skc_rcv_saddr == d + 4 && off.skc_dport == d + 12 && off.skc_num == d + 14 && off.skc_family == d + 16)
+            as u32;
+    let x = off.pt_regs_dx;
+    off.pt_regs_packed = (off.pt_regs_si == x + 8 && off.pt_regs_di == x + 16 && off.pt_regs_orig_ax == x + 24) as u32;
+    off
 }
 
 /// Byte offset of `field` in struct `name`, looking through anonymous
@@ -110,5 +123,14 @@ mod tests {
         assert!(off.sk_protocol > off.skc_v6_rcv_saddr);
         // x86_64 pt_regs: orig_ax follows di (ABI order of struct pt_regs).
         assert_eq!(off.pt_regs_orig_ax, off.pt_regs_di + 8);
+        // This kernel's layouts are the packed ones the programs read in one copy.
+        assert_eq!(off.sock_common_packed, 1);
+        assert_eq!(off.pt_regs_packed, 1);
+        let mut moved = off;
+        moved.skc_family += 2;
+        assert_eq!(with_packing(moved).sock_common_packed, 0);
+        let mut moved = off;
+        moved.pt_regs_si += 8;
+        assert_eq!(with_packing(moved).pt_regs_packed, 0);
     }
 }
