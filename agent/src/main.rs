@@ -14,6 +14,16 @@ mod stats;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_purge_delay` (mimalloc v3's `mi_option_e`; the crate names
+/// no constant for it): how long freed memory stays committed, in ms.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+/// mimalloc's default: purging on every free would cost a system call per
+/// emptied page under load.
+const PURGE_DELAY_RUNNING_MS: std::ffi::c_long = 1000;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use log::{error, info, warn};
@@ -69,6 +79,12 @@ struct RunArgs {
     /// Flags win over environment variables, which win over the file.
     #[arg(long)]
     config: Option<std::path::PathBuf>,
+    /// Requests at least this slow (or failed) get their phases as child
+    /// spans too; every request has them as duration attributes
+    /// (`periscope.phase.<phase>.duration_ns`). `0s`: a waterfall for every
+    /// request [default: 100ms].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    phase_spans_min_duration: Option<Duration>,
     /// Benchmark floor: load and attach every kernel program, but make each
     /// return at once (no events, no spans).
     #[arg(long, hide = true)]
@@ -76,6 +92,16 @@ struct RunArgs {
 }
 
 fn main() {
+    // Transparent huge pages would back the allocator's regions with 2 MiB
+    // pages and multiply the daemon's resident memory for no gain: its heap
+    // is small and short-lived.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+        // Start-up parses the kernel's BTF twice (offsets, loader), tens of
+        // MiB each: return each one's memory as soon as it is freed, so the
+        // peak is one parse, not both.
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -116,8 +142,12 @@ fn run(args: RunArgs) -> Result<()> {
     let metrics_address = args.metrics_address.or(file.metrics_address);
     let payload_cap = args.payload_cap.or(file.payload_cap).unwrap_or(periscope_ebpf::DEFAULT_PAYLOAD_CAP);
     let max_connections = args.max_connections.or(file.max_connections).unwrap_or(65_536);
+    // The event loop runs on the main thread (`block_on`); the workers
+    // carry export, control and metrics. Their name lets the benchmark
+    // split the agent's CPU between the two.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name("periscope-io")
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -175,6 +205,14 @@ fn run(args: RunArgs) -> Result<()> {
         for p in problems {
             warn!("resolver not hooked: {p}");
         }
+        let phase_min = match (args.phase_spans_min_duration, &file.phase_spans_min_duration) {
+            (Some(d), _) => Some(d),
+            (None, Some(text)) => humantime::parse_duration(text).ok(),
+            (None, None) => None,
+        };
+        if let Some(d) = phase_min {
+            pipeline.set_phase_spans(spans::phases::PhaseSpans { min_duration_ns: d.as_nanos() as u64 });
+        }
         if let Some(ratio) = file.sample_ratio {
             pipeline.set_sampler(pipeline::Sampler::new(ratio));
         }
@@ -186,6 +224,13 @@ fn run(args: RunArgs) -> Result<()> {
             probes.attached.join(", "),
             socket.display()
         );
+        // Start-up parsed the kernel's BTF and scanned ELF files; hand the
+        // freed memory back to the system now rather than when this thread
+        // next allocates enough to trigger a purge.
+        unsafe {
+            libmimalloc_sys::mi_collect(true);
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_RUNNING_MS);
+        }
         let pipeline = pipeline::run(&mut probes, ring, pipeline, tls_watch, control, shutdown_signal()).await?;
         control_server.shutdown().await;
         for task in metrics_task.into_iter().chain(metrics_export) {

@@ -25,7 +25,7 @@ use crate::protocols::tls_records;
 use crate::spans::context::{Bundle, HeldSpans, Identity, IdentityRef};
 use crate::spans::links::{LinkOutcome, TraceLinks};
 use crate::spans::model::{Attribute, Span, SpanKind, SpanStatus};
-use crate::spans::phases::{self, ClientTimings, Phase, ServerTimings};
+use crate::spans::phases::{self, ClientTimings, Phase, PhaseSpans, ServerTimings};
 use crate::spans::resolutions::{self, Resolution, Resolutions, WireLookup};
 use crate::spans::{clock::Clock, http};
 use crate::stats::Stats;
@@ -48,7 +48,7 @@ pub struct Pipeline {
     clock: Clock,
     sink: SpanSink,
     stats: Arc<Stats>,
-    rng: rand::rngs::ThreadRng,
+    rng: rand::rngs::SmallRng,
     exchanges: Vec<Exchange>,
     settings: PipelineSettings,
     decode_errors_logged: bool,
@@ -69,6 +69,11 @@ pub struct Pipeline {
     tls_enabled: bool,
     dns_enabled: bool,
     phases_enabled: bool,
+    phase_spans: PhaseSpans,
+    /// Spans ready for export, handed to the sink once per drain.
+    outbox: Vec<Span>,
+    /// The spans of the request being built (reused).
+    bundle: Vec<Span>,
     /// Client DNS lookups in flight, by socket and transaction id.
     lookups: LookupTracker,
     /// Resolutions and lookups waiting for the connection they led to.
@@ -136,7 +141,7 @@ impl Pipeline {
             clock: Clock::new(),
             sink,
             stats,
-            rng: rand::rng(),
+            rng: rand::SeedableRng::from_os_rng(),
             exchanges: Vec::with_capacity(8),
             settings,
             decode_errors_logged: false,
@@ -151,6 +156,9 @@ impl Pipeline {
             tls_enabled: true,
             dns_enabled: true,
             phases_enabled: true,
+            phase_spans: PhaseSpans::default(),
+            outbox: Vec::with_capacity(1024),
+            bundle: Vec::with_capacity(8),
             lookups: LookupTracker::new(MAX_PENDING_LOOKUPS),
             resolutions: Resolutions::new(MAX_PENDING_RESOLUTIONS),
             links: TraceLinks::new(MAX_LINK_ENDS),
@@ -463,7 +471,7 @@ impl Pipeline {
     fn emit(&mut self, conn: &mut Connection) {
         let resource = self.processes.resource(conn.tgid);
         let mut exchanges = std::mem::take(&mut self.exchanges);
-        for ex in exchanges.drain(..) {
+        for mut ex in exchanges.drain(..) {
             let identity = conn.take_request(ex.seq).unwrap_or_else(|| Identity::root(&mut self.rng, true));
             // Its span is being built: whatever it is linked to now stays.
             identity.settle();
@@ -517,26 +525,41 @@ impl Pipeline {
                 }
             }
             let start_ns = self.phase_buf.first().map(|p| p.start_ns).unwrap_or(ex.request_start_ns);
-            let span = http::build(&ex, conn, tls, start_ns, resource.clone(), &self.clock);
+            let phase_attributes = if self.phases_enabled { self.phase_buf.len() } else { 0 };
+            let mut span = http::build(phase_attributes, &mut ex, conn, tls, start_ns, resource.clone(), &self.clock);
             if ex.incomplete.is_some() {
                 Stats::inc(&self.stats.spans_incomplete);
             }
-            let mut bundle = Vec::with_capacity(1 + if self.phases_enabled { self.phase_buf.len() } else { 0 });
+            let failed = ex.incomplete.is_some() || matches!(span.status, SpanStatus::Error { .. });
+            let waterfall = self.phases_enabled
+                && self.phase_spans.wanted(span.end_unix_nano.saturating_sub(span.start_unix_nano), failed);
+            if self.phases_enabled {
+                span.attributes.extend(self.phase_buf.iter().map(|p| {
+                    Attribute::int(phases::duration_key(p.name), p.end_ns.saturating_sub(p.start_ns) as i64)
+                }));
+            }
+            let mut bundle = std::mem::take(&mut self.bundle);
             bundle.push(span);
             let parent_id = identity.span_id();
             if self.phases_enabled {
                 let phase_list = std::mem::take(&mut self.phase_buf);
                 for phase in &phase_list {
+                    // A resolution is a call of its own (with its wire
+                    // lookups): it stays the request's child even when the
+                    // other phases are only attributes.
                     if phase.name == phases::name::DNS
                         && let Some(r) = resolution.take() {
                             self.resolution_spans(&r, true, parent_id, &resource, &mut bundle);
                             continue;
                         }
-                    bundle.push(phase_span(phase, parent_id, &resource, &self.clock, &mut self.rng));
+                    if waterfall {
+                        bundle.push(phase_span(phase, parent_id, &resource, &self.clock, &mut self.rng));
+                    }
                 }
                 self.phase_buf = phase_list;
             }
-            self.submit(bundle, identity);
+            self.submit(&mut bundle, identity);
+            self.bundle = bundle;
             // Without phases the resolution is not part of the request's
             // breakdown: it goes out on its own, as getaddrinfo.
             if let Some(r) = resolution.take() {
@@ -574,7 +597,7 @@ impl Pipeline {
         bundle.push(span);
         let own = identity.span_id();
         self.lookup_spans(&r.lookups, own, None, &mut bundle);
-        self.submit(bundle, identity);
+        self.submit(&mut bundle, identity);
     }
 
     /// Spans of wire lookups under `parent`, with the given resource (the
@@ -609,11 +632,13 @@ impl Pipeline {
     fn emit_lookup(&mut self, w: WireLookup) {
         let identity = Identity::root(&mut self.rng, true);
         let span = self.lookup_span(&w, identity.span_id(), None, w.resource.clone());
-        self.submit(vec![span], identity);
+        self.submit(&mut vec![span], identity);
     }
 
     /// Exports a bundle now if its trace is settled, else holds it (bounded).
-    fn submit(&mut self, spans: Vec<Span>, identity: IdentityRef) {
+    /// `spans` is left empty (its capacity kept); a bundle is only moved
+    /// into a new allocation when it has to wait.
+    fn submit(&mut self, spans: &mut Vec<Span>, identity: IdentityRef) {
         Stats::add(&self.stats.spans_built, spans.len() as u64);
         let requests = spans.iter().filter(|s| s.kind != SpanKind::Internal).count();
         Stats::add(&self.stats.request_spans_built, requests as u64);
@@ -621,26 +646,40 @@ impl Pipeline {
             self.send(spans, &identity);
         } else {
             Stats::inc(&self.stats.spans_held);
-            if let Some((spans, identity)) = self.held.hold(self.now_ns + HOLD_SPANS_NS, spans, identity) {
+            let waiting = std::mem::take(spans);
+            if let Some((mut spans, identity)) = self.held.hold(self.now_ns + HOLD_SPANS_NS, waiting, identity) {
                 Stats::inc(&self.stats.spans_held_expired);
-                self.send(spans, &identity);
+                self.send(&mut spans, &identity);
             }
         }
     }
 
-    fn send(&mut self, mut spans: Vec<Span>, identity: &Identity) {
+    /// Stamps the bundle with its trace and moves it to the outbox (or
+    /// drops it, sampled out), leaving `spans` empty.
+    fn send(&mut self, spans: &mut Vec<Span>, identity: &Identity) {
         if spans.is_empty() {
             return;
         }
-        crate::spans::context::stamp(&mut spans, identity);
+        crate::spans::context::stamp(spans, identity);
         identity.mark_exported();
         if !self.sampler.keep(&spans[0].trace_id) {
             Stats::add(&self.stats.spans_sampled_out, spans.len() as u64);
+            spans.clear();
             return;
         }
-        for span in spans {
-            self.sink.submit(span);
+        self.outbox.append(spans);
+    }
+
+    /// Hands the spans built since the last call to the exporter.
+    pub fn flush_outbox(&mut self) {
+        if !self.outbox.is_empty() {
+            self.sink.submit_all(&mut self.outbox);
         }
+    }
+
+    /// When phases become child spans as well as attributes.
+    pub fn set_phase_spans(&mut self, rule: PhaseSpans) {
+        self.phase_spans = rule;
     }
 
     /// Held bundles whose trace became known, or whose time is up.
@@ -651,8 +690,8 @@ impl Pipeline {
         let (mut settled, mut expired): (Vec<Bundle>, Vec<Bundle>) = (Vec::new(), Vec::new());
         self.held.release(now_ns, &mut settled, &mut expired);
         Stats::add(&self.stats.spans_held_expired, expired.len() as u64);
-        for (spans, identity) in settled.into_iter().chain(expired) {
-            self.send(spans, &identity);
+        for (mut spans, identity) in settled.into_iter().chain(expired) {
+            self.send(&mut spans, &identity);
         }
     }
 
@@ -932,15 +971,28 @@ impl Pipeline {
             self.emit_lookup(w);
         }
         let held: Vec<Bundle> = self.held.drain().collect();
-        for (spans, identity) in held {
-            self.send(spans, &identity);
+        for (mut spans, identity) in held {
+            self.send(&mut spans, &identity);
         }
+        self.flush_outbox();
     }
 }
 
-/// How often the ring is drained. The kernel side only signals readiness
-/// when the ring is a quarter full, so this bounds how late spans are built.
-const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+/// How often the ring is drained while events flow. The kernel side only
+/// signals readiness when a quarter of the ring is unread (a busy node), so
+/// this bounds how late spans are built at low rates (export batches wait
+/// up to a second anyway). Each wake-up costs far more than an event, so
+/// a quiet node's events are handled in batches.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
+/// While the ring stays empty the interval doubles up to this: an idle node
+/// pays two or three wake-ups a second.
+const IDLE_DRAIN_INTERVAL: Duration = Duration::from_millis(400);
+
+/// The next drain's delay: back to the short interval as soon as a drain
+/// found events, doubling while they found none.
+fn next_drain_interval(current: Duration, found_events: bool) -> Duration {
+    if found_events { DRAIN_INTERVAL } else { (current * 2).min(IDLE_DRAIN_INTERVAL) }
+}
 
 /// The daemon's control plane as the event loop sees it.
 pub struct Control {
@@ -955,6 +1007,7 @@ pub struct Control {
 fn after_batch(probes: &mut Probes, pipeline: &mut Pipeline, tls_watch: &TlsWatch, control: &ControlState) {
     let now = pipeline.now_ns;
     pipeline.release_held(now);
+    pipeline.flush_outbox();
     tls_watch.scan(pipeline.take_tls_scan_requests());
     if !pipeline.ignore_requests.is_empty() {
         probes.ignore_sockets(pipeline.take_ignore_batch());
@@ -1017,11 +1070,14 @@ pub async fn attach_initial_tls(probes: &mut Probes, pipeline: &mut Pipeline, tl
 /// read on the next pass, at most a drain interval later).
 const MAX_RECORDS_PER_PASS: usize = 32_768;
 
-fn drain_ring(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) {
-    for _ in 0..MAX_RECORDS_PER_PASS {
-        let Some(record) = ring.next() else { return };
+/// Handles what the ring holds (at most a pass's worth); returns how many
+/// records that was.
+fn drain_ring(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) -> usize {
+    for n in 0..MAX_RECORDS_PER_PASS {
+        let Some(record) = ring.next() else { return n };
         pipeline.handle_record(&record);
     }
+    MAX_RECORDS_PER_PASS
 }
 
 /// Reads the ring buffer until `stop` resolves: every `DRAIN_INTERVAL`, and
@@ -1039,8 +1095,9 @@ pub async fn run(
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("registering the ring buffer with epoll: {e}"))?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut drain = tokio::time::interval(DRAIN_INTERVAL);
-    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut drain_every = DRAIN_INTERVAL;
+    let drain = tokio::time::sleep(drain_every);
+    tokio::pin!(drain);
     let mut last_lost: u64 = 0;
     tokio::pin!(stop);
     loop {
@@ -1048,12 +1105,15 @@ pub async fn run(
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
                 drain_ring(guard.get_inner_mut(), &mut pipeline);
+                drain_every = DRAIN_INTERVAL;
                 guard.clear_ready();
                 after_batch(probes, &mut pipeline, &tls_watch, &control.state);
             }
-            _ = drain.tick() => {
-                drain_ring(ring.get_mut(), &mut pipeline);
+            _ = &mut drain => {
+                let found = drain_ring(ring.get_mut(), &mut pipeline) > 0;
                 after_batch(probes, &mut pipeline, &tls_watch, &control.state);
+                drain_every = next_drain_interval(drain_every, found);
+                drain.as_mut().reset(tokio::time::Instant::now() + drain_every);
             }
             Some(found) = tls_watch.found.recv() => attach_tls(probes, &mut pipeline, found),
             Some(call) = control.calls.recv() => {
@@ -1062,10 +1122,12 @@ pub async fn run(
                 let response = control.state.handle(call.request, probes, &mut pipeline, &control.sink, &control.stats);
                 pipeline.set_tls_enabled(control.state.tls_enabled());
                 pipeline.set_features(&control.state);
+                pipeline.flush_outbox();
                 let _ = call.reply.send(response);
             }
             _ = tick.tick() => {
                 pipeline.tick();
+                pipeline.flush_outbox();
                 let lost: u64 = probes.lost_events().iter().map(|(_, n)| n).sum();
                 if lost > last_lost {
                     warn!("{} events lost in the kernel (ring buffer full) so far: {:?}", lost, probes.lost_events());
@@ -1088,7 +1150,21 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::Sampler;
+    use super::{DRAIN_INTERVAL, IDLE_DRAIN_INTERVAL, Sampler, next_drain_interval};
+
+    #[test]
+    fn drain_interval_backs_off_when_idle_and_resets_on_events() {
+        let mut d = DRAIN_INTERVAL;
+        let mut steps = 0;
+        while d < IDLE_DRAIN_INTERVAL {
+            d = next_drain_interval(d, false);
+            steps += 1;
+        }
+        assert_eq!(d, IDLE_DRAIN_INTERVAL);
+        assert!(steps <= 5, "{steps}");
+        assert_eq!(next_drain_interval(d, false), IDLE_DRAIN_INTERVAL);
+        assert_eq!(next_drain_interval(d, true), DRAIN_INTERVAL);
+    }
 
     #[test]
     fn sampler_ratio_is_by_trace_id() {
@@ -1122,13 +1198,13 @@ fn phase_span(
     parent: [u8; 8],
     resource: &std::sync::Arc<crate::spans::model::Resource>,
     clock: &Clock,
-    rng: &mut rand::rngs::ThreadRng,
+    rng: &mut rand::rngs::SmallRng,
 ) -> Span {
     Span {
         trace_id: [0; 16],
         span_id: http::new_span_id(rng),
         parent_span_id: Some(parent),
-        name: phase.name.to_string(),
+        name: phase.name.into(),
         kind: SpanKind::Internal,
         start_unix_nano: clock.to_unix_nanos(phase.start_ns),
         end_unix_nano: clock.to_unix_nanos(phase.end_ns),

@@ -3,7 +3,10 @@
 //! table when the socket is destroyed, the owner exits, they sit idle too
 //! long, or the table is full.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use compact_str::{CompactString, ToCompactString};
+use rustc_hash::FxHashMap as HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use periscope_ebpf::{AF_INET, SockTuple};
@@ -98,6 +101,8 @@ pub struct Connection {
     pub tgid: u32,
     pub local: SocketAddr,
     pub peer: SocketAddr,
+    /// `peer.ip()` as text, made once for every span of the connection.
+    pub peer_ip_text: CompactString,
     /// From the kernel: Client if this process connected, Server if accepted.
     pub side: Option<Side>,
     pub connect: Option<ConnectTiming>,
@@ -127,6 +132,7 @@ impl Connection {
             tgid,
             local,
             peer,
+            peer_ip_text: peer.ip().to_compact_string(),
             side: None,
             connect: None,
             protocol,
@@ -217,9 +223,9 @@ pub enum Admit<'a> {
 impl ConnectionTable {
     pub fn new(max_connections: usize) -> Self {
         Self {
-            by_sock: HashMap::new(),
+            by_sock: HashMap::default(),
             replaced: Vec::new(),
-            pending: HashMap::new(),
+            pending: HashMap::default(),
             max_connections,
             limits: Limits::default,
         }

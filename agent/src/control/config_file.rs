@@ -13,6 +13,7 @@
 //! metrics_address = "127.0.0.1:9464"
 //! disabled_features = ["tls"]
 //! sample_ratio = 0.25
+//! phase_spans_min_duration = "100ms"
 //!
 //! [filter]
 //! exclude_exes = ["sshd"]
@@ -43,6 +44,8 @@ pub struct ConfigFile {
     #[serde(default)]
     pub filter: Filter,
     pub sample_ratio: Option<f64>,
+    /// `--phase-spans-min-duration`, as humantime text ("100ms", "0s").
+    pub phase_spans_min_duration: Option<String>,
 }
 
 /// Reads and checks a config file; errors name the file and, for syntax
@@ -79,6 +82,9 @@ impl ConfigFile {
             && !n.is_power_of_two()
         {
             bail!("ring_buffer_mib {n}: must be a power of two");
+        }
+        if let Some(d) = &self.phase_spans_min_duration {
+            humantime::parse_duration(d).map_err(|e| anyhow::anyhow!("phase_spans_min_duration {d:?}: {e}"))?;
         }
         if self.max_connections == Some(0) {
             bail!("max_connections must be at least 1");

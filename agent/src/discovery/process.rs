@@ -1,7 +1,7 @@
 //! Per-process OpenTelemetry resources, read once from /proc and cached until
 //! the process exits.
 
-use std::collections::HashMap;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use crate::spans::model::{Attribute, Resource};
 pub struct ProcessCache {
     by_pid: HashMap<u32, Arc<Resource>>,
     /// Pids seen with network traffic (the others were only seen starting).
-    with_traffic: std::collections::HashSet<u32>,
+    with_traffic: FxHashSet<u32>,
     host_name: String,
     proc_root: std::path::PathBuf,
 }
@@ -26,7 +26,7 @@ impl ProcessCache {
         let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "unknown".into());
-        Self { by_pid: HashMap::new(), with_traffic: Default::default(), host_name, proc_root: root.into() }
+        Self { by_pid: HashMap::default(), with_traffic: Default::default(), host_name, proc_root: root.into() }
     }
 
     /// The resource of `pid`, read from /proc on first use. A process that
@@ -52,6 +52,10 @@ impl ProcessCache {
     /// process's first event, while it is surely alive, so that short-lived
     /// clients (curl) are described even if they exit before their span is built.
     pub fn observe(&mut self, pid: u32) {
+        // Every data event comes here: a known process costs one lookup.
+        if self.with_traffic.contains(&pid) {
+            return;
+        }
         if !self.by_pid.contains_key(&pid) {
             self.resource(pid);
         }

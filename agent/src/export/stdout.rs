@@ -247,7 +247,7 @@ fn endpoint<'a>(span: &'a Span, prefixes: &[&'static str], used: &mut Vec<&'a st
 
 fn display_value(v: &AttrValue) -> String {
     match v {
-        AttrValue::Str(s) => s.clone(),
+        AttrValue::Str(s) => s.to_string(),
         AttrValue::Int(i) => i.to_string(),
         AttrValue::Bool(b) => b.to_string(),
         AttrValue::Double(d) => d.to_string(),

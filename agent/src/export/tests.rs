@@ -22,15 +22,15 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::config::{OtlpConfig, otlp_url};
+use super::config::{OtlpConfig, Protocol, otlp_url};
 use super::*;
 use crate::spans::model::{Resource, SpanKind, SpanStatus};
 
-fn resource(pid: u32, name: &str) -> Arc<Resource> {
+pub(super) fn resource(pid: u32, name: &str) -> Arc<Resource> {
     Arc::new(Resource {
         pid,
         attributes: vec![
-            Attribute::str("service.name", name),
+            Attribute::str("service.name", name.to_string()),
             Attribute::int("process.pid", pid as i64),
         ],
     })
@@ -217,6 +217,14 @@ async fn serve_grpc(listener: TcpListener, collector: Collector) -> JoinHandle<(
     })
 }
 
+/// Serves `collector` on a free port and returns the port's address.
+async fn grpc_collector(collector: &Collector) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    serve_grpc(listener, collector.clone()).await;
+    addr
+}
+
 /// An address nothing listens on (yet).
 async fn free_addr() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -225,10 +233,8 @@ async fn free_addr() -> SocketAddr {
 
 #[tokio::test]
 async fn grpc_spans_arrive_batched_and_grouped() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let collector = Collector::new();
-    let _server = serve_grpc(listener, collector.clone()).await;
+    let addr = grpc_collector(&collector).await;
 
     let stats = Arc::new(Stats::default());
     let (sink, worker) = spawn(config(grpc_dest(addr), 100, 4, 100), stats.clone());
@@ -282,6 +288,43 @@ async fn grpc_spans_arrive_batched_and_grouped() {
     assert_eq!(state.destination, format!("otlp grpc http://{addr}"));
     assert_eq!((state.queued, state.queue_capacity), (0, 100));
     sink.shutdown(worker).await;
+}
+
+#[tokio::test]
+async fn submit_all_hands_over_a_whole_drain_within_the_bound() {
+    let collector = Collector::new();
+    let addr = grpc_collector(&collector).await;
+    let stats = Arc::new(Stats::default());
+    let (sink, worker) = spawn(config(grpc_dest(addr), 8, 4, 50), stats.clone());
+    let r = resource(1, "svc");
+
+    // A current-thread runtime: the worker has not run yet. Of ten, the
+    // first eight fit into the queue of eight.
+    let mut drained: Vec<Span> = (0..10).map(|n| span(n, &r)).collect();
+    let capacity = drained.capacity();
+    sink.submit_all(&mut drained);
+    assert!(drained.is_empty());
+    assert_eq!(drained.capacity(), capacity, "the caller keeps its buffer");
+    assert_eq!(counts(&stats).dropped, 2);
+    assert_eq!(sink.state().queued, 8);
+
+    wait_for("8 spans", || collector.spans() == 8).await;
+    wait_for("the counters", || counts(&stats).exported == 8).await;
+    let requests = collector.requests();
+    assert_eq!(requests.iter().map(span_count).collect::<Vec<_>>(), vec![4, 4]);
+    let got: HashSet<u32> = requests
+        .iter()
+        .flat_map(|r| &r.resource_spans[0].scope_spans[0].spans)
+        .map(|s| u32::from_be_bytes(s.span_id[..4].try_into().unwrap()))
+        .collect();
+    assert_eq!(got, (0..8).collect());
+
+    sink.submit_all(&mut drained);
+    let other = sink.clone();
+    sink.shutdown(worker).await;
+    other.submit_all(&mut vec![span(98, &r), span(99, &r)]);
+    let c = counts(&stats);
+    assert_eq!((c.exported, c.dropped, c.errors), (8, 4, 0), "after shutdown, dropped and counted");
 }
 
 #[tokio::test]
@@ -341,8 +384,6 @@ async fn grpc_endpoint_down_then_up() {
 
 #[tokio::test]
 async fn grpc_fatal_errors_and_partial_success_count_as_dropped() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let collector = Collector::answering(|n| match n {
         0 => Err(tonic::Status::invalid_argument("bad batch")),
         1 => Ok(ExportTraceServiceResponse {
@@ -353,7 +394,7 @@ async fn grpc_fatal_errors_and_partial_success_count_as_dropped() {
         }),
         _ => Ok(ExportTraceServiceResponse::default()),
     });
-    let _server = serve_grpc(listener, collector.clone()).await;
+    let addr = grpc_collector(&collector).await;
     let stats = Arc::new(Stats::default());
     let (sink, worker) = spawn(config(grpc_dest(addr), 100, 2, 10), stats.clone());
     let r = resource(1, "svc");
@@ -370,10 +411,8 @@ async fn grpc_fatal_errors_and_partial_success_count_as_dropped() {
 
 #[tokio::test]
 async fn shutdown_flushes_what_is_queued() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let collector = Collector::new();
-    let _server = serve_grpc(listener, collector.clone()).await;
+    let addr = grpc_collector(&collector).await;
     let stats = Arc::new(Stats::default());
     // A minute's delay: only the shutdown can send these.
     let (sink, worker) = spawn(config(grpc_dest(addr), 100, 50, 60_000), stats.clone());
@@ -425,10 +464,8 @@ async fn shutdown_with_dead_endpoint_is_bounded() {
 
 #[tokio::test]
 async fn dropping_every_sink_flushes_and_ends_the_worker() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let collector = Collector::new();
-    let _server = serve_grpc(listener, collector.clone()).await;
+    let addr = grpc_collector(&collector).await;
     let stats = Arc::new(Stats::default());
     let (sink, worker) = spawn(config(grpc_dest(addr), 100, 50, 60_000), stats.clone());
     sink.submit(span(1, &resource(1, "svc")));

@@ -140,7 +140,11 @@ impl Probes {
         // Wake the daemon early once a quarter of the ring is unread.
         let wakeup_bytes = settings.ring_buffer_bytes as u64 / 4;
         let do_nothing = settings.do_nothing as u32;
+        // One parse of the kernel's BTF serves the loader and the tp_btf
+        // programs: each parse holds tens of MiB while it lives.
+        let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
         let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
             .override_global("SELF_TGID", &self_tgid, true)
             .override_global("DO_NOTHING", &do_nothing, true)
             .override_global("PAYLOAD_CAP", &payload_cap, true)
@@ -151,7 +155,6 @@ impl Probes {
             .load(EBPF_OBJECT)
             .context("loading the kernel programs (are you root / CAP_BPF+CAP_PERFMON?)")?;
 
-        let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
         let mut attached = Vec::new();
         for &name in PROGRAMS {
             let program: &mut BtfTracePoint = ebpf
@@ -175,6 +178,7 @@ impl Probes {
                 }
             }
         }
+        drop(btf);
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
         let lost = PerCpuArray::try_from(ebpf.take_map("LOST_EVENTS").context("LOST_EVENTS map missing")?)?;
         let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("{name} map missing"));

@@ -84,7 +84,7 @@ pub fn build(
         trace_id,
         span_id,
         parent_span_id,
-        name: format!("DNS {}", lookup.question.qtype),
+        name: format!("DNS {}", lookup.question.qtype).into(),
         kind: SpanKind::Client,
         start_unix_nano: clock.to_unix_nanos(lookup.first_query_ns),
         end_unix_nano: clock.to_unix_nanos(end_ns.max(lookup.first_query_ns)),

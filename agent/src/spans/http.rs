@@ -5,7 +5,10 @@
 //! User-Agent and addresses are exported: never the query string, bodies or
 //! other headers.
 
+use std::borrow::Cow;
 use std::sync::Arc;
+
+use compact_str::{CompactString, ToCompactString, format_compact};
 
 use rand::Rng;
 
@@ -82,12 +85,18 @@ pub struct TlsSpanInfo {
     pub handshake_ns: Option<u64>,
 }
 
+/// Room for the attributes an HTTP span can get (TLS, error and incomplete
+/// ones included), before the phase durations the caller adds.
+const HTTP_ATTRIBUTES: usize = 17;
+
 /// The span of one exchange, from `start_ns` (the request's first byte, or
 /// earlier for a client request whose dns/connect/handshake phases came
 /// first). Its ids are left zero: the caller stamps them from the request's
-/// identity.
+/// identity. The exchange's path and user agent move into the span. The
+/// attribute list is allocated once, with room for `extra` more.
 pub fn build(
-    ex: &Exchange,
+    extra: usize,
+    ex: &mut Exchange,
     conn: &Connection,
     tls: Option<TlsSpanInfo>,
     start_ns: u64,
@@ -95,14 +104,15 @@ pub fn build(
     clock: &Clock,
 ) -> Span {
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let method_known = KNOWN_METHODS.contains(&ex.method.as_str());
-    let method = if method_known { ex.method.as_str() } else { "_OTHER" };
-    let mut attributes = Vec::with_capacity(14);
+    let known = KNOWN_METHODS.iter().copied().find(|m| *m == ex.method);
+    let method_known = known.is_some();
+    let method: &'static str = known.unwrap_or("_OTHER");
+    let mut attributes = Vec::with_capacity(HTTP_ATTRIBUTES + extra);
     attributes.push(Attribute::str("http.request.method", method));
     if !method_known {
         attributes.push(Attribute::str("http.request.method_original", ex.method.clone()));
     }
-    attributes.push(Attribute::str("url.path", ex.path.clone()));
+    let path = std::mem::take(&mut ex.path);
     attributes.push(Attribute::str("url.scheme", scheme));
     attributes.push(Attribute::str("network.protocol.version", if ex.version_minor == 0 { "1.0" } else { "1.1" }));
     if let Some(status) = ex.status {
@@ -114,32 +124,34 @@ pub fn build(
         Side::Server => (SpanKind::Server, conn.local),
         Side::Client => (SpanKind::Client, conn.peer),
     };
-    let server_address = if host_name.is_empty() { server_side_addr.ip().to_string() } else { host_name.to_string() };
+    let server_address =
+        if host_name.is_empty() { server_side_addr.ip().to_compact_string() } else { CompactString::from(host_name) };
     let server_port = host_port.unwrap_or(server_side_addr.port());
-    attributes.push(Attribute::str("server.address", server_address.clone()));
-    attributes.push(Attribute::int("server.port", server_port as i64));
-    let peer_ip = conn.peer.ip().to_string();
+    let peer_ip = conn.peer_ip_text.clone();
     attributes.push(Attribute::int("network.peer.port", conn.peer.port() as i64));
     match ex.side {
         Side::Server => {
             attributes.push(Attribute::str("network.peer.address", peer_ip.clone()));
             attributes.push(Attribute::str("client.address", peer_ip));
-            if let Some(ua) = &ex.user_agent {
-                attributes.push(Attribute::str("user_agent.original", ua.clone()));
+            if let Some(ua) = ex.user_agent.take() {
+                attributes.push(Attribute::str("user_agent.original", ua));
             }
         }
         Side::Client => {
             attributes.push(Attribute::str("network.peer.address", peer_ip));
             let default_port = server_port == if tls.is_some() { 443 } else { 80 };
-            let authority = match (server_address.contains(':'), default_port) {
-                (true, true) => format!("[{server_address}]"),
-                (true, false) => format!("[{server_address}]:{server_port}"),
-                (false, true) => server_address.clone(),
-                (false, false) => format!("{server_address}:{server_port}"),
+            let url = match (server_address.contains(':'), default_port) {
+                (true, true) => format_compact!("{scheme}://[{server_address}]{path}"),
+                (true, false) => format_compact!("{scheme}://[{server_address}]:{server_port}{path}"),
+                (false, true) => format_compact!("{scheme}://{server_address}{path}"),
+                (false, false) => format_compact!("{scheme}://{server_address}:{server_port}{path}"),
             };
-            attributes.push(Attribute::str("url.full", format!("{scheme}://{authority}{}", ex.path)));
+            attributes.push(Attribute::str("url.full", url));
         }
     }
+    attributes.push(Attribute::str("server.address", server_address));
+    attributes.push(Attribute::int("server.port", server_port as i64));
+    attributes.push(Attribute::str("url.path", path));
 
     if let Some(tls) = tls {
         attributes.push(Attribute::str("tls.protocol.name", "tls"));
@@ -157,7 +169,7 @@ pub fn build(
     };
     let status = if is_error {
         let code = ex.status.unwrap_or_default();
-        attributes.push(Attribute::str("error.type", code.to_string()));
+        attributes.push(Attribute::str("error.type", code.to_compact_string()));
         SpanStatus::Error { message: format!("HTTP {code}") }
     } else {
         SpanStatus::Unset
@@ -171,7 +183,7 @@ pub fn build(
         trace_id: [0; 16],
         span_id: [0; 8],
         parent_span_id: None,
-        name: method.strip_prefix('_').map(|_| "HTTP").unwrap_or(method).to_string(),
+        name: Cow::Borrowed(if method_known { method } else { "HTTP" }),
         kind,
         start_unix_nano: clock.to_unix_nanos(start_ns.min(ex.request_start_ns)),
         end_unix_nano: clock.to_unix_nanos(end_ns),
@@ -227,7 +239,7 @@ mod tests {
     #[test]
     fn client_span_attributes() {
         let clock = Clock::new();
-        let span = build(&exchange(Side::Client, Some(404)), &conn(), None, u64::MAX, resource(), &clock);
+        let span = build(0, &mut exchange(Side::Client, Some(404)), &conn(), None, u64::MAX, resource(), &clock);
         assert_eq!(span.kind, SpanKind::Client);
         assert_eq!(span.name, "GET");
         assert_eq!(span.attr("url.full"), Some(&AttrValue::Str("http://shop.example:8080/items/7".into())));
@@ -244,11 +256,11 @@ mod tests {
         let clock = Clock::new();
         let mut c = conn();
         std::mem::swap(&mut c.local, &mut c.peer);
-        let s404 = build(&exchange(Side::Server, Some(404)), &c, None, u64::MAX, resource(), &clock);
+        let s404 = build(0, &mut exchange(Side::Server, Some(404)), &c, None, u64::MAX, resource(), &clock);
         assert_eq!(s404.kind, SpanKind::Server);
         assert_eq!(s404.status, SpanStatus::Unset);
         assert_eq!(s404.attr("client.address"), Some(&AttrValue::Str("127.0.0.1".into())));
-        let s500 = build(&exchange(Side::Server, Some(500)), &c, None, u64::MAX, resource(), &clock);
+        let s500 = build(0, &mut exchange(Side::Server, Some(500)), &c, None, u64::MAX, resource(), &clock);
         assert!(matches!(s500.status, SpanStatus::Error { .. }));
         assert_eq!(s500.attr("error.type"), Some(&AttrValue::Str("500".into())));
     }
@@ -259,7 +271,7 @@ mod tests {
         ex.method = "PURGE".into();
         ex.incomplete = Some("no_response");
         ex.response_end_ns = None;
-        let span = build(&ex, &conn(), None, u64::MAX, resource(), &Clock::new());
+        let span = build(0, &mut ex, &conn(), None, u64::MAX, resource(), &Clock::new());
         assert_eq!(span.name, "HTTP");
         assert_eq!(span.attr("http.request.method"), Some(&AttrValue::Str("_OTHER".into())));
         assert_eq!(span.attr("periscope.incomplete"), Some(&AttrValue::Str("no_response".into())));
@@ -269,17 +281,17 @@ mod tests {
     #[test]
     fn tls_span_attributes() {
         let tls = TlsSpanInfo { version: Some("1.3"), handshake_ns: Some(1_500_000) };
-        let ex = exchange(Side::Client, Some(200));
+        let mut ex = exchange(Side::Client, Some(200));
         let mut c = conn();
         c.peer = "127.0.0.1:443".parse().unwrap();
         let mut ex443 = ex.clone();
         ex443.host = None;
-        let span = build(&ex443, &c, Some(tls), u64::MAX, resource(), &Clock::new());
+        let span = build(0, &mut ex443, &c, Some(tls), u64::MAX, resource(), &Clock::new());
         assert_eq!(span.attr("url.scheme"), Some(&AttrValue::Str("https".into())));
         assert_eq!(span.attr("url.full"), Some(&AttrValue::Str("https://127.0.0.1/items/7".into())));
         assert_eq!(span.attr("tls.protocol.version"), Some(&AttrValue::Str("1.3".into())));
         assert_eq!(span.attr("periscope.tls.handshake.duration_ns"), Some(&AttrValue::Int(1_500_000)));
-        let plain = build(&ex, &conn(), None, u64::MAX, resource(), &Clock::new());
+        let plain = build(0, &mut ex, &conn(), None, u64::MAX, resource(), &Clock::new());
         assert_eq!(plain.attr("tls.protocol.name"), None);
     }
 

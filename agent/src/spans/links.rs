@@ -12,7 +12,7 @@
 //!   second links the server span under the client span.
 //! * A request carrying a W3C traceparent joins that trace.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::net::SocketAddr;
 
 use rand::Rng;
@@ -48,7 +48,7 @@ enum LinkEntry {
 /// A request's fingerprint for matching its two ends: its method and path.
 pub fn fingerprint(method: &str, path: &str) -> u64 {
     use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut h = rustc_hash::FxHasher::default();
     method.hash(&mut h);
     path.hash(&mut h);
     h.finish()
@@ -85,7 +85,7 @@ fn peer_may_be_local(local: SocketAddr, peer: SocketAddr) -> bool {
 
 impl TraceLinks {
     pub fn new(max_ends: usize) -> Self {
-        Self { ends: HashMap::new(), serving: HashMap::new(), max_ends }
+        Self { ends: HashMap::default(), serving: HashMap::default(), max_ends }
     }
 
     #[cfg(test)]

@@ -1,6 +1,8 @@
 //! The span as the daemon builds it, independent of any export format.
 
 use std::borrow::Cow;
+
+use compact_str::CompactString;
 use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -12,7 +14,9 @@ pub enum SpanKind {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum AttrValue {
-    Str(String),
+    /// Inline up to 24 bytes (methods, schemes, paths, addresses), so most
+    /// values cost no allocation.
+    Str(CompactString),
     Int(i64),
     Bool(bool),
     Double(f64),
@@ -27,7 +31,7 @@ pub struct Attribute {
 }
 
 impl Attribute {
-    pub fn str(key: impl Into<Cow<'static, str>>, value: impl Into<String>) -> Self {
+    pub fn str(key: impl Into<Cow<'static, str>>, value: impl Into<CompactString>) -> Self {
         Self { key: key.into(), value: AttrValue::Str(value.into()) }
     }
     pub fn int(key: impl Into<Cow<'static, str>>, value: i64) -> Self {
@@ -77,8 +81,8 @@ pub struct Span {
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
     pub parent_span_id: Option<[u8; 8]>,
-    /// Low-cardinality name, e.g. `GET`.
-    pub name: String,
+    /// Low-cardinality name, e.g. `GET` (static for every HTTP and phase span).
+    pub name: Cow<'static, str>,
     pub kind: SpanKind,
     /// Wall-clock times (ns since the Unix epoch), converted from kernel
     /// monotonic timestamps.

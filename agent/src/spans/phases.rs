@@ -23,6 +23,48 @@ pub mod name {
     pub const RESPONSE_SEND: &str = "response.send";
 }
 
+/// The attribute that carries a phase's duration on its request's span
+/// (every span has these; child spans only where [`PhaseSpans`] says).
+pub fn duration_key(phase: &str) -> &'static str {
+    match phase {
+        name::DNS => "periscope.phase.dns.duration_ns",
+        name::CONNECT => "periscope.phase.connect.duration_ns",
+        name::TLS_HANDSHAKE => "periscope.phase.tls.handshake.duration_ns",
+        name::REQUEST_SEND => "periscope.phase.request.send.duration_ns",
+        name::SERVER => "periscope.phase.server.duration_ns",
+        name::RESPONSE_RECEIVE => "periscope.phase.response.receive.duration_ns",
+        name::REQUEST_RECEIVE => "periscope.phase.request.receive.duration_ns",
+        name::HANDLER => "periscope.phase.handler.duration_ns",
+        name::RESPONSE_SEND => "periscope.phase.response.send.duration_ns",
+        _ => "periscope.phase.other.duration_ns",
+    }
+}
+
+/// Default of [`PhaseSpans::min_duration_ns`]: a request this slow gets its
+/// phases as a waterfall of child spans.
+pub const DEFAULT_PHASE_SPANS_MIN_NS: u64 = 100_000_000;
+
+/// When a request's phases become child spans (a waterfall in the backend)
+/// rather than only duration attributes on its span: when it took at least
+/// `min_duration_ns`, or failed. Fast, healthy requests, the bulk of a busy
+/// node's traffic, then cost one span each instead of four to seven.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PhaseSpans {
+    pub min_duration_ns: u64,
+}
+
+impl Default for PhaseSpans {
+    fn default() -> Self {
+        Self { min_duration_ns: DEFAULT_PHASE_SPANS_MIN_NS }
+    }
+}
+
+impl PhaseSpans {
+    pub fn wanted(&self, duration_ns: u64, failed: bool) -> bool {
+        failed || duration_ns >= self.min_duration_ns
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Phase {
     pub name: &'static str,
@@ -61,9 +103,9 @@ pub struct ServerTimings {
 /// measured start, measured end) steps: a step starts where the previous
 /// one ended (its own start only for the first step), and an end earlier
 /// than that start is moved up to it.
-fn tile(steps: &[(&'static str, u64, u64)], out: &mut Vec<Phase>) {
+fn tile(steps: &[Option<(&'static str, u64, u64)>], out: &mut Vec<Phase>) {
     let mut cursor: Option<u64> = None;
-    for &(name, start, end) in steps {
+    for &(name, start, end) in steps.iter().flatten() {
         let start = cursor.unwrap_or(start);
         let end = end.max(start);
         out.push(Phase { name, start_ns: start, end_ns: end });
@@ -73,23 +115,14 @@ fn tile(steps: &[(&'static str, u64, u64)], out: &mut Vec<Phase>) {
 
 /// The phases of a client request, in order.
 pub fn client(t: &ClientTimings, out: &mut Vec<Phase>) {
-    let mut steps: Vec<(&'static str, u64, u64)> = Vec::with_capacity(6);
-    if let Some((s, e)) = t.dns {
-        steps.push((name::DNS, s, e));
-    }
-    if let Some((s, e)) = t.connect {
-        steps.push((name::CONNECT, s, e));
-    }
-    if let Some((s, e)) = t.handshake {
-        steps.push((name::TLS_HANDSHAKE, s, e));
-    }
-    steps.push((name::REQUEST_SEND, t.request_start_ns, t.request_end_ns));
-    if let Some(first) = t.response_start_ns {
-        steps.push((name::SERVER, t.request_end_ns, first));
-        if let Some(last) = t.response_end_ns {
-            steps.push((name::RESPONSE_RECEIVE, first, last));
-        }
-    }
+    let steps = [
+        t.dns.map(|(s, e)| (name::DNS, s, e)),
+        t.connect.map(|(s, e)| (name::CONNECT, s, e)),
+        t.handshake.map(|(s, e)| (name::TLS_HANDSHAKE, s, e)),
+        Some((name::REQUEST_SEND, t.request_start_ns, t.request_end_ns)),
+        t.response_start_ns.map(|first| (name::SERVER, t.request_end_ns, first)),
+        t.response_start_ns.zip(t.response_end_ns).map(|(first, last)| (name::RESPONSE_RECEIVE, first, last)),
+    ];
     tile(&steps, out);
 }
 
@@ -110,14 +143,11 @@ pub fn server(t: &ServerTimings, out: &mut Vec<Phase>) {
     if receive < SERVER_TRANSFER_WORTH_NS && send < SERVER_TRANSFER_WORTH_NS {
         return;
     }
-    let mut steps: Vec<(&'static str, u64, u64)> = Vec::with_capacity(3);
-    steps.push((name::REQUEST_RECEIVE, t.request_start_ns, t.request_end_ns));
-    if let Some(first) = t.response_start_ns {
-        steps.push((name::HANDLER, t.request_end_ns, first));
-        if let Some(last) = t.response_end_ns {
-            steps.push((name::RESPONSE_SEND, first, last));
-        }
-    }
+    let steps = [
+        Some((name::REQUEST_RECEIVE, t.request_start_ns, t.request_end_ns)),
+        t.response_start_ns.map(|first| (name::HANDLER, t.request_end_ns, first)),
+        t.response_start_ns.zip(t.response_end_ns).map(|(first, last)| (name::RESPONSE_SEND, first, last)),
+    ];
     tile(&steps, out);
 }
 

@@ -248,7 +248,7 @@ pub fn build(res: &Resolution, as_phase: bool, clock: &Clock) -> Span {
         trace_id: [0; 16],
         span_id: [0; 8],
         parent_span_id: None,
-        name: name.to_string(),
+        name: name.into(),
         kind: SpanKind::Internal,
         start_unix_nano: clock.to_unix_nanos(res.start_ns),
         end_unix_nano: clock.to_unix_nanos(res.end_ns.max(res.start_ns)),
