@@ -74,9 +74,18 @@ const HTTPS_PHASES: &[&str] = &[
 ];
 const REUSED_PHASES: &[&str] = &["request.send", "server", "response.receive"];
 
+/// An agent that makes the phase waterfall of every request (these tests
+/// check the phases of fast requests too); the default rule, waterfalls
+/// only for slow or failed requests, has its own test.
 fn start_agent(rotel: &Rotel) -> anyhow::Result<(Agent, ControlSocket)> {
+    start_agent_with(rotel, &["--phase-spans-min-duration", "0s"])
+}
+
+fn start_agent_with(rotel: &Rotel, args: &[&str]) -> anyhow::Result<(Agent, ControlSocket)> {
     let control = ControlSocket::new()?;
-    let agent = Agent::start_with(&rotel.endpoint(), control.agent_options())?;
+    let mut options = control.agent_options();
+    options.args.extend(args.iter().map(|a| a.to_string()));
+    let agent = Agent::start_with(&rotel.endpoint(), options)?;
     Ok((agent, control))
 }
 
@@ -1139,6 +1148,60 @@ c.close()
         }
         agent.check_running()?;
         finish(e, &all, &[run.pid, f.pid])
+    });
+}
+
+/// The default rule: every request carries its phase durations as
+/// attributes (`periscope.phase.<phase>.duration_ns`, adding up to the
+/// span); only a request that took 100 ms or more, or failed, also gets them
+/// as child spans. A resolution stays the request's child either way (it is
+/// a call of its own, with its wire lookups).
+#[test]
+fn phase_spans_only_for_slow_or_failed_requests() {
+    run_test(LIMIT, || {
+        let rotel = Rotel::start()?;
+        let dns = Dnsmasq::start()?;
+        let nginx = Nginx::start()?;
+        let srv = SlowHttpServer::start()?;
+        let (mut agent, _control) = start_agent_with(&rotel, &[])?;
+        let resolv = ResolvConf::via(dns.addr())?;
+        let mut e = Expect::new();
+
+        let (fast_pid, _) = curl1_via(&resolv, &format!("http://{}:{}/", host(50), nginx.port()), &[])?;
+        let (slow_pid, _) = curl1_via(&resolv, &srv.url(&host(51), Duration::from_millis(300)), &[])?;
+        let (failed_pid, t) = curl1_via(&resolv, &format!("http://{}:{}/no-such-page", host(52), nginx.port()), &[])?;
+        ensure!(t.http_code == 404, "nginx answered {} for a missing page", t.http_code);
+
+        let (fast, _) = http_clients(&rotel, fast_pid, 1, 1)?;
+        let (slow, _) = http_clients(&rotel, slow_pid, 1, HTTP_PHASES.len())?;
+        let (failed, all) = http_clients(&rotel, failed_pid, 1, HTTP_PHASES.len())?;
+        let fast = &fast[0];
+        e.that(fast.duration_ms() < 100.0, || format!("the fast request took {:.1} ms", fast.duration_ms()));
+        let children: Vec<&str> = phases_of(&all, fast).iter().map(|s| s.name.as_str()).collect();
+        e.that(children == ["dns"], || {
+            format!("fast request: phase children {children:?}, want only its resolution [\"dns\"]")
+        });
+        let mut sum_ns = 0i64;
+        for phase in HTTP_PHASES {
+            let key = format!("periscope.phase.{phase}.duration_ns");
+            match fast.int_attr(&key) {
+                Some(ns) if ns >= 0 => sum_ns += ns,
+                other => e.fail(format!("fast request: {key} = {other:?}, want a duration")),
+            }
+        }
+        let span_ns = fast.duration_ns() as f64;
+        e.that((sum_ns as f64 - span_ns).abs() <= span_ns * 0.05 + 2_000.0, || {
+            format!("fast request: phase attributes add up to {sum_ns} ns, the span lasts {span_ns} ns")
+        });
+        for (what, span) in [("slow request (300 ms handler)", &slow[0]), ("failed request (404)", &failed[0])] {
+            let ph = phases_of(&all, span);
+            expect_phases(&mut e, what, span, &ph, HTTP_PHASES);
+            e.that(span.int_attr("periscope.phase.server.duration_ns").is_some(), || {
+                format!("{what}: no periscope.phase.server.duration_ns attribute")
+            });
+        }
+        agent.check_running()?;
+        finish(e, &all, &[fast_pid, slow_pid, failed_pid, srv.pid()])
     });
 }
 
