@@ -52,6 +52,16 @@ fn server_for(s: &Span, worker: u32, local_port: u16) -> bool {
     is_server_of(s, worker) && s.int_attr("network.peer.port") == Some(local_port as i64)
 }
 
+/// The server span of the loop's request `r`: its client port, within the
+/// time curl ran (ephemeral ports come round again within a test, so the
+/// port alone can match another curl's request).
+fn server_of_request(s: &Span, worker: u32, r: &LoopRequest) -> bool {
+    const SLACK_NS: u64 = 50_000_000;
+    server_for(s, worker, r.local_port)
+        && s.start_ns + SLACK_NS >= r.start_ns
+        && s.start_ns <= r.end_ns + SLACK_NS
+}
+
 fn is_client_of(s: &Span, pid: u32) -> bool {
     s.kind == SpanKind::Client && s.pid() == Some(pid)
 }
@@ -232,7 +242,7 @@ fn disable_and_enable_tls_while_traffic_flows() {
             .collect();
         wait_until(&rotel, SPAN_WAIT, |spans| {
             want.iter().all(|(r, w)| {
-                spans.iter().any(|s| server_for(s, *w, r.local_port))
+                spans.iter().any(|s| server_of_request(s, *w, r))
                     && spans.iter().any(|s| is_client_of(s, r.pid))
             })
         });
@@ -243,7 +253,7 @@ fn disable_and_enable_tls_while_traffic_flows() {
             let https_req = *w == hw;
             let server: Vec<&Span> = all
                 .iter()
-                .filter(|s| server_for(s, *w, r.local_port))
+                .filter(|s| server_of_request(s, *w, r))
                 .collect();
             let client: Vec<&Span> = all.iter().filter(|s| is_client_of(s, r.pid)).collect();
             let phase = if r.start_ns > t_enable {
@@ -301,7 +311,7 @@ fn disable_and_enable_tls_while_traffic_flows() {
         for r in &https_off {
             let n = all
                 .iter()
-                .filter(|s| server_for(s, hw, r.local_port) || is_client_of(s, r.pid))
+                .filter(|s| server_of_request(s, hw, r) || is_client_of(s, r.pid))
                 .count();
             e.that(n == 0, || {
                 format!(

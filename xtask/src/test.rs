@@ -54,6 +54,8 @@ pub fn run(release: bool) -> Result<ExitCode> {
         "test",
         "--package",
         "periscope-tests",
+        // Every suite runs even after one fails: CI reports all failures.
+        "--no-fail-fast",
         "--",
         "--test-threads=1",
     ])
