@@ -1070,12 +1070,20 @@ pub async fn attach_initial_tls(probes: &mut Probes, pipeline: &mut Pipeline, tl
 /// read on the next pass, at most a drain interval later).
 const MAX_RECORDS_PER_PASS: usize = 32_768;
 
+/// Records handled between two hand-offs of spans to the exporter within a
+/// pass: a busy pass would otherwise hold thousands of finished spans (and
+/// their memory) until it ends.
+const RECORDS_PER_HAND_OFF: usize = 2048;
+
 /// Handles what the ring holds (at most a pass's worth); returns how many
 /// records that was.
 fn drain_ring(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) -> usize {
     for n in 0..MAX_RECORDS_PER_PASS {
         let Some(record) = ring.next() else { return n };
         pipeline.handle_record(&record);
+        if n % RECORDS_PER_HAND_OFF == RECORDS_PER_HAND_OFF - 1 {
+            pipeline.flush_outbox();
+        }
     }
     MAX_RECORDS_PER_PASS
 }

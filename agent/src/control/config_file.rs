@@ -7,7 +7,7 @@
 //! otlp_protocol = "grpc"            # or "http/protobuf"
 //! output = "text"                   # or "json" (stdout, when no endpoint)
 //! payload_cap = 4096
-//! ring_buffer_mib = 8
+//! ring_buffer_mib = 4
 //! max_connections = 65536
 //! socket = "/run/periscope/control.sock"
 //! metrics_address = "127.0.0.1:9464"
