@@ -8,10 +8,12 @@
 //! - `openssl s_server -www` (and `-WWW`, `-rev`) reads and writes through a
 //!   `BIO_f_ssl`, which in OpenSSL 3.0 calls libssl's *internal*
 //!   `ssl_read_internal`/`ssl_write_internal`: no exported `SSL_*` function
-//!   runs for its plaintext. [`OpensslServer`] therefore runs `s_server` in its
-//!   default mode (`sv_body`: `SSL_accept` -> `SSL_do_handshake`, `SSL_read`,
-//!   `SSL_write`) and feeds it the HTTP response through a FIFO on stdin once
-//!   the request has arrived.
+//!   runs for its plaintext. The agent hooks those internal functions where
+//!   it can find them ([`OpensslServer::start_www`] checks it);
+//!   [`OpensslServer::start`] runs `s_server` in its default mode
+//!   (`sv_body`: `SSL_accept` -> `SSL_do_handshake`, `SSL_read`,
+//!   `SSL_write`), which exported-symbol hooks see too, and feeds it the
+//!   HTTP response through a FIFO on stdin once the request has arrived.
 //! - `openssl s_client` never calls `SSL_connect`/`SSL_do_handshake`: its
 //!   handshake runs inside its first `SSL_write` (of 0 bytes) and `SSL_read`.
 //!   Node (both sides) likewise handshakes inside `SSL_read`/`SSL_write`.
@@ -177,8 +179,9 @@ pub fn http10_response(status: u16, reason: &str, body: &str) -> String {
 pub struct OpensslServer {
     proc: Proc,
     port: u16,
+    /// s_server's stdin (none with `-www`).
     fifo: Option<File>,
-    _dir: TempDir,
+    _dir: Option<TempDir>,
 }
 
 impl OpensslServer {
@@ -200,32 +203,31 @@ impl OpensslServer {
             .open(&fifo_path)
             .with_context(|| format!("opening {}", fifo_path.display()))?;
         let port = free_port();
-        let args: Vec<String> = vec![
-            "s_server".into(),
-            "-accept".into(),
-            format!("127.0.0.1:{port}"),
-            "-cert".into(),
-            cert.display().to_string(),
-            "-key".into(),
-            key.display().to_string(),
-        ];
-        let mut cmd = with_stdin_from(&fifo_path, openssl, &args);
-        let mut proc = Proc::spawn_with(
-            "openssl-s_server",
-            &mut cmd,
-            StopWith {
-                signal: libc::SIGTERM,
-                grace: Duration::from_secs(2),
-            },
-        )?;
-        // `ACCEPT` once it listens; probing the port would make s_server
-        // handshake with a prober.
-        proc.wait_for_line("ACCEPT", Duration::from_secs(15), |l| l.trim() == "ACCEPT")?;
+        let args = s_server_args(port, cert, key);
+        let proc = start_s_server(&mut with_stdin_from(&fifo_path, openssl, &args))?;
         Ok(OpensslServer {
             proc,
             port,
             fifo: Some(fifo),
-            _dir: dir,
+            _dir: Some(dir),
+        })
+    }
+
+    /// `openssl s_server -www -accept 127.0.0.1:PORT -cert C -key K`:
+    /// answers every `GET` with a status page (`HTTP/1.0 200 ok`, no
+    /// Content-Length, then it closes the connection), reading the request
+    /// and writing the page through a `BIO_f_ssl`, so only libssl's
+    /// internal functions run. It serves any number of connections and
+    /// takes no [`OpensslServer::respond`].
+    pub fn start_www(cert: &Path, key: &Path) -> Result<OpensslServer> {
+        let port = free_port();
+        let mut cmd = Command::new(crate::certs::openssl()?);
+        cmd.args(s_server_args(port, cert, key)).arg("-www");
+        Ok(OpensslServer {
+            proc: start_s_server(&mut cmd)?,
+            port,
+            fifo: None,
+            _dir: None,
         })
     }
 
@@ -252,7 +254,7 @@ impl OpensslServer {
         let mut fifo = self
             .fifo
             .take()
-            .context("OpensslServer::respond called twice")?;
+            .context("OpensslServer::respond called twice, or on a -www server")?;
         // s_server treats a stdin chunk starting with some letters as a
         // command (`Q`, `q`, `r`, `P`, ...): an HTTP response starts with `H`.
         anyhow::ensure!(
@@ -270,6 +272,34 @@ impl OpensslServer {
     pub fn proc(&mut self) -> &mut Proc {
         &mut self.proc
     }
+}
+
+fn s_server_args(port: u16, cert: &Path, key: &Path) -> Vec<String> {
+    vec![
+        "s_server".into(),
+        "-accept".into(),
+        format!("127.0.0.1:{port}"),
+        "-cert".into(),
+        cert.display().to_string(),
+        "-key".into(),
+        key.display().to_string(),
+    ]
+}
+
+/// Spawns `cmd` (an `s_server`) and waits until it listens.
+fn start_s_server(cmd: &mut Command) -> Result<Proc> {
+    let mut proc = Proc::spawn_with(
+        "openssl-s_server",
+        cmd,
+        StopWith {
+            signal: libc::SIGTERM,
+            grace: Duration::from_secs(2),
+        },
+    )?;
+    // `ACCEPT` once it listens; probing the port would make s_server
+    // handshake with a prober.
+    proc.wait_for_line("ACCEPT", Duration::from_secs(15), |l| l.trim() == "ACCEPT")?;
+    Ok(proc)
 }
 
 /// Start `openssl s_client -connect 127.0.0.1:PORT -quiet -ign_eof` with

@@ -27,7 +27,7 @@
 //! whole host. Spans are filtered by the pids the test started.
 
 use periscope_tests::certs::TestCert;
-use periscope_tests::clients::{CURL, curl};
+use periscope_tests::clients::{CURL, curl, curl1};
 use periscope_tests::node::{NODE, NodeHttpsServer, node_https_get};
 use periscope_tests::proc::TempDir;
 use periscope_tests::tls::{
@@ -479,17 +479,8 @@ fn openssl_s_server_and_s_client() {
         let (spid, port) = (server.pid(), server.port());
         let (cpid, _) = openssl_exchange(&mut server, dir.path())?;
 
-        let srv = rotel.try_wait_for_spans(|s| is_server_of(s, spid), 1, SPAN_WAIT)?;
-        let cli = rotel.try_wait_for_spans(|s| is_client_of(s, cpid), 1, SPAN_WAIT)?;
-        let all = rotel.spans_after(Duration::from_millis(500));
         let mut e = Expect::new();
-        e.that(srv.len() == 1 && cli.len() == 1, || {
-            format!(
-                "{} s_server and {} s_client spans, want 1 and 1",
-                srv.len(),
-                cli.len()
-            )
-        });
+        let (srv, cli, all) = one_exchange(&rotel, &mut e, (spid, "s_server"), (cpid, "s_client"))?;
         let v = TlsVersion::Tls13;
         expect_server(
             &mut e,
@@ -516,6 +507,88 @@ fn openssl_s_server_and_s_client() {
         expect_handshake(&mut e, &[&cli[0]], Handshake::IfSeen, "s_client");
         expect_no_garbage(&mut e, &all, &HashSet::from([spid, cpid]));
         expect_attached(&mut e, &agent, "libssl.so", "openssl");
+        expect_agent_healthy(&mut e, &mut agent)?;
+        e.finish(&all)
+    });
+}
+
+/// The spans of one request: those of the server `spid` and of the client
+/// `cpid` (one of each is expected), and every span received.
+fn one_exchange(
+    rotel: &Rotel,
+    e: &mut Expect,
+    (spid, server): (u32, &str),
+    (cpid, client): (u32, &str),
+) -> anyhow::Result<(Vec<Span>, Vec<Span>, Vec<Span>)> {
+    let srv = rotel.try_wait_for_spans(|s| is_server_of(s, spid), 1, SPAN_WAIT)?;
+    let cli = rotel.try_wait_for_spans(|s| is_client_of(s, cpid), 1, SPAN_WAIT)?;
+    let all = rotel.spans_after(Duration::from_millis(500));
+    e.that(srv.len() == 1 && cli.len() == 1, || {
+        format!(
+            "{} {server} and {} {client} spans, want 1 and 1",
+            srv.len(),
+            cli.len()
+        )
+    });
+    Ok((srv, cli, all))
+}
+
+/// 2b. `openssl s_server -www` answering curl: s_server reads and writes
+///     through a `BIO_f_ssl`, which calls libssl's internal
+///     `ssl_read_internal`/`ssl_write_internal` and no exported `SSL_read`
+///     or `SSL_write`: only hooks on the internal functions see it.
+#[test]
+fn openssl_s_server_www_through_the_bio_layer() {
+    run_test(LIMIT, || {
+        let rotel = Rotel::start()?;
+        let mut agent = Agent::start(&rotel.endpoint())?;
+        let cert = TestCert::generate()?;
+        let server = OpensslServer::start_www(cert.cert(), cert.key())?;
+        let (spid, port) = (server.pid(), server.port());
+        let (cpid, transfer) = curl1(&format!("https://127.0.0.1:{port}/"), &["-k"])?;
+        anyhow::ensure!(
+            transfer.http_code == 200,
+            "curl got {} from s_server -www:\n{}",
+            transfer.http_code,
+            server.log()
+        );
+
+        let mut e = Expect::new();
+        let (srv, cli, all) =
+            one_exchange(&rotel, &mut e, (spid, "s_server -www"), (cpid, "curl"))?;
+        let v = TlsVersion::Tls13;
+        // s_server answers HTTP/1.0 to curl's HTTP/1.1 request.
+        let hv = srv[0]
+            .str_attr("network.protocol.version")
+            .unwrap_or("?")
+            .to_string();
+        e.that(hv == "1.0" || hv == "1.1", || {
+            format!("{}: network.protocol.version {hv:?}", srv[0])
+        });
+        let who = Who::new(OPENSSL, spid);
+        let peer = Some(transfer.local_port);
+        expect_server(&mut e, &srv[0], "/", 200, &hv, v, &who, port, peer);
+        expect_handshake(&mut e, &[&srv[0]], Handshake::IfSeen, "s_server -www");
+        expect_client(
+            &mut e,
+            &cli[0],
+            "/",
+            200,
+            "1.1",
+            v,
+            &Who::new(CURL, cpid),
+            port,
+        );
+        expect_no_garbage(&mut e, &all, &HashSet::from([spid, cpid]));
+        expect_attached(&mut e, &agent, "libssl.so", "openssl");
+        let log = agent.log();
+        let lines = attached_lines(&log);
+        e.that(
+            lines
+                .iter()
+                .any(|l| l.contains("libssl.so") && l.contains("ssl_read_internal at 0x")),
+            || format!("libssl's read calls are not hooked at ssl_read_internal: {lines:#?}"),
+        );
         expect_agent_healthy(&mut e, &mut agent)?;
         e.finish(&all)
     });

@@ -192,8 +192,7 @@ impl ControlState {
                 Feature::Dns => Some("UDP/TCP port 53 payloads and libc getaddrinfo uprobes".to_string()),
                 Feature::Phases => Some("latency-breakdown child spans (daemon only)".to_string()),
                 Feature::Tls => Some(format!(
-                    "{} symbols per library: {}",
-                    TLS_UPROBES.len(),
+                    "uprobes on those of these functions a library has: {}",
                     TLS_UPROBES.iter().map(|(s, _, _)| *s).collect::<Vec<_>>().join(", ")
                 )),
                 Feature::Http => None,

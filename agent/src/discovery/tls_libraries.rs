@@ -12,6 +12,12 @@
 //!
 //! Results are cached per file (device, inode): the kernel attaches uprobes
 //! to the inode, so one attachment covers every process mapping that file.
+//!
+//! In OpenSSL, the read and write wrappers' probes move to the internal
+//! functions they call when the machine code shows it is safe (see
+//! [`internal_functions`]).
+
+mod internal_functions;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -21,6 +27,8 @@ use std::sync::Arc;
 
 use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 use procfs::process::{MMPermissions, MMapPath, Process};
+
+pub use internal_functions::{READ_INTERNAL, WRITE_INTERNAL};
 
 /// Functions hooked in OpenSSL (and BoringSSL/LibreSSL builds that export them).
 pub const OPENSSL_SYMBOLS: &[&str] = &[
@@ -83,8 +91,12 @@ pub struct TlsTarget {
     pub attach_path: PathBuf,
     /// The path as the traced process sees it, for logs/status.
     pub display_path: String,
-    /// (symbol, file offset) for every wanted symbol present, in the order of
-    /// [`OPENSSL_SYMBOLS`] / [`GNUTLS_SYMBOLS`].
+    /// Where the uprobes go, as (function, file offset): every wanted
+    /// symbol present, in the order of [`OPENSSL_SYMBOLS`] /
+    /// [`GNUTLS_SYMBOLS`]; in OpenSSL, when its wrappers were followed,
+    /// [`READ_INTERNAL`] and [`WRITE_INTERNAL`] first, in place of
+    /// `SSL_read`, `SSL_read_ex`, `SSL_write` and `SSL_write_ex` (never
+    /// both: a call must be seen once).
     pub symbols: Vec<(&'static str, u64)>,
 }
 
@@ -249,9 +261,43 @@ fn inspect_mapping(pid_dir: &Path, path: &Path, file: FileId) -> Inspection {
     inspect_file_as(&attach_path, &display_path, file)
 }
 
+/// Where OpenSSL's read and write calls are hooked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// On the internal functions where they can be found, else on the
+    /// exported wrappers.
+    Internal,
+    /// On the exported wrappers always (the placement before internal
+    /// functions; the benchmark compares the two).
+    Wrappers,
+}
+
+/// Hidden setting (no flag, not in `--help`): `1` hooks OpenSSL's exported
+/// wrappers even where its internal functions were found.
+pub const PLACEMENT_ENV: &str = "PERISCOPE_TLS_PROBE_WRAPPERS";
+
+impl Placement {
+    pub fn from_env() -> Placement {
+        match std::env::var_os(PLACEMENT_ENV) {
+            Some(v) if v == "1" => Placement::Wrappers,
+            _ => Placement::Internal,
+        }
+    }
+}
+
 /// Inspects one file: `attach_path` is opened, `display_path` decides what
 /// the name looks like and is what reports show.
 pub fn inspect_file_as(attach_path: &Path, display_path: &str, file: FileId) -> Inspection {
+    inspect_file_placed(attach_path, display_path, file, Placement::from_env())
+}
+
+/// [`inspect_file_as`] with the OpenSSL probe placement given.
+fn inspect_file_placed(
+    attach_path: &Path,
+    display_path: &str,
+    file: FileId,
+    placement: Placement,
+) -> Inspection {
     let name_looks_tls = looks_like_tls_name(Path::new(display_path));
     let not_visible = |reason: String| {
         if name_looks_tls {
@@ -290,11 +336,7 @@ pub fn inspect_file_as(attach_path: &Path, display_path: &str, file: FileId) -> 
             .iter()
             .all(|name| symbols.defined.contains_key(name))
         {
-            let wanted = kind.wanted_symbols();
-            let symbols = wanted
-                .iter()
-                .filter_map(|name| symbols.defined.get(name).map(|&offset| (*name, offset)))
-                .collect();
+            let symbols = hook_points(&elf, &data, display_path, kind, &symbols.defined, placement);
             return Inspection::Tls(TlsTarget {
                 kind,
                 file,
@@ -324,6 +366,46 @@ pub fn inspect_file_as(attach_path: &Path, display_path: &str, file: FileId) -> 
     not_visible(
         "no OpenSSL or GnuTLS functions in its symbol tables (stripped, or an unsupported TLS library)".into(),
     )
+}
+
+/// The (function, file offset) pairs to hook in a `kind` library: see
+/// [`TlsTarget::symbols`]. `defined` are its wanted symbols' offsets.
+fn hook_points(
+    elf: &object::File<'_>,
+    data: &[u8],
+    display_path: &str,
+    kind: TlsLibraryKind,
+    defined: &HashMap<&'static str, u64>,
+    placement: Placement,
+) -> Vec<(&'static str, u64)> {
+    let exported: Vec<(&'static str, u64)> = kind
+        .wanted_symbols()
+        .iter()
+        .filter_map(|name| defined.get(name).map(|&offset| (*name, offset)))
+        .collect();
+    if kind != TlsLibraryKind::OpenSsl || placement == Placement::Wrappers {
+        return exported;
+    }
+    let families = internal_functions::FAMILIES;
+    match internal_functions::find(elf, data, defined) {
+        Ok(offsets) => {
+            let is_wrapper = |name: &str| {
+                families
+                    .iter()
+                    .any(|(_, wrappers)| wrappers.contains(&name))
+            };
+            let internal = families.iter().map(|&(internal, _)| internal).zip(offsets);
+            internal
+                .chain(exported.into_iter().filter(|(name, _)| !is_wrapper(name)))
+                .collect()
+        }
+        Err(reason) => {
+            log::debug!(
+                "{display_path}: OpenSSL's exported read/write functions are hooked: {reason}"
+            );
+            exported
+        }
+    }
 }
 
 #[derive(Default)]
@@ -431,8 +513,30 @@ mod tests {
     const LIBDIR: &str = "/usr/lib/x86_64-linux-gnu";
 
     fn inspect(path: &str) -> Inspection {
-        inspect_file_as(Path::new(path), path, FileId { dev: 0, inode: 0 })
+        inspect_file_placed(
+            Path::new(path),
+            path,
+            FileId { dev: 0, inode: 0 },
+            Placement::Internal,
+        )
     }
+
+    /// With every OpenSSL function hooked at its exported symbol.
+    fn inspect_exported(path: &str) -> Inspection {
+        inspect_file_placed(
+            Path::new(path),
+            path,
+            FileId { dev: 0, inode: 0 },
+            Placement::Wrappers,
+        )
+    }
+
+    fn names(t: &TlsTarget) -> Vec<&str> {
+        t.symbols.iter().map(|(n, _)| *n).collect()
+    }
+
+    /// What libssl and the fixtures are hooked at when the wrappers are followed.
+    const OPENSSL_INTERNAL_HOOKS: [&str; 3] = [READ_INTERNAL, WRITE_INTERNAL, "SSL_do_handshake"];
 
     fn target(inspection: &Inspection) -> &TlsTarget {
         match inspection {
@@ -498,16 +602,67 @@ mod tests {
     #[test]
     fn libssl_is_openssl_with_readelf_offsets() {
         let path = format!("{LIBDIR}/libssl.so.3");
-        let inspection = inspect(&path);
+        let inspection = inspect_exported(&path);
         let t = target(&inspection);
         assert_eq!(t.kind, TlsLibraryKind::OpenSsl);
-        let names: Vec<&str> = t.symbols.iter().map(|(n, _)| *n).collect();
-        assert_eq!(names, OPENSSL_SYMBOLS);
+        assert_eq!(names(t), OPENSSL_SYMBOLS);
         let expected = readelf_offsets(&path);
         for (name, offset) in &t.symbols {
             assert_eq!(Some(offset), expected.get(*name), "{name}");
         }
         assert_eq!(t.offset_of("SSL_read"), expected.get("SSL_read").copied());
+    }
+
+    /// A file's virtual addresses as the loader maps them: the PT_LOAD
+    /// headers from `readelf -lW`.
+    struct Loads(Vec<(u64, u64, u64)>);
+
+    impl Loads {
+        fn of(path: &str) -> Loads {
+            let headers = readelf(&["-lW"], path);
+            let loads = headers
+                .lines()
+                .filter(|l| l.trim_start().starts_with("LOAD"))
+                .map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    let hex =
+                        |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap();
+                    (hex(f[1]), hex(f[2]), hex(f[4])) // offset, vaddr, filesz
+                })
+                .collect();
+            Loads(loads)
+        }
+
+        fn file_offset(&self, vaddr: u64) -> u64 {
+            let (off, va, _) = self
+                .0
+                .iter()
+                .find(|(_, va, sz)| vaddr >= *va && vaddr < va + sz)
+                .expect("address inside a PT_LOAD");
+            vaddr - va + off
+        }
+    }
+
+    /// The virtual address `nm -D` gives `name`.
+    fn nm_address(nm: &str, name: &str) -> u64 {
+        let line = nm
+            .lines()
+            .find(|l| {
+                l.split_whitespace()
+                    .nth(2)
+                    .map(|n| n.split('@').next() == Some(name))
+                    == Some(true)
+            })
+            .unwrap_or_else(|| panic!("nm lists {name}"));
+        u64::from_str_radix(line.split_whitespace().next().unwrap(), 16).unwrap()
+    }
+
+    fn nm_dynamic(path: &str) -> String {
+        let nm = Command::new("nm")
+            .args(["-D", "--defined-only", path])
+            .output()
+            .unwrap();
+        String::from_utf8(nm.stdout).unwrap()
     }
 
     #[test]
@@ -516,40 +671,64 @@ mod tests {
         // PT_LOAD headers: the bytes at the file offset are the bytes at the
         // symbol's virtual address in the loaded image.
         let path = format!("{LIBDIR}/libssl.so.3");
+        let inspection = inspect_exported(&path);
+        let t = target(&inspection);
+        let nm = nm_dynamic(&path);
+        let loads = Loads::of(&path);
+        for (name, offset) in &t.symbols {
+            assert_eq!(*offset, loads.file_offset(nm_address(&nm, name)), "{name}");
+        }
+    }
+
+    /// The target of the first `call` objdump shows in the 64 bytes at `vaddr`.
+    fn objdump_first_call(path: &str, vaddr: u64) -> u64 {
+        let out = Command::new("objdump")
+            .args(["-d", "--no-show-raw-insn"])
+            .arg(format!("--start-address={vaddr:#x}"))
+            .arg(format!("--stop-address={:#x}", vaddr + 64))
+            .arg(path)
+            .output()
+            .expect("objdump runs");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let call = text
+            .lines()
+            .find_map(|l| {
+                l.split_once("\tcall ")
+                    .map(|(_, rest)| rest.trim().to_string())
+            })
+            .unwrap_or_else(|| panic!("no call at {vaddr:#x}:\n{text}"));
+        u64::from_str_radix(call.split_whitespace().next().unwrap(), 16).unwrap()
+    }
+
+    #[test]
+    fn libssl_read_and_write_go_through_internal_functions() {
+        let path = format!("{LIBDIR}/libssl.so.3");
         let inspection = inspect(&path);
         let t = target(&inspection);
-        let nm = Command::new("nm")
-            .args(["-D", "--defined-only", &path])
-            .output()
-            .unwrap();
-        let nm = String::from_utf8(nm.stdout).unwrap();
-        let headers = readelf(&["-lW"], &path);
-        let loads: Vec<(u64, u64, u64)> = headers
-            .lines()
-            .filter(|l| l.trim_start().starts_with("LOAD"))
-            .map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap();
-                (hex(f[1]), hex(f[2]), hex(f[4])) // offset, vaddr, filesz
-            })
-            .collect();
-        for (name, offset) in &t.symbols {
-            let line = nm
-                .lines()
-                .find(|l| {
-                    l.split_whitespace()
-                        .nth(2)
-                        .map(|n| n.split('@').next() == Some(name))
-                        == Some(true)
-                })
-                .unwrap_or_else(|| panic!("nm lists {name}"));
-            let vaddr = u64::from_str_radix(line.split_whitespace().next().unwrap(), 16).unwrap();
-            let (off, va, _) = loads
-                .iter()
-                .find(|(_, va, sz)| vaddr >= *va && vaddr < va + sz)
-                .expect("symbol inside a PT_LOAD");
-            assert_eq!(*offset, vaddr - va + off, "{name}");
+        assert_eq!(names(t), OPENSSL_INTERNAL_HOOKS);
+        // Both wrappers of each family call the function hooked, as objdump
+        // disassembles them.
+        let nm = nm_dynamic(&path);
+        let loads = Loads::of(&path);
+        let bytes = std::fs::read(&path).unwrap();
+        for (internal, wrappers) in internal_functions::FAMILIES {
+            let offset = t.offset_of(internal).unwrap();
+            for wrapper in wrappers {
+                let callee = objdump_first_call(&path, nm_address(&nm, wrapper));
+                assert_eq!(loads.file_offset(callee), offset, "{wrapper} -> {internal}");
+            }
+            // `push %r12..%r15` (41 54..57) or `push %rbx/%rbp` (53/55).
+            let first = &bytes[offset as usize..offset as usize + 2];
+            assert!(
+                matches!(first, [0x41, 0x54..=0x57] | [0x53 | 0x55, _]),
+                "{internal}: {first:02x?}"
+            );
         }
+        let exported = inspect_exported(&path);
+        assert_eq!(
+            t.offset_of("SSL_do_handshake"),
+            target(&exported).offset_of("SSL_do_handshake")
+        );
     }
 
     #[test]
@@ -576,7 +755,9 @@ mod tests {
         let inspection = inspect(path);
         let t = target(&inspection);
         assert_eq!(t.kind, TlsLibraryKind::OpenSsl);
-        assert!(t.offset_of("SSL_read").is_some() && t.offset_of("SSL_write").is_some());
+        // Node's SSL_read inlines ssl_read_internal and starts with `push`:
+        // not a thin wrapper, so the exported functions are hooked.
+        assert_eq!(names(t), OPENSSL_SYMBOLS);
         let expected = readelf_offsets(path);
         for (name, offset) in &t.symbols {
             assert_eq!(Some(offset), expected.get(*name), "{name}");
@@ -636,29 +817,37 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
-    #[test]
-    fn partial_tls_symbols_are_not_visible() {
+    /// An x86-64 ELF object whose .text is `text`, with global functions
+    /// `symbols` at the given offsets into it.
+    fn elf_with_text(text: &[u8], symbols: &[(&str, u64)]) -> Vec<u8> {
         use object::write;
         let mut obj = write::Object::new(
             object::BinaryFormat::Elf,
             object::Architecture::X86_64,
             object::Endianness::Little,
         );
-        let text = obj.section_id(write::StandardSection::Text);
-        let at = obj.append_section_data(text, &[0xc3; 64], 16);
-        obj.add_symbol(write::Symbol {
-            name: b"SSL_read".to_vec(),
-            value: at,
-            size: 1,
-            kind: SymbolKind::Text,
-            scope: object::SymbolScope::Dynamic,
-            weak: false,
-            section: write::SymbolSection::Section(text),
-            flags: object::SymbolFlags::None,
-        });
+        let section = obj.section_id(write::StandardSection::Text);
+        let at = obj.append_section_data(section, text, 16);
+        for &(name, offset) in symbols {
+            obj.add_symbol(write::Symbol {
+                name: name.as_bytes().to_vec(),
+                value: at + offset,
+                size: 1,
+                kind: SymbolKind::Text,
+                scope: object::SymbolScope::Dynamic,
+                weak: false,
+                section: write::SymbolSection::Section(section),
+                flags: object::SymbolFlags::None,
+            });
+        }
+        obj.write().unwrap()
+    }
+
+    #[test]
+    fn partial_tls_symbols_are_not_visible() {
         let dir = scratch_dir("partial");
         let path = dir.join("myserver");
-        std::fs::write(&path, obj.write().unwrap()).unwrap();
+        std::fs::write(&path, elf_with_text(&[0xc3; 64], &[("SSL_read", 0)])).unwrap();
         let reason = expect_not_visible(&path);
         assert!(reason.contains("SSL_read"), "{reason}");
         std::fs::remove_dir_all(dir).unwrap();
@@ -693,6 +882,221 @@ mod tests {
         let reason = expect_not_visible(&missing);
         assert!(reason.contains("cannot open"), "{reason}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// An OpenSSL look-alike in 32-byte slots: `SSL_read`, `SSL_read_ex`,
+    /// `SSL_write`, `SSL_write_ex`, `SSL_do_handshake`, then two functions.
+    /// Each wrapper is `prologue`, a `call` to the slot its family names
+    /// (none if `None`), `ret`; the two functions start with `read_first` and
+    /// `write_first`.
+    struct Fixture {
+        prologue: &'static [u8],
+        read_callee: Option<u64>,
+        write_callee: Option<u64>,
+        read_first: &'static [u8],
+        write_first: &'static [u8],
+        /// Define SSL_read_ex and SSL_write_ex too.
+        with_ex: bool,
+    }
+
+    const SLOT: u64 = 32;
+    /// `sub $0x8,%rsp`: what Debian's wrappers start with.
+    const SUB_RSP: &[u8] = &[0x48, 0x83, 0xec, 0x08];
+    const PUSH_R13: &[u8] = &[0x41, 0x55];
+    const PUSH_RBP: &[u8] = &[0x55];
+
+    impl Fixture {
+        fn thin() -> Fixture {
+            Fixture {
+                prologue: SUB_RSP,
+                read_callee: Some(5),
+                write_callee: Some(6),
+                read_first: PUSH_R13,
+                write_first: PUSH_RBP,
+                with_ex: true,
+            }
+        }
+
+        fn thin_with(change: impl FnOnce(&mut Fixture)) -> Fixture {
+            let mut f = Fixture::thin();
+            change(&mut f);
+            f
+        }
+
+        fn wrapper(&self, slot: u64, callee: Option<u64>) -> Vec<u8> {
+            let mut code = self.prologue.to_vec();
+            if let Some(callee) = callee {
+                let next = slot * SLOT + code.len() as u64 + 5;
+                let rel = (callee * SLOT) as i64 - next as i64;
+                code.push(0xe8);
+                code.extend_from_slice(&(rel as i32).to_le_bytes());
+            }
+            code.push(0xc3);
+            code
+        }
+
+        fn elf(&self) -> Vec<u8> {
+            let bodies = [
+                self.wrapper(0, self.read_callee),
+                self.wrapper(1, self.read_callee),
+                self.wrapper(2, self.write_callee),
+                self.wrapper(3, self.write_callee),
+                vec![0xc3],
+                [self.read_first, &[0xc3]].concat(),
+                [self.write_first, &[0xc3]].concat(),
+            ];
+            let mut text = vec![0xcc; bodies.len() * SLOT as usize];
+            for (i, body) in bodies.iter().enumerate() {
+                let at = i * SLOT as usize;
+                text[at..at + body.len()].copy_from_slice(body);
+            }
+            let names = [
+                "SSL_read",
+                "SSL_read_ex",
+                "SSL_write",
+                "SSL_write_ex",
+                "SSL_do_handshake",
+            ];
+            let symbols: Vec<(&str, u64)> = (0u64..)
+                .zip(names)
+                .filter(|(_, name)| self.with_ex || !name.ends_with("_ex"))
+                .map(|(slot, name)| (name, slot * SLOT))
+                .collect();
+            elf_with_text(&text, &symbols)
+        }
+    }
+
+    /// Where the uprobes go in an in-memory ELF (no file).
+    fn placed(bytes: &[u8]) -> Vec<(&'static str, u64)> {
+        let elf = object::File::parse(bytes).unwrap();
+        let defined = find_symbols(&elf).defined;
+        hook_points(
+            &elf,
+            bytes,
+            "fixture",
+            TlsLibraryKind::OpenSsl,
+            &defined,
+            Placement::Internal,
+        )
+    }
+
+    fn placed_names(bytes: &[u8]) -> Vec<&'static str> {
+        placed(bytes).into_iter().map(|(n, _)| n).collect()
+    }
+
+    #[test]
+    fn thin_wrappers_lead_to_internal_functions() {
+        let placed = placed(&Fixture::thin().elf());
+        let hooked: Vec<&str> = placed.iter().map(|(n, _)| *n).collect();
+        assert_eq!(hooked, OPENSSL_INTERNAL_HOOKS);
+        // Slots 5 and 6, counted from SSL_read's slot 0.
+        let bytes = Fixture::thin().elf();
+        let elf = object::File::parse(&*bytes).unwrap();
+        let ssl_read = find_symbols(&elf).defined["SSL_read"];
+        assert_eq!(placed[0].1, ssl_read + 5 * SLOT);
+        assert_eq!(placed[1].1, ssl_read + 6 * SLOT);
+        // Through a file, and with the old placement forced.
+        let dir = scratch_dir("thin");
+        let path = dir.join("libssl.so.3");
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(
+            names(target(&inspect(path.to_str().unwrap()))),
+            OPENSSL_INTERNAL_HOOKS
+        );
+        assert_eq!(
+            names(target(&inspect_exported(path.to_str().unwrap()))),
+            OPENSSL_SYMBOLS
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn one_wrapper_per_family_is_enough() {
+        let f = Fixture::thin_with(|f| f.with_ex = false);
+        assert_eq!(placed_names(&f.elf()), OPENSSL_INTERNAL_HOOKS);
+    }
+
+    #[test]
+    fn unfollowable_wrappers_fall_back_to_exported_symbols() {
+        let endbr64 = &[0xf3, 0x0f, 0x1e, 0xfa];
+        // REX.W+B push r13: the kernel emulates only the 0x41 prefix.
+        let push_r13_rex_w = &[0x49, 0x55];
+        let cases = [
+            (
+                "wrappers without a call",
+                Fixture::thin_with(|f| f.read_callee = None),
+            ),
+            (
+                "a target starting with `sub`",
+                Fixture::thin_with(|f| f.read_first = SUB_RSP),
+            ),
+            (
+                "a target starting with endbr64",
+                Fixture::thin_with(|f| f.write_first = endbr64),
+            ),
+            (
+                "a target starting with `49 55`",
+                Fixture::thin_with(|f| f.read_first = push_r13_rex_w),
+            ),
+            (
+                "wrappers starting with `push` (inlined, as in Node)",
+                Fixture::thin_with(|f| f.prologue = PUSH_RBP),
+            ),
+            (
+                "read and write calling one function",
+                Fixture::thin_with(|f| f.write_callee = Some(5)),
+            ),
+            (
+                "a target outside the executable sections",
+                Fixture::thin_with(|f| f.read_callee = Some(1000)),
+            ),
+            (
+                "a target starting with `ret`",
+                Fixture::thin_with(|f| f.read_callee = Some(4)),
+            ),
+        ];
+        for (what, fixture) in cases {
+            assert_eq!(placed_names(&fixture.elf()), OPENSSL_SYMBOLS, "{what}");
+        }
+    }
+
+    #[test]
+    fn wrappers_of_one_family_calling_different_functions_fall_back() {
+        let mut bytes = Fixture::thin().elf();
+        let elf = object::File::parse(&*bytes).unwrap();
+        let read_ex = find_symbols(&elf).defined["SSL_read_ex"] as usize;
+        // SSL_read_ex's call (after the 4-byte prologue) to slot 6 instead of 5.
+        let rel =
+            i32::from_le_bytes(bytes[read_ex + 5..read_ex + 9].try_into().unwrap()) + SLOT as i32;
+        bytes[read_ex + 5..read_ex + 9].copy_from_slice(&rel.to_le_bytes());
+        assert_eq!(placed_names(&bytes), OPENSSL_SYMBOLS);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Garbage where the wrappers' and internal functions' code should
+        /// be never panics, and whatever is hooked lies inside the file.
+        #[test]
+        fn garbage_code_never_panics(
+            text in proptest::collection::vec(proptest::prelude::any::<u8>(), 7 * SLOT as usize),
+            calls in proptest::collection::vec((0u64..4, 0u64..7 * SLOT), 0..4),
+        ) {
+            let mut text = text;
+            // Plant well-formed calls often enough that targets get checked.
+            for (slot, target) in calls {
+                let at = (slot * SLOT) as usize + 4;
+                let rel = target as i64 - (at as i64 + 5);
+                text[at] = 0xe8;
+                text[at + 1..at + 5].copy_from_slice(&(rel as i32).to_le_bytes());
+            }
+            let names = ["SSL_read", "SSL_read_ex", "SSL_write", "SSL_write_ex", "SSL_do_handshake"];
+            let symbols: Vec<(&str, u64)> = (0u64..).zip(names).map(|(slot, n)| (n, slot * SLOT)).collect();
+            let bytes = elf_with_text(&text, &symbols);
+            for (_, offset) in placed(&bytes) {
+                proptest::prop_assert!(offset < bytes.len() as u64);
+            }
+        }
     }
 
     #[test]
@@ -761,7 +1165,7 @@ mod tests {
             "{:?}",
             t.attach_path
         );
-        assert_eq!(t.symbols.len(), OPENSSL_SYMBOLS.len());
+        assert_eq!(names(t), OPENSSL_INTERNAL_HOOKS);
         assert!(t.file.inode != 0 && t.file.dev != 0);
         let again = again.unwrap();
         assert_eq!(scanner.files_inspected(), inspected);

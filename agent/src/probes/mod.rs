@@ -17,6 +17,8 @@ use aya::{
 };
 use periscope_ebpf::{KernelOffsets, MAX_PAYLOAD, MmapTracepointOffsets, control, probe};
 
+use crate::discovery::tls_libraries::{READ_INTERNAL, WRITE_INTERNAL};
+
 /// The compiled kernel programs (built by build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/periscope-ebpf"));
 
@@ -33,11 +35,15 @@ pub const PROGRAMS: &[&str] = &[
 
 /// Uprobe programs for each TLS library function: (symbol, entry program,
 /// return program). Loaded at start, attached per library file when found.
+/// OpenSSL's internal read/write functions take SSL_read_ex/SSL_write_ex's
+/// arguments and return convention, so those programs serve them.
 pub const TLS_UPROBES: &[(&str, &str, &str)] = &[
     ("SSL_read", "ssl_read", "ssl_rw_ret"),
     ("SSL_write", "ssl_write", "ssl_rw_ret"),
     ("SSL_read_ex", "ssl_read_ex", "ssl_rw_ex_ret"),
     ("SSL_write_ex", "ssl_write_ex", "ssl_rw_ex_ret"),
+    (READ_INTERNAL, "ssl_read_ex", "ssl_rw_ex_ret"),
+    (WRITE_INTERNAL, "ssl_write_ex", "ssl_rw_ex_ret"),
     ("SSL_do_handshake", "ssl_do_handshake", "ssl_handshake_ret"),
     ("gnutls_record_recv", "gnutls_record_recv", "gnutls_rw_ret"),
     ("gnutls_record_send", "gnutls_record_send", "gnutls_rw_ret"),
@@ -98,6 +104,17 @@ impl TlsAttachment {
     pub fn attached(&self) -> bool {
         !self.links.is_empty()
     }
+}
+
+/// What attaching one file's TLS uprobes gave.
+#[derive(Default)]
+struct UprobeLinks<'s> {
+    /// (program, link) for every program attached.
+    links: Vec<(&'static str, UProbeLinkId)>,
+    /// The (symbol, file offset) pairs with both their programs attached.
+    symbols: Vec<(&'s str, u64)>,
+    /// What failed, one line per symbol.
+    errors: Vec<String>,
 }
 
 /// Filter entries as the kernel maps hold them.
@@ -306,17 +323,19 @@ impl Probes {
         let t = &self.tls[index];
         let (path, symbols) = (t.path.clone(), t.symbols.clone());
         let symbols: Vec<(&str, u64)> = symbols.iter().map(|(s, o)| (s.as_str(), *o)).collect();
-        let (links, errors) = self.attach_uprobes(&path, &symbols);
-        for e in errors {
+        let attached = self.attach_uprobes(&path, &symbols);
+        for e in attached.errors {
             log::warn!("re-attaching TLS uprobes on {}: {e}", path.display());
         }
-        self.tls[index].links = links;
+        self.tls[index].links = attached.links;
     }
 
     /// Attaches the TLS uprobes to one library or executable file, for every
     /// process that maps it (right away if TLS is enabled, else when it is).
-    /// `symbols` are (name, file offset) pairs. Returns the symbols attached;
-    /// a symbol that fails is skipped and reported in the error list.
+    /// `symbols` are (name, file offset) pairs. Returns the symbols attached
+    /// (an internal function with its offset, `ssl_read_internal at 0x35290`,
+    /// since it has no symbol to look it up by); a symbol that fails is
+    /// skipped and reported in the error list.
     pub fn attach_tls(
         &mut self,
         path: &Path,
@@ -324,30 +343,29 @@ impl Probes {
         library: &'static str,
         symbols: &[(&str, u64)],
     ) -> (Vec<String>, Vec<String>) {
-        let (links, errors) =
-            if self.tls_enabled { self.attach_uprobes(path, symbols) } else { (Vec::new(), Vec::new()) };
-        let mut attached: Vec<String> = Vec::new();
-        for (prog, _) in &links {
-            if let Some((s, _, _)) = TLS_UPROBES.iter().find(|(_, entry, _)| entry == prog) {
-                attached.push(s.to_string());
-            }
-        }
+        let attached = if self.tls_enabled { self.attach_uprobes(path, symbols) } else { Default::default() };
+        let names = attached
+            .symbols
+            .iter()
+            .map(|&(symbol, offset)| match symbol {
+                READ_INTERNAL | WRITE_INTERNAL => format!("{symbol} at {offset:#x}"),
+                _ => symbol.to_string(),
+            })
+            .collect();
         self.tls.push(TlsAttachment {
             path: path.to_path_buf(),
             display_path: display_path.to_string(),
             library,
             symbols: symbols.iter().map(|(s, o)| (s.to_string(), *o)).collect(),
-            links,
+            links: attached.links,
         });
-        (attached, errors)
+        (names, attached.errors)
     }
 
-    fn attach_uprobes(
-        &mut self,
-        path: &Path,
-        symbols: &[(&str, u64)],
-    ) -> (Vec<(&'static str, UProbeLinkId)>, Vec<String>) {
+    /// Attaches each symbol's return and entry programs.
+    fn attach_uprobes<'s>(&mut self, path: &Path, symbols: &[(&'s str, u64)]) -> UprobeLinks<'s> {
         let mut links = Vec::new();
+        let mut attached_symbols = Vec::new();
         let mut errors = Vec::new();
         for &(symbol, offset) in symbols {
             let Some(&(_, entry, ret)) = TLS_UPROBES.iter().find(|(s, _, _)| *s == symbol) else { continue };
@@ -369,9 +387,12 @@ impl Probes {
                         break;
                     }
                 }
+                if prog == entry {
+                    attached_symbols.push((symbol, offset));
+                }
             }
         }
-        (links, errors)
+        UprobeLinks { links, symbols: attached_symbols, errors }
     }
 
     /// TLS library calls that could not be tied to any socket (in-memory
@@ -394,7 +415,19 @@ impl Probes {
 
 #[cfg(test)]
 mod tests {
-    use super::portpair;
+    use super::{TLS_UPROBES, portpair};
+    use crate::discovery::tls_libraries::{GNUTLS_SYMBOLS, OPENSSL_SYMBOLS, READ_INTERNAL, WRITE_INTERNAL};
+
+    #[test]
+    fn every_tls_hook_has_its_programs() {
+        let programs = |name: &str| TLS_UPROBES.iter().find(|(s, _, _)| *s == name).map(|&(_, e, r)| (e, r));
+        for name in OPENSSL_SYMBOLS.iter().chain(GNUTLS_SYMBOLS).chain(&[READ_INTERNAL, WRITE_INTERNAL]) {
+            assert!(programs(name).is_some(), "{name} has no TLS_UPROBES row");
+        }
+        // The internal functions take the _ex functions' arguments and return.
+        assert_eq!(programs(READ_INTERNAL), programs("SSL_read_ex"));
+        assert_eq!(programs(WRITE_INTERNAL), programs("SSL_write_ex"));
+    }
 
     #[test]
     fn portpair_matches_the_kernel_layout() {

@@ -1312,6 +1312,12 @@ impl Report {
             fmt_f(direct, 0),
             self.tls_calls.len()
         ));
+        m.push_str(&format!(
+            "- The same with the agent's probes forced onto the exported wrappers (`PERISCOPE_TLS_PROBE_WRAPPERS=1`, the \
+             placement before libssl's internal functions were hooked; the kernel single-steps the wrappers' first \
+             instruction): {} ns per call.\n",
+            fmt_f(median(self.tls_calls.iter().filter_map(|t| t.ns_per_call_wrappers())), 0)
+        ));
         let p = self.tls_call_proxy();
         m.push_str(&format!(
             "- Proxy from the HTTPS keep-alive runs: {} ns per call = nginx's extra CPU per HTTPS request with the agent ({} ns) / \
@@ -1329,16 +1335,18 @@ impl Report {
             fmt_f(p.ns_per_call_net, 0),
         ));
         if !self.tls_calls.is_empty() {
-            m.push_str("\n| round | calls | CPU s without agent | CPU s with agent | ns per call | agent events |\n|---|---|---|---|---|---|\n");
+            m.push_str("\n| round | calls | CPU s without agent | CPU s with agent | ns per call | agent events | CPU s, probes on the wrappers | ns per call, probes on the wrappers |\n|---|---|---|---|---|---|---|---|\n");
             for t in &self.tls_calls {
                 m.push_str(&format!(
-                    "| {} | {} | {:.3} | {:.3} | {} | {} |\n",
+                    "| {} | {} | {:.3} | {:.3} | {} | {} | {} | {} |\n",
                     t.round,
                     t.calls,
                     t.baseline_cpu_s,
                     t.agent_cpu_s,
                     fmt_f(t.ns_per_call(), 0),
-                    t.agent_events.map_or("n/a".into(), |e| e.to_string())
+                    t.agent_events.map_or("n/a".into(), |e| e.to_string()),
+                    fmt_f(t.wrappers_cpu_s, 3),
+                    fmt_f(t.ns_per_call_wrappers(), 0),
                 ));
             }
             for t in self.tls_calls.iter().filter(|t| !t.others.is_empty()) {
@@ -1424,6 +1432,8 @@ impl Report {
                 "baseline_cpu_s": t.baseline_cpu_s,
                 "agent_cpu_s": t.agent_cpu_s,
                 "ns_per_call": t.ns_per_call(),
+                "wrappers_cpu_s": t.wrappers_cpu_s,
+                "ns_per_call_wrappers": t.ns_per_call_wrappers(),
                 "agent_events": t.agent_events,
                 "other_periscope_pids": t.others,
             })).collect::<Vec<_>>(),
