@@ -52,14 +52,26 @@ fn server_for(s: &Span, worker: u32, local_port: u16) -> bool {
     is_server_of(s, worker) && s.int_attr("network.peer.port") == Some(local_port as i64)
 }
 
-/// The server span of the loop's request `r`: its client port, within the
-/// time curl ran (ephemeral ports come round again within a test, so the
-/// port alone can match another curl's request).
-fn server_of_request(s: &Span, worker: u32, r: &LoopRequest) -> bool {
-    const SLACK_NS: u64 = 50_000_000;
-    server_for(s, worker, r.local_port)
-        && s.start_ns + SLACK_NS >= r.start_ns
-        && s.start_ns <= r.end_ns + SLACK_NS
+/// The server span of the loop's request `r`: its client port, and the
+/// child of that curl's client span (`clients`: their span ids), or, if it
+/// is not linked, within a second of the time curl ran. Ephemeral ports
+/// come round within a test, so the port alone can match another curl's
+/// request; and span times (kernel clock) and curl's (wall clock) may
+/// disagree by a few hundred ms on a VM whose clock is being stepped.
+fn server_of_request(s: &Span, worker: u32, r: &LoopRequest, clients: &[&str]) -> bool {
+    const SLACK_NS: u64 = 1_000_000_000;
+    if !server_for(s, worker, r.local_port) {
+        return false;
+    }
+    match s.parent_span_id.as_deref() {
+        Some(parent) if clients.contains(&parent) => true,
+        _ => s.start_ns + SLACK_NS >= r.start_ns && s.start_ns <= r.end_ns + SLACK_NS,
+    }
+}
+
+/// The span ids of `pid`'s client spans.
+fn client_ids(spans: &[Span], pid: u32) -> Vec<&str> {
+    spans.iter().filter(|s| is_client_of(s, pid)).map(|s| s.span_id.as_str()).collect()
 }
 
 fn is_client_of(s: &Span, pid: u32) -> bool {
@@ -242,8 +254,8 @@ fn disable_and_enable_tls_while_traffic_flows() {
             .collect();
         wait_until(&rotel, SPAN_WAIT, |spans| {
             want.iter().all(|(r, w)| {
-                spans.iter().any(|s| server_of_request(s, *w, r))
-                    && spans.iter().any(|s| is_client_of(s, r.pid))
+                let clients = client_ids(spans, r.pid);
+                !clients.is_empty() && spans.iter().any(|s| server_of_request(s, *w, r, &clients))
             })
         });
         std::thread::sleep(SETTLE);
@@ -253,7 +265,7 @@ fn disable_and_enable_tls_while_traffic_flows() {
             let https_req = *w == hw;
             let server: Vec<&Span> = all
                 .iter()
-                .filter(|s| server_of_request(s, *w, r))
+                .filter(|s| server_of_request(s, *w, r, &client_ids(&all, r.pid)))
                 .collect();
             let client: Vec<&Span> = all.iter().filter(|s| is_client_of(s, r.pid)).collect();
             let phase = if r.start_ns > t_enable {
@@ -295,7 +307,9 @@ fn disable_and_enable_tls_while_traffic_flows() {
         // from nginx or the loop's curls, and nothing at all from the HTTPS
         // server (its ciphertext must not be parsed as HTTP).
         let loop_pids: HashSet<u32> = reqs.iter().map(|r| r.pid).collect();
-        let window = |s: &Span| s.start_ns > t_disable + APPLY_NS && s.start_ns < t_enable;
+        // A second's margin at both ends: span times come from the kernel's
+        // clock, t_disable and t_enable from the wall clock.
+        let window = |s: &Span| s.start_ns > t_disable + APPLY_NS && s.start_ns + APPLY_NS < t_enable;
         for s in all.iter().filter(|s| window(s)) {
             let ours = s.pid() == Some(hw) || s.pid().is_some_and(|p| loop_pids.contains(&p));
             e.that(!(ours && scheme(s) == Some("https")), || {
@@ -311,7 +325,7 @@ fn disable_and_enable_tls_while_traffic_flows() {
         for r in &https_off {
             let n = all
                 .iter()
-                .filter(|s| server_of_request(s, hw, r) || is_client_of(s, r.pid))
+                .filter(|s| server_of_request(s, hw, r, &client_ids(&all, r.pid)) || is_client_of(s, r.pid))
                 .count();
             e.that(n == 0, || {
                 format!(
