@@ -40,73 +40,12 @@ use std::mem::MaybeUninit;
 use compact_str::CompactString;
 use httparse::{EMPTY_HEADER, Header, ParserConfig, Status};
 
+pub use super::exchange::{Chunk, Direction, Exchange, Feed, HttpVersion, Side};
+
 /// Header fields one head may carry; more is a protocol error.
 const MAX_HEADERS: usize = 128;
 /// A head buffer that grew past this is given back after use.
 const KEEP_BUF_CAPACITY: usize = 8 * 1024;
-
-/// Which way the bytes of a chunk went, seen from the traced process.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    /// The process sent these bytes.
-    Egress,
-    /// The process received these bytes.
-    Ingress,
-}
-
-impl Direction {
-    fn idx(self) -> usize {
-        match self {
-            Direction::Egress => 0,
-            Direction::Ingress => 1,
-        }
-    }
-
-    fn other(self) -> Direction {
-        match self {
-            Direction::Egress => Direction::Ingress,
-            Direction::Ingress => Direction::Egress,
-        }
-    }
-}
-
-/// The traced process's role on the connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
-    /// This process sent the request.
-    Client,
-    /// This process received the request.
-    Server,
-}
-
-/// One captured send or receive.
-#[derive(Clone, Copy, Debug)]
-pub struct Chunk<'a> {
-    pub direction: Direction,
-    /// Bytes the syscall transferred.
-    pub total_len: u32,
-    /// Captured prefix of those bytes (may be shorter than `total_len`, or empty).
-    pub bytes: &'a [u8],
-    /// Captured last bytes of the call: stream positions
-    /// `total_len - tail.len() .. total_len`. Empty when `bytes` holds the
-    /// whole call or nothing was captured at the end. Ignored unless
-    /// `bytes.len() + tail.len() <= total_len`.
-    pub tail: &'a [u8],
-    /// Kernel monotonic timestamp at completion of the call.
-    pub ts_ns: u64,
-    /// When the call began, if known (`ts_ns` otherwise): a message whose
-    /// head starts in this call started being sent then. For reads it is
-    /// the completion time too: the bytes were there when the call returned.
-    pub start_ns: u64,
-}
-
-/// What the caller should do with the connection after a chunk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Feed {
-    Continue,
-    /// Not HTTP/1.x: give up on this connection for good.
-    NotHttp,
-}
 
 /// Bounds on what one connection may hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,49 +67,6 @@ impl Default for Limits {
             resync_chunks: 8,
         }
     }
-}
-
-/// One request and its response (if one was seen).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Exchange {
-    pub side: Side,
-    /// Request method, e.g. "GET".
-    pub method: CompactString,
-    /// Target without query string or fragment: "/a/b"; the path of an
-    /// absolute-form target; "*" for asterisk-form; "" for CONNECT.
-    pub path: CompactString,
-    /// The target had a query string (its value is never kept).
-    pub has_query: bool,
-    /// 0 or 1.
-    pub version_minor: u8,
-    /// Host header; for absolute-form or CONNECT targets without a Host
-    /// header, the target's authority (userinfo removed).
-    pub host: Option<CompactString>,
-    pub user_agent: Option<CompactString>,
-    pub traceparent: Option<CompactString>,
-    pub request_content_length: Option<u64>,
-    /// Final (non-1xx) status; None if no response was seen.
-    pub status: Option<u16>,
-    /// Body payload bytes (chunked framing excluded; gaps counted). After a
-    /// gap hid chunked framing, uncaptured framing is counted too.
-    pub request_body_bytes: u64,
-    pub response_body_bytes: u64,
-    /// ts of the chunk holding the first / last byte of the request.
-    pub request_start_ns: u64,
-    pub request_end_ns: u64,
-    /// ts of the chunk holding the first byte of the final response's head,
-    /// and of the chunk holding its last byte (for a response delimited or
-    /// cut short by close, the close's ts; when its end could not be seen,
-    /// the last chunk that belonged to it).
-    pub response_start_ns: Option<u64>,
-    pub response_end_ns: Option<u64>,
-    /// Why this exchange is built from incomplete data: "capture_gap",
-    /// "no_response", "connection_closed", "bad_framing", "parse_error",
-    /// "header_too_large".
-    pub incomplete: Option<&'static str>,
-    /// The request's position on its connection: 0 for the first request
-    /// this parser saw, then 1, 2, ... (both ends of a connection count alike).
-    pub seq: u64,
 }
 
 /// HTTP/1.x state of one TCP connection.
@@ -872,11 +768,13 @@ impl Stream {
             method: h.method,
             path: h.path,
             has_query: h.has_query,
-            version_minor: h.version_minor,
+            version: HttpVersion::http1(h.version_minor),
             host: h.host,
             user_agent: h.user_agent,
             traceparent: h.traceparent,
             request_content_length: h.content_length,
+            grpc: false,
+            grpc_status: None,
             status: None,
             request_body_bytes: 0,
             response_body_bytes: 0,
@@ -993,11 +891,13 @@ impl Stream {
                     method: CompactString::default(),
                     path: CompactString::default(),
                     has_query: false,
-                    version_minor: 1,
+                    version: HttpVersion::Http1_1,
                     host: None,
                     user_agent: None,
                     traceparent: None,
                     request_content_length: None,
+                    grpc: false,
+                    grpc_status: None,
                     status: None,
                     request_body_bytes: 0,
                     response_body_bytes: 0,
@@ -1700,11 +1600,13 @@ mod tests {
             method: CompactString::from(method),
             path: path.into(),
             has_query: false,
-            version_minor: 1,
+            version: HttpVersion::Http1_1,
             host: None,
             user_agent: None,
             traceparent: None,
             request_content_length: None,
+            grpc: false,
+            grpc_status: None,
             status: None,
             request_body_bytes: 0,
             response_body_bytes: 0,
@@ -1775,7 +1677,7 @@ Authorization: Bearer topsecret\r\nCookie: sid=topsecret\r\n\r\n";
         );
         conn.close(50, &mut out);
         let second = Exchange {
-            version_minor: 0,
+            version: HttpVersion::Http1_0,
             host: Some("example.com".into()),
             seq: 1,
             ..get(Side::Client, "/c", 404, 30, 40)
@@ -1894,6 +1796,8 @@ HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nxy\r\n0\r\n\r\n";
                 Exchange {
                     method: "POST".into(),
                     request_content_length: Some(10),
+                    grpc: false,
+                    grpc_status: None,
                     request_body_bytes: 10,
                     request_end_ns: 11,
                     ..get(Side::Client, "/up", 201, 10, 20)
@@ -1945,6 +1849,8 @@ HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
             vec![Exchange {
                 method: "POST".into(),
                 request_content_length: Some(3),
+                grpc: false,
+                grpc_status: None,
                 request_body_bytes: 3,
                 request_end_ns: 20,
                 ..get(Side::Client, "/u", 201, 10, 30)
@@ -1970,7 +1876,7 @@ HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
         assert!(out.is_empty());
         conn.close(40, &mut out);
         let want = Exchange {
-            version_minor: 0,
+            version: HttpVersion::Http1_0,
             response_body_bytes: 3 + 17,
             response_end_ns: Some(40),
             ..get(Side::Server, "/old", 200, 10, 20)
@@ -2065,6 +1971,8 @@ HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
                 Exchange {
                     method: "POST".into(),
                     request_content_length: Some(10000),
+                    grpc: false,
+                    grpc_status: None,
                     request_body_bytes: 10000,
                     request_end_ns: 11,
                     response_body_bytes: 9000,
@@ -2192,6 +2100,8 @@ HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
                 Exchange {
                     method: "POST".into(),
                     request_content_length: Some(2),
+                    grpc: false,
+                    grpc_status: None,
                     request_body_bytes: 2,
                     ..get(Side::Client, "/1", 200, 10, 20)
                 },
@@ -2406,6 +2316,8 @@ HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
         let want = Exchange {
             method: "POST".into(),
             request_content_length: Some(10),
+            grpc: false,
+            grpc_status: None,
             request_body_bytes: 4,
             request_start_ns: 10,
             request_end_ns: 15,

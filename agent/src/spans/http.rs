@@ -114,7 +114,7 @@ pub fn build(
     }
     let path = std::mem::take(&mut ex.path);
     attributes.push(Attribute::str("url.scheme", scheme));
-    attributes.push(Attribute::str("network.protocol.version", if ex.version_minor == 0 { "1.0" } else { "1.1" }));
+    attributes.push(Attribute::str("network.protocol.version", ex.version.as_str()));
     if let Some(status) = ex.status {
         attributes.push(Attribute::int("http.response.status_code", status as i64));
     }
@@ -205,11 +205,13 @@ mod tests {
             method: "GET".into(),
             path: "/items/7".into(),
             has_query: true,
-            version_minor: 1,
+            version: crate::protocols::exchange::HttpVersion::Http1_1,
             host: Some("shop.example:8080".into()),
             user_agent: Some("curl/7.88.1".into()),
             traceparent: None,
             request_content_length: None,
+            grpc: false,
+            grpc_status: None,
             status,
             request_body_bytes: 0,
             response_body_bytes: 12,
