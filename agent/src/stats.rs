@@ -15,6 +15,17 @@ pub struct Stats {
     pub events_unmatched: AtomicU64,
     /// Protocol errors on connections that had looked like HTTP/1.
     pub http_parse_errors: AtomicU64,
+    /// HTTP/2 streams whose method or path was in an HPACK table entry made
+    /// before Periscope saw the connection (marked `periscope.incomplete=hpack_state`).
+    pub http2_hpack_incomplete: AtomicU64,
+    /// HTTP/2 streams not tracked because a connection had too many open.
+    pub http2_streams_dropped: AtomicU64,
+    /// HTTP/2 header block bytes beyond the per-block cap, not decoded.
+    pub http2_header_bytes_cut: AtomicU64,
+    /// Times an HTTP/2 direction lost frame sync (capture gaps) and resynchronised.
+    pub http2_desyncs: AtomicU64,
+    /// HPACK blocks that could not be decoded.
+    pub http2_hpack_errors: AtomicU64,
     /// Connections given up as not HTTP after inspection.
     pub connections_not_http: AtomicU64,
     /// TLS plaintext or handshakes that could not be tied to a socket.

@@ -11,6 +11,10 @@
 
 use libfuzzer_sys::fuzz_target;
 
+#[path = "../../src/protocols/exchange.rs"]
+#[allow(dead_code)]
+mod exchange;
+
 #[path = "../../src/protocols/http1.rs"]
 #[allow(dead_code)]
 mod http1;

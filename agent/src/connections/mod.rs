@@ -12,7 +12,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use periscope_ebpf::{AF_INET, SockTuple};
 
 use crate::protocols::dns::TcpFramer;
-use crate::protocols::http1::{Http1Connection, Limits, Side};
+use crate::protocols::StreamParser;
+use crate::protocols::exchange::Side;
 use crate::protocols::tls_records::HandshakeObserver;
 use crate::spans::context::IdentityRef;
 use crate::spans::resolutions::Resolution;
@@ -91,7 +92,10 @@ pub struct DnsOverTcp {
 }
 
 pub enum ProtocolState {
-    Http1(Box<Http1Connection>),
+    /// No plaintext seen yet: its first bytes choose the parser.
+    Undetected,
+    /// HTTP/1 or HTTP/2 (plain, or the plaintext of TLS).
+    Stream(StreamParser),
     Dns(Box<DnsOverTcp>),
     /// Not a protocol we parse; its bytes are ignored until the socket goes.
     Ignored,
@@ -114,8 +118,6 @@ pub struct Connection {
     /// Identities of the requests started and not yet turned into spans,
     /// by the parser's request `seq`, oldest first.
     pub requests: VecDeque<(u64, IdentityRef)>,
-    /// Requests the parser had started when last looked at.
-    pub requests_noted: u64,
     /// The name resolution that led to this connection, for its first
     /// request's dns phase.
     pub resolution: Option<Box<Resolution>>,
@@ -140,16 +142,20 @@ impl Connection {
             socket_chunks: 0,
             tls: None,
             requests: VecDeque::new(),
-            requests_noted: 0,
             resolution: None,
             first_exchange_done: false,
             out_of_step: false,
         }
     }
 
-    /// The identity of request `seq`, dropping older ones left behind
-    /// (requests the parser gave up on).
+    /// The identity of request `seq`. On a connection whose exchanges end
+    /// in request order (HTTP/1), older ones are left behind (requests the
+    /// parser gave up on) and dropped; HTTP/2 streams end in any order.
     pub fn take_request(&mut self, seq: u64) -> Option<IdentityRef> {
+        if matches!(&self.protocol, ProtocolState::Stream(p) if !p.ends_in_order()) {
+            let at = self.requests.iter().position(|(s, _)| *s == seq)?;
+            return self.requests.remove(at).map(|(_, id)| id);
+        }
         while let Some((s, _)) = self.requests.front() {
             if *s < seq {
                 self.requests.pop_front();
@@ -163,17 +169,13 @@ impl Connection {
         }
     }
 
-    /// Starts parsing HTTP from TLS plaintext (the ciphertext parser, if
-    /// any, had given up on this connection or was never fed).
-    pub fn start_plaintext(&mut self, limits: Limits) {
+    /// Plaintext from a TLS library: its first bytes choose the parser
+    /// (whatever was made of the ciphertext is dropped).
+    pub fn start_plaintext(&mut self) {
         let tls = self.tls.get_or_insert_with(TlsState::new);
         if !tls.plaintext_seen {
             tls.plaintext_seen = true;
-            let mut http = Http1Connection::new(limits);
-            if let Some(side) = self.side {
-                http.set_side_hint(side);
-            }
-            self.protocol = ProtocolState::Http1(Box::new(http));
+            self.protocol = ProtocolState::Undetected;
         }
     }
 }
@@ -211,7 +213,6 @@ pub struct ConnectionTable {
     replaced: Vec<Connection>,
     pending: HashMap<u64, Pending>,
     max_connections: usize,
-    limits: fn() -> Limits,
 }
 
 pub enum Admit<'a> {
@@ -227,7 +228,6 @@ impl ConnectionTable {
             replaced: Vec::new(),
             pending: HashMap::default(),
             max_connections,
-            limits: Limits::default,
         }
     }
 
@@ -276,7 +276,6 @@ impl ConnectionTable {
         if !self.by_sock.contains_key(&sock) && self.by_sock.len() >= self.max_connections {
             return Admit::Full;
         }
-        let limits = self.limits;
         let pending = &mut self.pending;
         let conn = self.by_sock.entry(sock).or_insert_with(|| {
             let (local, peer) = socket_addrs(tuple);
@@ -284,11 +283,7 @@ impl ConnectionTable {
             let protocol = if local.port() == periscope_ebpf::DNS_PORT || peer.port() == periscope_ebpf::DNS_PORT {
                 ProtocolState::Dns(Box::new(DnsOverTcp { framers: [TcpFramer::new(), TcpFramer::new()] }))
             } else {
-                let mut http = Http1Connection::new(limits());
-                if let Some(side) = known.as_ref().map(|k| k.side) {
-                    http.set_side_hint(side);
-                }
-                ProtocolState::Http1(Box::new(http))
+                ProtocolState::Undetected
             };
             let mut conn = Connection::new(tgid, local, peer, protocol, now_ns);
             if let Some(k) = known {
@@ -319,7 +314,7 @@ impl ConnectionTable {
         if conn.out_of_step {
             return false;
         }
-        let ProtocolState::Http1(parser) = &conn.protocol else { return false };
+        let ProtocolState::Stream(parser) = &conn.protocol else { return false };
         conn.requests.iter().any(|(s, i)| *s == seq && std::rc::Rc::ptr_eq(i, id)) && parser.awaiting_response(seq)
     }
 
@@ -406,6 +401,29 @@ mod tests {
     }
 
     #[test]
+    fn http2_streams_take_their_identities_in_any_order() {
+        use crate::protocols::{StreamParser, http1, http2};
+        use crate::spans::context::Identity;
+        let rng = &mut rand::rng();
+        let (l, p) = ("127.0.0.1:5000".parse().unwrap(), "127.0.0.1:80".parse().unwrap());
+        let h2 = StreamParser::Http2(Box::new(http2::Http2Connection::new(http2::Limits::default())));
+        let mut c = Connection::new(1, l, p, ProtocolState::Stream(h2), 0);
+        let ids: Vec<_> = [1u64, 3, 5].iter().map(|&s| (s, Identity::root(rng, true))).collect();
+        c.requests.extend(ids.iter().cloned());
+        for (seq, k) in [(5, 2), (1, 0), (3, 1)] {
+            let got = c.take_request(seq).expect("each stream keeps its identity");
+            assert!(std::rc::Rc::ptr_eq(&got, &ids[k].1));
+        }
+        // HTTP/1: a later request's exchange means the older ones were given up.
+        let h1 = StreamParser::Http1(Box::new(http1::Http1Connection::new(http1::Limits::default())));
+        let mut c = Connection::new(1, l, p, ProtocolState::Stream(h1), 0);
+        c.requests.extend(ids.iter().cloned());
+        assert!(c.take_request(3).is_some());
+        assert!(c.take_request(1).is_none());
+        assert_eq!(c.requests.len(), 1);
+    }
+
+    #[test]
     fn a_new_connection_on_a_reused_socket_starts_fresh() {
         let mut table = ConnectionTable::new(10);
         let Admit::Tracked(old) = table.admit(7, 1, &tuple_v4(5000, 80), 1) else { panic!() };
@@ -416,7 +434,7 @@ mod tests {
         let Admit::Tracked(new) = table.admit(7, 2, &tuple_v4(80, 6000), 3) else { panic!() };
         assert_eq!(new.socket_chunks, 0);
         assert_eq!(new.side, Some(Side::Server));
-        assert!(matches!(new.protocol, ProtocolState::Http1(_)));
+        assert!(matches!(new.protocol, ProtocolState::Undetected));
     }
 
     #[test]

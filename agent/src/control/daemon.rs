@@ -173,7 +173,7 @@ impl ControlState {
         let socket_programs = ["tp_btf/sock_send_length", "tp_btf/sock_recv_length"];
         for f in Feature::ALL {
             let programs: Vec<String> = match f {
-                Feature::Http => socket_programs.iter().map(|s| s.to_string()).collect(),
+                Feature::Http | Feature::Grpc => socket_programs.iter().map(|s| s.to_string()).collect(),
                 Feature::Dns => socket_programs
                     .iter()
                     .map(|s| s.to_string())
@@ -188,7 +188,10 @@ impl ControlState {
                 _ => Vec::new(),
             };
             let note = match f {
-                Feature::Grpc => None,
+                Feature::Grpc => Some(
+                    "gRPC calls (HTTP/2, content-type application/grpc) from the socket probes and TLS plaintext (daemon only: off, they make no spans)"
+                        .to_string(),
+                ),
                 Feature::Dns => Some("UDP/TCP port 53 payloads and libc getaddrinfo uprobes".to_string()),
                 Feature::Phases => Some("latency-breakdown child spans (daemon only)".to_string()),
                 Feature::Tls => Some(format!(

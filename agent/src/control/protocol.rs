@@ -92,9 +92,9 @@ impl Feature {
         }
     }
 
-    /// Whether this build can actually trace the feature (`grpc`: not yet).
+    /// Whether this build can actually trace the feature.
     pub fn available(self) -> bool {
-        !matches!(self, Feature::Grpc)
+        true
     }
 }
 
@@ -605,12 +605,8 @@ mod tests {
                 .contains("known: http, tls, dns, grpc, phases")
         );
         assert!(Feature::Http.available() && Feature::Tls.available());
-        assert!(Feature::Dns.available() && !Feature::Grpc.available());
-        assert!(
-            FeatureChange::new(Feature::Grpc, true, false)
-                .message
-                .contains("not yet available")
-        );
+        assert!(Feature::Dns.available() && Feature::Grpc.available());
+        assert_eq!(FeatureChange::new(Feature::Grpc, false, true).message, "grpc disabled");
         assert_eq!(FeatureChange::new(Feature::Tls, false, true).message, "tls disabled");
         assert!(!FeatureChange::new(Feature::Tls, true, true).changed);
     }

@@ -8,3 +8,4 @@ pub mod links;
 pub mod model;
 pub mod phases;
 pub mod resolutions;
+pub mod rpc;
