@@ -11,7 +11,7 @@ pub const MAX_PAYLOAD: usize = 4096;
 /// Default runtime cap on copied payload bytes per socket call.
 pub const DEFAULT_PAYLOAD_CAP: u32 = 4096;
 /// At most this many iovecs are copied from for readv/writev/sendmsg/recvmsg.
-pub const MAX_IOVECS: usize = 8;
+pub const MAX_IOVECS: usize = 64;
 /// When a call moves more bytes than the cap, its last `TAIL_CAPTURE` bytes
 /// are copied too (after the head): message ends (a chunked body's `0\r\n\r\n`)
 /// sit at the end of a call, beyond a head-only capture.

@@ -233,19 +233,17 @@ fn copy_syscall_payload(buf: &mut DataEventBuf, off: &KernelOffsets, want: &Want
         return (syscall::OTHER, -1, 0, 0);
     };
     let fd = arg0 as i32;
-    let (sys, fd, head, tail) = match nr {
-        nr::READ | nr::WRITE => (syscall::READ_WRITE, fd, copy_flat(buf, arg1, want), 0),
-        nr::SENDTO | nr::RECVFROM => (syscall::SEND_RECV, fd, copy_flat(buf, arg1, want), 0),
-        nr::READV | nr::WRITEV => {
-            let (head, tail) = copy_iovecs(buf, arg1, arg2, want);
-            (syscall::VECTORED, fd, head, tail)
-        }
+    // Vectored calls name their iovec array (pointer, count); the copy is
+    // made in one place so that its loop is verified once.
+    let (sys, fd, head, vector) = match nr {
+        nr::READ | nr::WRITE => (syscall::READ_WRITE, fd, copy_flat(buf, arg1, want), None),
+        nr::SENDTO | nr::RECVFROM => (syscall::SEND_RECV, fd, copy_flat(buf, arg1, want), None),
+        nr::READV | nr::WRITEV => (syscall::VECTORED, fd, 0, Some((arg1, arg2))),
         nr::SENDMSG | nr::RECVMSG => {
             // struct user_msghdr: msg_name, msg_namelen (padded), msg_iov, msg_iovlen
             let iov = unsafe { bpf_probe_read_user((arg1 + 16) as *const u64) }.unwrap_or(0);
             let iovlen = unsafe { bpf_probe_read_user((arg1 + 24) as *const u64) }.unwrap_or(0);
-            let (head, tail) = copy_iovecs(buf, iov, iovlen, want);
-            (syscall::MSG, fd, head, tail)
+            (syscall::MSG, fd, 0, Some((iov, iovlen)))
         }
         nr::SENDMMSG => {
             // struct mmsghdr { user_msghdr msg_hdr (56 bytes); u32 msg_len; }:
@@ -266,11 +264,14 @@ fn copy_syscall_payload(buf: &mut DataEventBuf, off: &KernelOffsets, want: &Want
             }
             let iov = unsafe { bpf_probe_read_user((hdr + 16) as *const u64) }.unwrap_or(0);
             let iovlen = unsafe { bpf_probe_read_user((hdr + 24) as *const u64) }.unwrap_or(0);
-            let (head, tail) = copy_iovecs(buf, iov, iovlen, want);
-            (syscall::MSG, fd, head, tail)
+            (syscall::MSG, fd, 0, Some((iov, iovlen)))
         }
-        nr::SENDFILE => (syscall::SENDFILE, fd, 0, 0),
-        _ => (syscall::OTHER, -1, 0, 0),
+        nr::SENDFILE => (syscall::SENDFILE, fd, 0, None),
+        _ => (syscall::OTHER, -1, 0, None),
+    };
+    let (head, tail) = match vector {
+        Some((iov, iovcnt)) => copy_iovecs(buf, iov, iovcnt, want),
+        None => (head, 0),
     };
     // Flat buffers: the tail is simply the buffer's last bytes.
     let tail = match sys {
@@ -333,53 +334,79 @@ fn copy_flat(buf: &mut DataEventBuf, src: u64, want: &Want) -> u32 {
     if ret < 0 { 0 } else { n }
 }
 
+/// The state of a walk over a call's iovecs (the context of `iovec_step`).
+#[repr(C)]
+struct IovecWalk {
+    iov: u64,
+    iovcnt: u64,
+    /// Stream position where the next iovec starts.
+    pos: u64,
+    tail_src: u64,
+    head: u32,
+    tail: u32,
+    total: u32,
+    copied: u32,
+}
+
+/// One iovec of the walk, run by `bpf_loop`: the loop body is verified
+/// once, whatever the number of iovecs (an unrolled loop ran out of
+/// verifier budget past 8, and gRPC writes a frame header and its payload as
+/// separate iovecs, dozens per call). Returns 1 to stop.
+#[inline(never)]
+extern "C" fn iovec_step(i: u64, ctx: *mut c_void) -> i64 {
+    let w = unsafe { &mut *(ctx as *mut IovecWalk) };
+    if i >= w.iovcnt || w.iov == 0 || w.pos >= w.total as u64 {
+        return 1;
+    }
+    let Ok(v) = (unsafe { bpf_probe_read_user((w.iov + i * 16) as *const IoVec) }) else {
+        return 1;
+    };
+    let (total, pos) = (w.total as u64, w.pos);
+    let end = pos + v.len;
+    if w.tail > 0 && end >= total && total - pos >= w.tail as u64 {
+        w.tail_src = v.base + (total - pos) - w.tail as u64;
+    }
+    w.pos = end;
+    if w.copied >= w.head {
+        return 0;
+    }
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else { return 1 };
+    let buf = unsafe { &mut *buf };
+    let at = (core::hint::black_box(w.copied) as usize) & (MAX_PAYLOAD - 1);
+    let mut n = (w.head - w.copied) as u64;
+    if n > v.len {
+        n = v.len;
+    }
+    // Bounded right before the call: the verifier must see n <= MAX_PAYLOAD.
+    if n == 0 || n > MAX_PAYLOAD as u64 {
+        return 0;
+    }
+    let ret = unsafe {
+        generated::bpf_probe_read_user(buf.payload.as_mut_ptr().add(at) as *mut c_void, n as u32, v.base as *const c_void)
+    };
+    if ret < 0 {
+        return 1;
+    }
+    w.copied += n as u32;
+    0
+}
+
 /// Copies the head from the first iovecs and, when asked, the tail from the
 /// iovec holding the call's last byte (only if that iovec holds the whole
 /// tail). Returns (head bytes, tail bytes).
 #[inline(always)]
 fn copy_iovecs(buf: &mut DataEventBuf, iov: u64, iovcnt: u64, want: &Want) -> (u32, u32) {
-    let mut copied: u32 = 0;
-    // Stream position where the current iovec starts.
-    let mut pos: u64 = 0;
-    let mut tail_src: u64 = 0;
-    for i in 0..MAX_IOVECS {
-        if i as u64 >= iovcnt || iov == 0 || pos >= want.total as u64 {
-            break;
-        }
-        let Ok(v) = (unsafe { bpf_probe_read_user((iov + (i * 16) as u64) as *const IoVec) }) else {
-            break;
-        };
-        let end = pos + v.len;
-        if want.tail > 0 && end >= want.total as u64 && want.total as u64 - pos >= want.tail as u64 {
-            tail_src = v.base + (want.total as u64 - pos) - want.tail as u64;
-        }
-        pos = end;
-        if copied >= want.head {
-            continue;
-        }
-        let mut n = want.head - copied;
-        if (n as u64) > v.len {
-            n = v.len as u32;
-        }
-        let n = bounded(n, MAX_PAYLOAD as u32);
-        // LLVM can prove `copied < MAX_PAYLOAD` and would drop the mask, but
-        // the verifier cannot: keep the mask by hiding the value from LLVM.
-        let at = (core::hint::black_box(copied) as usize) & (MAX_PAYLOAD - 1);
-        if n == 0 {
-            continue;
-        }
-        let ret = unsafe {
-            generated::bpf_probe_read_user(
-                buf.payload.as_mut_ptr().add(at) as *mut c_void,
-                n,
-                v.base as *const c_void,
-            )
-        };
-        if ret < 0 {
-            break;
-        }
-        copied += n;
+    let mut walk =
+        IovecWalk { iov, iovcnt, pos: 0, tail_src: 0, head: want.head, tail: want.tail, total: want.total, copied: 0 };
+    unsafe {
+        generated::bpf_loop(
+            MAX_IOVECS as u32,
+            iovec_step as *mut c_void,
+            &mut walk as *mut IovecWalk as *mut c_void,
+            0,
+        );
     }
-    let tail = if tail_src != 0 && copied == want.head { copy_tail(buf, copied, tail_src) } else { 0 };
+    let copied = bounded(walk.copied, want.head);
+    let tail = if walk.tail_src != 0 && copied == want.head { copy_tail(buf, copied, walk.tail_src) } else { 0 };
     (copied, tail)
 }
