@@ -24,6 +24,8 @@ pub struct CurlTransfer {
     pub num_connects: u32,
     pub size_download: u64,
     pub local_port: u16,
+    /// `%{http_version}`: `1.1`, `2`.
+    pub http_version: String,
 }
 
 impl CurlTransfer {
@@ -44,14 +46,20 @@ pub struct CurlRun {
 /// Run one curl process fetching `urls` in order (one connection, reused),
 /// bodies discarded. `extra` goes before the URLs (e.g. `-H`, `--compressed`).
 pub fn curl(urls: &[String], extra: &[&str]) -> Result<CurlRun> {
+    curl_version("--http1.1", urls, extra)
+}
+
+/// [`curl`] with another HTTP version option: `--http1.1`, `--http2`
+/// (ALPN h2 over TLS), `--http2-prior-knowledge` (h2c).
+pub fn curl_version(version: &str, urls: &[String], extra: &[&str]) -> Result<CurlRun> {
     if !std::path::Path::new(CURL).is_file() {
         bail!("{CURL} is missing: install curl (`cargo xtask setup --test-deps`)");
     }
     let mut cmd = Command::new(CURL);
-    cmd.args(["-sS", "--http1.1", "--noproxy", "*", "--max-time", "20"])
+    cmd.args(["-sS", version, "--noproxy", "*", "--max-time", "20"])
         .arg("--write-out")
         .arg(format!(
-            "{MARK} %{{http_code}} %{{time_connect}} %{{time_starttransfer}} %{{time_total}} %{{num_connects}} %{{size_download}} %{{local_port}} %{{url_effective}}\\n"
+            "{MARK} %{{http_code}} %{{time_connect}} %{{time_starttransfer}} %{{time_total}} %{{num_connects}} %{{size_download}} %{{local_port}} %{{http_version}} %{{url_effective}}\\n"
         ))
         .args(extra);
     for u in urls {
@@ -99,7 +107,7 @@ fn parse_write_out(stdout: &str) -> Result<Vec<CurlTransfer>> {
             continue;
         };
         let f: Vec<&str> = rest.split_whitespace().collect();
-        if f.len() != 8 {
+        if f.len() != 9 {
             bail!("unexpected curl --write-out line {line:?}");
         }
         let secs = |i: usize| -> Result<f64> {
@@ -114,7 +122,8 @@ fn parse_write_out(stdout: &str) -> Result<Vec<CurlTransfer>> {
             num_connects: f[4].parse()?,
             size_download: f[5].parse()?,
             local_port: f[6].parse()?,
-            url: f[7].to_string(),
+            http_version: f[7].to_string(),
+            url: f[8].to_string(),
         });
     }
     Ok(out)
@@ -204,7 +213,7 @@ mod tests {
     #[test]
     fn parses_curl_write_out() {
         let t = super::parse_write_out(
-            "periscope-curl: 200 0.000123 0.000456 0.000789 1 102400 41234 http://127.0.0.1:8080/big.bin\nperiscope-curl: 404 0.000000 0.0001 0.0002 0 153 41234 http://127.0.0.1:8080/x?secret=xyz\n",
+            "periscope-curl: 200 0.000123 0.000456 0.000789 1 102400 41234 1.1 http://127.0.0.1:8080/big.bin\nperiscope-curl: 404 0.000000 0.0001 0.0002 0 153 41234 2 http://127.0.0.1:8080/x?secret=xyz\n",
         )
         .unwrap();
         assert_eq!(t.len(), 2);
@@ -212,6 +221,7 @@ mod tests {
         assert_eq!(t[0].size_download, 102400);
         assert_eq!(t[1].num_connects, 0);
         assert_eq!(t[1].local_port, 41234);
+        assert_eq!((t[0].http_version.as_str(), t[1].http_version.as_str()), ("1.1", "2"));
         assert!((t[0].after_connect_secs() - 0.000666).abs() < 1e-9);
     }
 }

@@ -112,6 +112,12 @@ impl Expect {
         self.failures.is_empty()
     }
 
+    /// The mismatches recorded so far (e.g. to report only the first few of
+    /// many similar spans).
+    pub fn failures(&self) -> &[String] {
+        &self.failures
+    }
+
     /// Fail with every recorded mismatch and `spans`.
     pub fn finish(self, spans: &[Span]) -> Result<()> {
         if self.failures.is_empty() {

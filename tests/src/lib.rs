@@ -11,6 +11,9 @@
 //! - [`expect`]: collect all mismatches, then fail once with the spans.
 //! - [`certs`], [`tls`], [`node`]: a test certificate; OpenSSL, GnuTLS (in a
 //!   network namespace), Python, Node and pip-grpcio TLS programs.
+//! - [`http2`], [`grpc`]: h2load and a slow backend for nginx over HTTP/2;
+//!   gRPC servers and clients on Debian's python3-grpcio and Node's
+//!   @grpc/grpc-js, without generated code.
 //!
 //! Nothing here skips: a missing program or package is an error that says how
 //! to install it (`cargo xtask setup --test-deps`).
@@ -20,6 +23,8 @@ pub mod certs;
 pub mod chain;
 pub mod clients;
 pub mod expect;
+pub mod grpc;
+pub mod http2;
 pub mod nginx;
 pub mod node;
 pub mod proc;

@@ -11,6 +11,9 @@
 //! (`listen ... ssl`, the given certificate and `ssl_protocols`, HTTP/2
 //! optional), and a second log, `tls.log`, records per request the TLS
 //! protocol nginx negotiated ([`Nginx::tls_log`]).
+//!
+//! With [`NginxOptions::http2`] and no TLS, the listener speaks cleartext
+//! HTTP/2 with prior knowledge only (h2c, nginx 1.22's `listen ... http2`).
 
 use crate::proc::{Proc, StopWith, TempDir, children_of, free_port, wait_for_port};
 use crate::tls::TlsVersion;
@@ -32,6 +35,10 @@ pub struct NginxOptions {
     pub sendfile: bool,
     /// Serve HTTPS instead of HTTP.
     pub tls: Option<NginxTls>,
+    /// Speak HTTP/2 on the listener (`listen ... http2`): without `tls`,
+    /// cleartext HTTP/2 with prior knowledge (h2c) and no HTTP/1.1; with
+    /// `tls`, the same as [`NginxTls::http2`].
+    pub http2: bool,
 }
 
 impl Default for NginxOptions {
@@ -41,6 +48,7 @@ impl Default for NginxOptions {
             extra_http: String::new(),
             sendfile: true,
             tls: None,
+            http2: false,
         }
     }
 }
@@ -236,14 +244,18 @@ impl Nginx {
         }
         let d = dir.path().display();
         let (listen_opts, tls_server, tls_http) = match &opts.tls {
-            None => (String::new(), String::new(), String::new()),
+            None => (
+                if opts.http2 { " http2".to_string() } else { String::new() },
+                String::new(),
+                String::new(),
+            ),
             Some(t) => {
                 if t.protocols.is_empty() {
                     bail!("NginxTls::protocols is empty");
                 }
                 let protocols: Vec<&str> = t.protocols.iter().map(|v| v.openssl_name()).collect();
                 (
-                    format!(" ssl{}", if t.http2 { " http2" } else { "" }),
+                    format!(" ssl{}", if t.http2 || opts.http2 { " http2" } else { "" }),
                     format!(
                         "ssl_certificate {};\n        ssl_certificate_key {};\n        ssl_protocols {};",
                         t.cert.display(),

@@ -35,6 +35,10 @@ pub const APT_PACKAGES: &[&str] = &[
     "iproute2",
     // DNS tests: dnsmasq on a loopback address, answering the test names.
     "dnsmasq-base",
+    // HTTP/2 tests: h2load (many concurrent streams on one connection).
+    "nghttp2-client",
+    // gRPC tests: the gRPC C core for Debian's Python, on the system OpenSSL.
+    "python3-grpcio",
     // bench: the Flask/gunicorn service runs in a venv of Debian's Python,
     // and the PNG chart draws its text with DejaVu Sans.
     "python3-venv",
@@ -109,6 +113,7 @@ impl Setup {
         if self.test_deps {
             apt(&mut did)?;
             pip(&mut did)?;
+            npm(&mut did)?;
         }
 
         if did.is_empty() {
@@ -295,5 +300,56 @@ fn pip(did: &mut Vec<String>) -> Result<()> {
         }
     }
     did.push(format!("pip installed {} for {py}", missing.join(" ")));
+    Ok(())
+}
+
+/// The Node gRPC packages (`@grpc/grpc-js`, `@grpc/proto-loader`, pinned in
+/// `periscope_tests::grpc::NODE_GRPC_PACKAGES`) in a directory the tests own,
+/// `<target dir>/test-node` (their `NODE_PATH` is its `node_modules`), so
+/// nothing is installed globally. npm comes with the machine's nodejs
+/// (NodeSource's build); only where it is missing is Debian's `npm` installed.
+fn npm(did: &mut Vec<String>) -> Result<()> {
+    use periscope_tests::grpc::{NODE_GRPC_PACKAGES, node_dir, node_grpc_installed};
+    if node_grpc_installed() {
+        return Ok(());
+    }
+    if output_of("npm", ["--version"]).is_none() {
+        if !cmd::is_root() {
+            bail!("npm is missing and you are not root: run `cargo xtask setup --test-deps` as root");
+        }
+        run(Command::new("apt-get")
+            .args(["-q", "update"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run(Command::new("apt-get")
+            .args(["-q", "install", "-y", "--no-install-recommends", "npm"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        did.push("apt-get installed npm".into());
+    }
+    let dir = node_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    run(Command::new("npm")
+        .arg("install")
+        .arg("--prefix")
+        .arg(&dir)
+        .args([
+            "--save-exact",
+            "--no-audit",
+            "--no-fund",
+            "--no-update-notifier",
+            "--loglevel=warn",
+        ])
+        .args(NODE_GRPC_PACKAGES))?;
+    if !node_grpc_installed() {
+        bail!(
+            "npm installed {} into {} but node still cannot require them",
+            NODE_GRPC_PACKAGES.join(" "),
+            dir.display()
+        );
+    }
+    did.push(format!(
+        "npm installed {} into {}",
+        NODE_GRPC_PACKAGES.join(" "),
+        dir.display()
+    ));
     Ok(())
 }
