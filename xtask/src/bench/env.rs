@@ -19,6 +19,22 @@ pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 /// The pip requirement for Rotel (the same pin as `cargo xtask setup`).
 const ROTEL_REQUIREMENT: &str = "rotel==0.0.1a15";
 
+/// What the HTTP/2 and gRPC workloads need besides `BENCH_APT`: (program,
+/// Debian package).
+const H2_APT: &[(&str, &str)] = &[("h2load", "nghttp2-client")];
+/// Debian's gRPC for Python (the C core, on the system OpenSSL), for the
+/// system Python: the gRPC server and its check.
+const GRPC_APT: &str = "python3-grpcio";
+
+fn python_grpc_ok() -> bool {
+    Command::new(SYSTEM_PYTHON)
+        .args(["-c", "import grpc"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 pub fn which(program: &str) -> Option<PathBuf> {
     if program.starts_with('/') {
         return Path::new(program).is_file().then(|| PathBuf::from(program));
@@ -41,11 +57,15 @@ fn venv_module_ok() -> bool {
 pub fn ensure_apt_tools() -> Result<()> {
     let mut missing: Vec<&str> = BENCH_APT
         .iter()
+        .chain(H2_APT)
         .filter(|(bin, _)| which(bin).is_none())
         .map(|(_, pkg)| *pkg)
         .collect();
     if !venv_module_ok() {
         missing.push(BENCH_VENV_PACKAGE);
+    }
+    if !python_grpc_ok() {
+        missing.push(GRPC_APT);
     }
     if missing.is_empty() {
         return Ok(());
@@ -62,10 +82,13 @@ pub fn ensure_apt_tools() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
-    for (bin, pkg) in BENCH_APT {
+    for (bin, pkg) in BENCH_APT.iter().chain(H2_APT) {
         if which(bin).is_none() {
             bail!("installed {pkg} but `{bin}` is still missing");
         }
+    }
+    if !python_grpc_ok() {
+        bail!("installed {GRPC_APT} but `{SYSTEM_PYTHON} -c 'import grpc'` still fails");
     }
     if !venv_module_ok() {
         bail!(
@@ -249,15 +272,36 @@ pub fn make_test_cert(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((cert, key))
 }
 
-/// The nginx config: one worker, a static page on `port` and the same page
-/// over TLS 1.3 on `tls_port`.
+/// nginx's listeners on 127.0.0.1.
+pub struct NginxPorts {
+    /// HTTP/1.1.
+    pub http: u16,
+    /// HTTP/1.1 over TLS 1.3.
+    pub https: u16,
+    /// HTTP/2 over cleartext (prior knowledge only).
+    pub h2c: u16,
+    /// HTTP/2 over TLS 1.3 (ALPN h2, http/1.1 offered too).
+    pub h2_tls: u16,
+}
+
+/// The nginx config: one worker, a static page over HTTP/1.1 and HTTP/1.1
+/// over TLS 1.3, and the same page over HTTP/2, cleartext and TLS. nginx
+/// closes a connection after `keepalive_requests` (default 1000), which
+/// applies to HTTP/2 too; wrk and ab reconnect, h2load does not (the streams
+/// in flight then fail and the connection is gone), so the HTTP/2 listeners
+/// lift it.
 pub fn write_nginx_files(
     dir: &Path,
-    port: u16,
-    tls_port: u16,
+    ports: &NginxPorts,
     cert: &Path,
     key: &Path,
 ) -> Result<PathBuf> {
+    let NginxPorts {
+        http: port,
+        https: tls_port,
+        h2c: h2c_port,
+        h2_tls: h2_tls_port,
+    } = *ports;
     let d = dir.display();
     std::fs::create_dir_all(dir.join("html"))?;
     std::fs::create_dir_all(dir.join("tmp"))?;
@@ -295,20 +339,111 @@ http {{
     }}
     server {{
         listen 127.0.0.1:{tls_port} ssl;
-        ssl_certificate {};
-        ssl_certificate_key {};
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.3;
+        root {d}/html;
+        index index.html;
+    }}
+    server {{
+        listen 127.0.0.1:{h2c_port} http2;
+        keepalive_requests {H2_KEEPALIVE_REQUESTS};
+        root {d}/html;
+        index index.html;
+    }}
+    server {{
+        listen 127.0.0.1:{h2_tls_port} ssl http2;
+        keepalive_requests {H2_KEEPALIVE_REQUESTS};
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
         ssl_protocols TLSv1.3;
         root {d}/html;
         index index.html;
     }}
 }}
 ",
-        cert.display(),
-        key.display()
+        cert = cert.display(),
+        key = key.display()
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf)?;
     Ok(path)
+}
+
+/// Requests per HTTP/2 connection before nginx closes it: more than any run sends.
+const H2_KEEPALIVE_REQUESTS: u64 = 1_000_000_000;
+
+/// The gRPC server: Debian's python3-grpcio without generated code (a
+/// generic handler, bytes in and out), echoing the request message, over
+/// h2c. argv: port, worker threads.
+pub const GRPC_SERVER: &str = r#"# Written by `cargo xtask bench`: the gRPC server it traces.
+import signal
+import sys
+from concurrent import futures
+
+import grpc
+
+
+def ident(b):
+    return b
+
+
+def say(request, context):
+    return request
+
+
+port, threads = int(sys.argv[1]), int(sys.argv[2])
+handler = grpc.method_handlers_generic_handler(
+    "bench.Echo", {"Say": grpc.unary_unary_rpc_method_handler(say, ident, ident)}
+)
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), handlers=[handler])
+server.add_insecure_port(f"127.0.0.1:{port}")
+server.start()
+signal.signal(signal.SIGTERM, lambda *_: server.stop(0))
+print(f"grpc server on 127.0.0.1:{port}, {threads} threads, grpcio {grpc.__version__}", flush=True)
+server.wait_for_termination()
+"#;
+
+/// The method h2load calls (the `:path`).
+pub const GRPC_METHOD: &str = "bench.Echo/Say";
+/// The gRPC server's worker threads.
+pub const GRPC_SERVER_THREADS: u32 = 2;
+/// The request (and echoed response) message: a length-prefixed gRPC
+/// message (flag 0, 4-byte big-endian length) holding a protobuf string
+/// field 1 of 15 bytes.
+pub const GRPC_MESSAGE: &[u8] = b"\x00\x00\x00\x00\x11\x0a\x0fperiscope bench";
+
+/// `dir/grpc-server.py` and `dir/grpc-request.bin`.
+pub fn write_grpc_files(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let script = dir.join("grpc-server.py");
+    let request = dir.join("grpc-request.bin");
+    std::fs::write(&script, GRPC_SERVER)?;
+    std::fs::write(&request, GRPC_MESSAGE)?;
+    Ok((script, request))
+}
+
+/// One unary call to the server with python3-grpcio's client: the message
+/// must come back.
+pub fn check_grpc_call(port: u16) -> Result<()> {
+    let code = format!(
+        "import grpc, sys\n\
+         ch = grpc.insecure_channel('127.0.0.1:{port}')\n\
+         f = ch.unary_unary('/{GRPC_METHOD}', lambda b: b, lambda b: b)\n\
+         m = bytes.fromhex(sys.argv[1])\n\
+         r = f(m, timeout=10)\n\
+         sys.exit(0 if r == m else 'echoed %r for %r' % (r, m))\n"
+    );
+    let hex: String = GRPC_MESSAGE[5..]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    periscope_tests::proc::run_capture(
+        "grpc-check",
+        Command::new(SYSTEM_PYTHON).args(["-c", &code, &hex]),
+        Duration::from_secs(30),
+    )?
+    .ok()?;
+    Ok(())
 }
 
 /// The Flask service: one route, a 16-byte body.
@@ -371,6 +506,14 @@ pub fn machine_facts() -> Machine {
             0,
         ),
         ("ab", "ab", &["-V"][..], 4),
+        // "h2load nghttp2/1.52.0"
+        ("h2load", "h2load", &["--version"][..], 1),
+        (
+            "python3-grpcio",
+            "dpkg-query",
+            &["-W", "-f", "${Version}", "python3-grpcio"][..],
+            0,
+        ),
         ("python", SYSTEM_PYTHON, &["--version"][..], 1),
     ] {
         if let Some(v) =
@@ -405,12 +548,18 @@ mod tests {
     #[test]
     fn flask_app_compiles() {
         let out = Command::new(SYSTEM_PYTHON)
-            .args(["-c", "import sys; compile(sys.stdin.read(), 'app.py', 'exec'); print('ok')"])
+            .args([
+                "-c",
+                "import sys; compile(sys.stdin.read(), 'app.py', 'exec'); print('ok')",
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .and_then(|mut c| {
-                c.stdin.take().expect("piped").write_all(FLASK_APP.as_bytes())?;
+                c.stdin
+                    .take()
+                    .expect("piped")
+                    .write_all(FLASK_APP.as_bytes())?;
                 c.wait_with_output()
             })
             .expect("run /usr/bin/python3 (apt-get install python3)");
@@ -420,12 +569,49 @@ mod tests {
     #[test]
     fn nginx_config() {
         let dir = periscope_tests::proc::TempDir::new("bench-nginx-conf").unwrap();
-        let conf = write_nginx_files(dir.path(), 18080, 18443, Path::new("/c.pem"), Path::new("/k.pem")).unwrap();
+        let ports = NginxPorts {
+            http: 18080,
+            https: 18443,
+            h2c: 18082,
+            h2_tls: 18444,
+        };
+        let conf = write_nginx_files(dir.path(), &ports, Path::new("/c.pem"), Path::new("/k.pem"))
+            .unwrap();
         let text = std::fs::read_to_string(conf).unwrap();
         assert!(text.contains("listen 127.0.0.1:18080;"));
         assert!(text.contains("listen 127.0.0.1:18443 ssl;"));
-        assert!(text.contains("ssl_certificate /c.pem;") && text.contains("ssl_protocols TLSv1.3;"));
+        assert!(text.contains("listen 127.0.0.1:18082 http2;"));
+        assert!(text.contains("listen 127.0.0.1:18444 ssl http2;"));
+        assert_eq!(text.matches("keepalive_requests 1000000000;").count(), 2);
+        assert_eq!(text.matches("ssl_certificate /c.pem;").count(), 2);
+        assert!(text.contains("ssl_protocols TLSv1.3;"));
         assert!(dir.join("html/index.html").is_file());
+    }
+
+    /// The gRPC server is valid Python, and the message is length-prefixed.
+    #[test]
+    fn grpc_files() {
+        let out = Command::new(SYSTEM_PYTHON)
+            .args([
+                "-c",
+                "import sys; compile(sys.stdin.read(), 'grpc-server.py', 'exec'); print('ok')",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                c.stdin
+                    .take()
+                    .expect("piped")
+                    .write_all(GRPC_SERVER.as_bytes())?;
+                c.wait_with_output()
+            })
+            .expect("run /usr/bin/python3");
+        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok");
+        assert_eq!(GRPC_MESSAGE[0], 0);
+        let len = u32::from_be_bytes(GRPC_MESSAGE[1..5].try_into().unwrap()) as usize;
+        assert_eq!(len, GRPC_MESSAGE.len() - 5);
+        assert_eq!(&GRPC_MESSAGE[7..], b"periscope bench");
     }
 
     #[test]

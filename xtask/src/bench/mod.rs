@@ -9,9 +9,14 @@
 //! - a new connection per request, HTTP and HTTPS (ab without `-k`: connect,
 //!   accept, close and, over TLS, a full handshake per request);
 //! - a Python web service: a Flask app under gunicorn (2 sync workers),
-//!   loaded by wrk at a fixed concurrency.
-//!
-//! HTTP/2 (h2load) is left out until the agent traces HTTP/2.
+//!   loaded by wrk at a fixed concurrency;
+//! - HTTP/2 against the same nginx: h2load over cleartext (h2c, prior
+//!   knowledge) and over TLS 1.3 (h2 by ALPN), many streams per connection;
+//! - gRPC unary calls: h2load (`content-type: application/grpc`, a
+//!   length-prefixed message as the body) against a server on Debian's
+//!   python3-grpcio (the C core's own HTTP/2, over h2c), up for the whole
+//!   bench. The HTTP/2 workloads run H2_SECS per run (H2_SECS_QUICK with
+//!   `--quick`), shorter than the others to keep the bench's length.
 //!
 //! Configurations, interleaved per round (the order rotates each round) so
 //! that machine drift cancels out; figures are medians over rounds:
@@ -78,7 +83,8 @@ use agent_cpu::{CpuSplit, Snapshot};
 use anyhow::{Context, Result, bail};
 use env::{SYSTEM_PYTHON, check_http_ok};
 use parse::{
-    LoadResult, StopLine, parse_ab, parse_hey, parse_rotel_spans, parse_stop_line, parse_wrk,
+    LoadResult, StopLine, grpc_responses_without_message, h2load_protocol, parse_ab, parse_h2load,
+    parse_hey, parse_rotel_spans, parse_stop_line, parse_wrk,
 };
 use periscope_tests::proc::{Proc, Stream, TempDir, children_of, free_port};
 use periscope_tests::workspace_root;
@@ -104,6 +110,18 @@ const GUNICORN_WORKERS: u32 = 2;
 const PY_CONNECTIONS: u32 = 4;
 /// Requests sent to a freshly started gunicorn before it is measured.
 const PY_WARMUP_REQUESTS: u64 = 50;
+/// h2load against nginx: connections, and streams in flight on each.
+const H2_CONNECTIONS: u32 = 8;
+const H2_STREAMS: u32 = 10;
+/// h2load against the gRPC server: connections (channels) and calls in
+/// flight on each.
+const GRPC_CONNECTIONS: u32 = 4;
+const GRPC_STREAMS: u32 = 10;
+/// Seconds per HTTP/2 and gRPC run: 9 runs per round, each with about 5 s
+/// of agent start, drain and settling on top; at 5 s the three rounds of
+/// the full bench take under 5 minutes more, the quick one about 1.5.
+const H2_SECS: u32 = 5;
+const H2_SECS_QUICK: u32 = 4;
 /// Scaling: (requests/s asked of hey, or unlimited; hey workers). hey
 /// rate-limits per worker: `-c W -q RATE/W`.
 const SCALING: [(Option<u32>, u32); 4] = [
@@ -174,15 +192,25 @@ pub enum WorkloadKind {
     HttpsConnPerReq,
     /// Flask under gunicorn (sync workers), wrk at a fixed concurrency.
     Python,
+    /// nginx, HTTP/2 over cleartext (h2c, prior knowledge), h2load, many
+    /// streams per connection.
+    H2c,
+    /// nginx, HTTP/2 over TLS 1.3 (h2 by ALPN), h2load.
+    H2Tls,
+    /// gRPC unary calls (h2c) to a python3-grpcio server, h2load.
+    Grpc,
 }
 
 /// Every workload, in report order.
-pub const WORKLOADS: [WorkloadKind; 5] = [
+pub const WORKLOADS: [WorkloadKind; 8] = [
     WorkloadKind::Http,
     WorkloadKind::Https,
     WorkloadKind::HttpConnPerReq,
     WorkloadKind::HttpsConnPerReq,
     WorkloadKind::Python,
+    WorkloadKind::H2c,
+    WorkloadKind::H2Tls,
+    WorkloadKind::Grpc,
 ];
 
 impl WorkloadKind {
@@ -193,7 +221,18 @@ impl WorkloadKind {
             WorkloadKind::HttpConnPerReq => "http_conn_per_request",
             WorkloadKind::HttpsConnPerReq => "https_conn_per_request",
             WorkloadKind::Python => "python_flask",
+            WorkloadKind::H2c => "h2c_keepalive",
+            WorkloadKind::H2Tls => "h2_tls_keepalive",
+            WorkloadKind::Grpc => "grpc_unary",
         }
+    }
+
+    /// Loaded over HTTP/2 (by h2load).
+    pub fn is_http2(self) -> bool {
+        matches!(
+            self,
+            WorkloadKind::H2c | WorkloadKind::H2Tls | WorkloadKind::Grpc
+        )
     }
 
     pub fn label(self) -> String {
@@ -213,6 +252,15 @@ impl WorkloadKind {
                     "Flask/gunicorn ({GUNICORN_WORKERS} sync workers; wrk, {PY_CONNECTIONS} conns)"
                 )
             }
+            WorkloadKind::H2c => format!(
+                "nginx HTTP/2 cleartext (h2c; h2load, {H2_CONNECTIONS} conns x {H2_STREAMS} streams)"
+            ),
+            WorkloadKind::H2Tls => format!(
+                "nginx HTTP/2 over TLS (h2; h2load, {H2_CONNECTIONS} conns x {H2_STREAMS} streams)"
+            ),
+            WorkloadKind::Grpc => format!(
+                "gRPC unary, python3-grpcio over h2c (h2load, {GRPC_CONNECTIONS} conns x {GRPC_STREAMS} streams)"
+            ),
         }
     }
 
@@ -224,6 +272,9 @@ impl WorkloadKind {
             WorkloadKind::HttpConnPerReq => "HTTP conn/req",
             WorkloadKind::HttpsConnPerReq => "HTTPS conn/req",
             WorkloadKind::Python => "Flask/gunicorn",
+            WorkloadKind::H2c => "HTTP/2 h2c",
+            WorkloadKind::H2Tls => "HTTP/2 TLS",
+            WorkloadKind::Grpc => "gRPC unary",
         }
     }
 
@@ -242,7 +293,8 @@ impl WorkloadKind {
     }
 
     /// Spans one request should give with Periscope: the server's and the
-    /// load generator's (every client here is traced too).
+    /// load generator's (every client here is traced too; h2load uses the
+    /// system libssl over TLS).
     pub fn spans_per_request(self) -> u64 {
         2
     }
@@ -507,11 +559,22 @@ pub struct Plan {
     pub rounds: usize,
     /// Seconds per measured run.
     pub secs: u32,
+    /// Seconds per HTTP/2 and gRPC run.
+    pub h2_secs: u32,
     pub scaling_secs: u32,
     pub uprobe_iterations: u32,
 }
 
 impl Plan {
+    /// Seconds per run of workload `w`.
+    pub fn secs_for(&self, w: WorkloadKind) -> u32 {
+        if w.is_http2() {
+            self.h2_secs
+        } else {
+            self.secs
+        }
+    }
+
     fn new(args: &BenchArgs) -> Plan {
         let (rounds, secs) = if args.quick { (1, 5) } else { (3, 10) };
         Plan {
@@ -520,6 +583,7 @@ impl Plan {
             profile: args.profile,
             rounds: args.rounds.unwrap_or(rounds).max(1),
             secs,
+            h2_secs: if args.quick { H2_SECS_QUICK } else { H2_SECS },
             scaling_secs: secs,
             uprobe_iterations: if args.quick {
                 UPROBE_ITERATIONS_QUICK
@@ -805,6 +869,10 @@ struct Bench {
     nginx_pid: u32,
     http_url: String,
     https_url: String,
+    /// nginx's HTTP/2 listeners (cleartext, TLS).
+    h2c_url: String,
+    h2_tls_url: String,
+    grpc: GrpcServer,
     python: PythonService,
     rotel: Receiver,
     out_dir: PathBuf,
@@ -857,6 +925,23 @@ impl Bench {
             ]
         };
         let csv = self.out_dir.join(format!("logs/{tag}-ab.csv"));
+        // Per-request times (for p50/p99), read and removed after the run.
+        let h2_log = self.out_dir.join(format!("logs/{tag}-h2load-requests.tsv"));
+        let h2load = |conns: u32, streams: u32, url: &str, extra: &[String]| -> Vec<String> {
+            let mut v: Vec<String> = vec![
+                "-c".into(),
+                conns.to_string(),
+                "-m".into(),
+                streams.to_string(),
+                "-D".into(),
+                secs.to_string(),
+                "--log-file".into(),
+                h2_log.display().to_string(),
+            ];
+            v.extend(extra.iter().cloned());
+            v.push(url.to_string());
+            v
+        };
         match w {
             WorkloadKind::Http => ("wrk", wrk(WRK_CONNECTIONS, &self.http_url), None),
             WorkloadKind::Https => ("wrk", wrk(WRK_CONNECTIONS, &self.https_url), None),
@@ -870,6 +955,26 @@ impl Bench {
                 ),
                 None,
             ),
+            WorkloadKind::H2c => (
+                "h2load",
+                h2load(H2_CONNECTIONS, H2_STREAMS, &self.h2c_url, &[]),
+                Some(h2_log),
+            ),
+            WorkloadKind::H2Tls => (
+                "h2load",
+                h2load(H2_CONNECTIONS, H2_STREAMS, &self.h2_tls_url, &[]),
+                Some(h2_log),
+            ),
+            WorkloadKind::Grpc => (
+                "h2load",
+                h2load(
+                    GRPC_CONNECTIONS,
+                    GRPC_STREAMS,
+                    &self.grpc.url,
+                    &self.grpc.h2load_args(),
+                ),
+                Some(h2_log),
+            ),
         }
     }
 
@@ -877,7 +982,8 @@ impl Bench {
         let tag = format!("r{round}-{}-{}", w.key(), config.key());
         wait_for_other_agents(Duration::from_secs(180))?;
         self.rotel.check_running()?;
-        let (program, args, csv) = self.load_command(w, self.plan.secs, &tag);
+        let secs = self.plan.secs_for(w);
+        let (program, args, csv) = self.load_command(w, secs, &tag);
         eprintln!(
             "bench: {} {tag}: {program} {}",
             sys::since_start(),
@@ -912,6 +1018,7 @@ impl Bench {
                 v.extend(children_of(g.pid()));
                 v
             }
+            None if w == WorkloadKind::Grpc => vec![self.grpc.proc.pid()],
             None => children_of(self.nginx_pid),
         };
         let server0 = sum_ticks(&server_pids);
@@ -922,14 +1029,7 @@ impl Bench {
         let rotel0 = self.rotel.cpu_ticks();
         let client0 = reaped_children_cpu_ms();
 
-        let run = run_load(
-            program,
-            &args,
-            csv.as_deref(),
-            self.plan.secs,
-            &self.out_dir,
-            &tag,
-        );
+        let run = run_load(program, &args, csv.as_deref(), secs, &self.out_dir, &tag);
 
         let client_cpu_ms = reaped_children_cpu_ms() - client0;
         let server1 = sum_ticks(&server_pids);
@@ -948,7 +1048,13 @@ impl Bench {
         }
         let rotel_spans = self.rotel.spans_since(rotel_mark);
         let rotel1 = self.rotel.cpu_ticks();
-        let (command, raw_output, load) = run?;
+        let (command, raw_output, mut load) = run?;
+        if w == WorkloadKind::Grpc {
+            // A failed call is a 200 with grpc-status in the trailers: count
+            // the responses that brought no message back as failed.
+            load.errors +=
+                grpc_responses_without_message(&load, env::GRPC_MESSAGE.len() as u64).unwrap_or(0);
+        }
         Ok(Sample {
             round,
             workload: w,
@@ -1053,7 +1159,9 @@ fn run_order(w: WorkloadKind, round: usize, floor: bool) -> Vec<Config> {
     v
 }
 
-/// Run wrk, hey or ab to completion; returns (command line, raw stdout, parsed).
+/// Run wrk, hey, ab or h2load to completion; returns (command line, raw
+/// stdout, parsed). `csv` is ab's percentile CSV, or h2load's request log
+/// (removed once read: a few MB per run).
 fn run_load(
     program: &str,
     args: &[String],
@@ -1082,6 +1190,17 @@ fn run_load(
                 None => String::new(),
             };
             parse_ab(&out, &csv_text)
+        }
+        "h2load" => {
+            let log = match csv {
+                Some(c) => {
+                    let text = std::fs::read_to_string(c).unwrap_or_default();
+                    std::fs::remove_file(c).ok();
+                    text
+                }
+                None => String::new(),
+            };
+            parse_h2load(&out, &log)
         }
         other => bail!("no parser for {other}"),
     }
@@ -1134,6 +1253,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // 2. The receiver and nginx, up for the whole bench.
     let rotel = Receiver::start(&rotel_agent)?;
     let nginx = Nginx::start(tmp.path())?;
+    let grpc = GrpcServer::start(tmp.path())?;
     let tls_off_config = out_dir.join("tls-off.toml");
     std::fs::write(&tls_off_config, "disabled_features = [\"tls\"]\n")?;
     let app_dir = env::write_flask_app(tmp.path())?;
@@ -1154,6 +1274,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         nginx_pid: nginx.proc.pid(),
         http_url: format!("http://127.0.0.1:{}/", nginx.port),
         https_url: format!("https://127.0.0.1:{}/", nginx.https_port),
+        h2c_url: format!("http://127.0.0.1:{}/", nginx.h2c_port),
+        h2_tls_url: format!("https://127.0.0.1:{}/", nginx.h2_tls_port),
+        grpc,
         rotel,
         out_dir: out_dir.clone(),
         clk: clk_tck(),
@@ -1185,12 +1308,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     std::fs::write(out_dir.join("logs/flask-app.py"), env::FLASK_APP).ok();
     b.rotel.proc.stop();
     std::fs::write(out_dir.join("logs/rotel.log"), b.rotel.proc.log()).ok();
+    b.grpc.stop(&out_dir);
     nginx.stop(&out_dir);
 
     let report = Report {
         quick: b.plan.quick,
         rounds: b.plan.rounds,
         secs: b.plan.secs,
+        h2_secs: b.plan.h2_secs,
         floor_measured: b.floor,
         bpf_stats: sys::bpf_stats_enabled(),
         started,
@@ -1211,13 +1336,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
 /// What the bench will do, on stderr.
 fn announce(plan: &Plan, out_dir: &Path) {
-    let runs_per_round: usize = WORKLOADS.iter().map(|w| w.configs().len()).sum();
+    let runs = |h2: bool| -> usize {
+        WORKLOADS
+            .iter()
+            .filter(|w| w.is_http2() == h2)
+            .map(|w| w.configs().len())
+            .sum()
+    };
     if plan.bench {
         eprintln!(
-            "bench: {} round(s) of {runs_per_round} runs of {} s ({} workloads x their configurations), scaling at {} x {} s \
-             and idle {IDLE_SECS} s, TLS call cost; results in {}",
+            "bench: {} round(s) of {} runs of {} s and {} HTTP/2 runs of {} s ({} workloads x their configurations), \
+             scaling at {} x {} s and idle {IDLE_SECS} s, TLS call cost; results in {}",
             plan.rounds,
+            runs(false),
             plan.secs,
+            runs(true),
+            plan.h2_secs,
             WORKLOADS.len(),
             SCALING.len(),
             plan.scaling_secs,
@@ -1258,6 +1392,9 @@ struct Nginx {
     proc: Proc,
     port: u16,
     https_port: u16,
+    /// HTTP/2 listeners: cleartext (prior knowledge) and TLS (ALPN h2).
+    h2c_port: u16,
+    h2_tls_port: u16,
     /// The HTTPS server's certificate and key.
     cert: PathBuf,
     key: PathBuf,
@@ -1270,8 +1407,16 @@ impl Nginx {
     fn start(dir: &Path) -> Result<Nginx> {
         let port = free_port();
         let https_port = free_port();
+        let h2c_port = free_port();
+        let h2_tls_port = free_port();
         let (cert, key) = env::make_test_cert(dir)?;
-        let conf = env::write_nginx_files(dir, port, https_port, &cert, &key)?;
+        let ports = env::NginxPorts {
+            http: port,
+            https: https_port,
+            h2c: h2c_port,
+            h2_tls: h2_tls_port,
+        };
+        let conf = env::write_nginx_files(dir, &ports, &cert, &key)?;
         let error_log = dir.join("error.log");
         let mut cmd = Command::new("nginx");
         cmd.arg("-c")
@@ -1288,6 +1433,8 @@ impl Nginx {
             proc,
             port,
             https_port,
+            h2c_port,
+            h2_tls_port,
             cert,
             key,
             conf,
@@ -1301,6 +1448,67 @@ impl Nginx {
         self.proc.stop();
         std::fs::copy(&self.error_log, out_dir.join("logs/nginx-error.log")).ok();
         std::fs::copy(&self.conf, out_dir.join("logs/nginx.conf")).ok();
+    }
+}
+
+/// The gRPC server (Debian's python3-grpcio, generic handler, h2c), up for
+/// the whole bench, and what h2load sends it.
+struct GrpcServer {
+    proc: Proc,
+    /// `http://127.0.0.1:PORT/bench.Echo/Say`
+    url: String,
+    /// The request body: one length-prefixed gRPC message.
+    request: PathBuf,
+    shown: String,
+}
+
+impl GrpcServer {
+    fn start(dir: &Path) -> Result<GrpcServer> {
+        let port = free_port();
+        let (script, request) = env::write_grpc_files(dir)?;
+        let mut cmd = Command::new(SYSTEM_PYTHON);
+        cmd.arg(&script)
+            .arg(port.to_string())
+            .arg(env::GRPC_SERVER_THREADS.to_string());
+        let shown = show(&cmd);
+        let mut proc = spawn(
+            "grpc-server",
+            &mut cmd,
+            libc::SIGTERM,
+            Duration::from_secs(5),
+        )?;
+        wait_for_port(&mut proc, port, Duration::from_secs(30))?;
+        env::check_grpc_call(port).with_context(|| {
+            format!(
+                "the gRPC server does not answer a unary call; its output:\n{}",
+                proc.log()
+            )
+        })?;
+        Ok(GrpcServer {
+            proc,
+            url: format!("http://127.0.0.1:{port}/{}", env::GRPC_METHOD),
+            request,
+            shown,
+        })
+    }
+
+    /// h2load's options for a unary call (POST with the message as body).
+    fn h2load_args(&self) -> Vec<String> {
+        vec![
+            "-H".into(),
+            "content-type: application/grpc".into(),
+            "-H".into(),
+            "te: trailers".into(),
+            "-d".into(),
+            self.request.display().to_string(),
+        ]
+    }
+
+    /// Stop it; its script and output go to `out_dir/logs`.
+    fn stop(&mut self, out_dir: &Path) {
+        self.proc.stop();
+        std::fs::write(out_dir.join("logs/grpc-server.py"), env::GRPC_SERVER).ok();
+        std::fs::write(out_dir.join("logs/grpc-server.log"), self.proc.log()).ok();
     }
 }
 
@@ -1385,6 +1593,7 @@ fn bench_commands(b: &Bench) -> Vec<(String, String)> {
             b.agent.shown(&b.agent_extra(Config::TlsOff)),
         ),
         ("gunicorn".into(), show(&b.python.command(false))),
+        ("gRPC server".into(), b.grpc.shown.clone()),
         (
             "gunicorn, OTel".into(),
             format!(
@@ -1396,8 +1605,9 @@ fn bench_commands(b: &Bench) -> Vec<(String, String)> {
         ),
     ];
     for w in WORKLOADS {
-        let (program, args, _) = b.load_command(w, b.plan.secs, "TAG");
-        commands.push((w.key().into(), format!("{program} {}", args.join(" "))));
+        let (program, args, _) = b.load_command(w, b.plan.secs_for(w), "TAG");
+        // Quoted where needed (h2load's `-H 'content-type: application/grpc'`).
+        commands.push((w.key().into(), show(Command::new(program).args(&args))));
     }
     commands.push((
         "tls calls".into(),
@@ -1435,9 +1645,10 @@ fn write_report(mut report: Report, out_dir: &Path, t0: Instant) -> Result<()> {
     Ok(())
 }
 
-/// wrk over HTTP and HTTPS, ab over both, and the Python service without and
-/// with the OTel instrumentation (whose spans must reach Rotel: otherwise
-/// the comparison would be with an instrumentation that does nothing).
+/// wrk over HTTP and HTTPS, ab over both, h2load over HTTP/2 (h2c and h2)
+/// and gRPC, and the Python service without and with the OTel
+/// instrumentation (whose spans must reach Rotel: otherwise the comparison
+/// would be with an instrumentation that does nothing).
 fn warm_up(b: &mut Bench) -> Result<()> {
     eprintln!("bench: warm-up (not measured)");
     for w in [
@@ -1445,10 +1656,33 @@ fn warm_up(b: &mut Bench) -> Result<()> {
         WorkloadKind::Https,
         WorkloadKind::HttpConnPerReq,
         WorkloadKind::HttpsConnPerReq,
+        WorkloadKind::H2c,
+        WorkloadKind::H2Tls,
+        WorkloadKind::Grpc,
     ] {
         let tag = format!("warmup-{}", w.key());
         let (program, args, csv) = b.load_command(w, 2, &tag);
-        let (_, _, r) = run_load(program, &args, csv.as_deref(), 2, &b.out_dir, &tag)?;
+        let (_, out, mut r) = run_load(program, &args, csv.as_deref(), 2, &b.out_dir, &tag)?;
+        if w.is_http2() {
+            // h2load falls back to HTTP/1.1 when the server does not offer h2.
+            let want = if w == WorkloadKind::H2Tls {
+                "h2"
+            } else {
+                "h2c"
+            };
+            let got = h2load_protocol(&out);
+            if r.requests > 0 && got != Some(want) {
+                bail!(
+                    "{}: h2load negotiated {got:?}, not {want}: see {}",
+                    w.label(),
+                    b.out_dir.join(format!("logs/{tag}-h2load.txt")).display()
+                );
+            }
+        }
+        if w == WorkloadKind::Grpc {
+            r.errors += grpc_responses_without_message(&r, env::GRPC_MESSAGE.len() as u64)
+                .context("h2load did not report the bytes of the gRPC responses")?;
+        }
         if r.requests == 0 || r.errors > 0 || r.non_2xx > 0 {
             bail!(
                 "{} does not run cleanly ({} requests, {} errors, {} non-2xx): see {}",

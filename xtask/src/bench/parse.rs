@@ -16,6 +16,9 @@ pub struct LoadResult {
     pub errors: u64,
     /// Responses that were not 2xx/3xx.
     pub non_2xx: u64,
+    /// Response body bytes received, when the load generator says (h2load's
+    /// `data`: DATA frame payload).
+    pub body_bytes: Option<u64>,
 }
 
 /// `stopped: N events, N spans built, N exported, N dropped, N events lost in kernel`
@@ -269,6 +272,126 @@ pub fn parse_ab_csv(csv: &str) -> Result<Vec<(u32, f64)>> {
     Ok(rows)
 }
 
+/// h2load's report (stdout) and its `--log-file` (one line per request
+/// completed in the measured period: start time in µs since the epoch,
+/// status code, µs until the end of the response). h2load's report has only
+/// the mean and the spread of request times, so p50/p99 come from the log.
+///
+/// `requests:` counts `done` (every stream closed, whatever happened),
+/// `succeeded` (a 2xx/3xx response), `failed` (the rest: other statuses and
+/// errors) and `errored` (no response: reset, connection lost). Here
+/// requests = done - errored (responses received, as wrk counts them),
+/// errors = errored, non_2xx = the 4xx and 5xx of `status codes:`. h2load's
+/// req/s is done per second of the measured period; it is scaled to the
+/// responses received.
+pub fn parse_h2load(text: &str, log: &str) -> Result<LoadResult> {
+    let mut r = LoadResult::default();
+    let (mut have_finished, mut have_requests) = (false, false);
+    let mut done = 0u64;
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(v) = t.strip_prefix("finished in ") {
+            // "finished in 3.00s, 46437.33 req/s, 7.31MB/s"
+            let rps = v
+                .split(',')
+                .nth(1)
+                .and_then(|p| p.trim().strip_suffix(" req/s"))
+                .context("no req/s in `finished in` line")?;
+            r.rps = rps.trim().parse().context("req/s")?;
+            have_finished = true;
+        } else if let Some(v) = t.strip_prefix("requests:") {
+            // "requests: 8068 total, 8072 started, 8068 done, 8000 succeeded, 68 failed, 68 errored, 0 timeout"
+            let count = |label: &str| -> Result<u64> {
+                v.split(',')
+                    .find_map(|p| p.trim().strip_suffix(label))
+                    .with_context(|| format!("no `{}` count in `requests:`", label.trim()))?
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("`{}` count", label.trim()))
+            };
+            done = count(" done")?;
+            r.errors = count(" errored")?;
+            r.requests = done.saturating_sub(r.errors);
+            have_requests = true;
+        } else if let Some(v) = t.strip_prefix("status codes:") {
+            // "status codes: 139313 2xx, 0 3xx, 0 4xx, 0 5xx"
+            for p in v.split(',') {
+                let mut it = p.split_whitespace();
+                if let (Some(n), Some("4xx" | "5xx")) = (it.next(), it.next()) {
+                    r.non_2xx += n.parse::<u64>().context("status code count")?;
+                }
+            }
+        } else if let Some(v) = t.strip_prefix("traffic:") {
+            // "traffic: 21.92MB (22986986) total, 13.95MB (14627865) headers (space savings 40.00%), 5.58MB (5851104) data"
+            r.body_bytes = v
+                .split(',')
+                .find(|p| p.trim_end().ends_with(" data"))
+                .and_then(|p| p.split_once('(')?.1.split_once(')'))
+                .and_then(|(n, _)| n.parse().ok());
+        }
+    }
+    if !have_finished || !have_requests {
+        bail!("no `finished in` or `requests:` line in h2load's output");
+    }
+    if done > 0 {
+        r.rps *= r.requests as f64 / done as f64;
+    }
+    if r.requests > 0 {
+        let mut times = parse_h2load_log(log).context("h2load's --log-file")?;
+        r.p50_us = percentile(&mut times, 50.0);
+        r.p99_us = percentile(&mut times, 99.0);
+    }
+    Ok(r)
+}
+
+/// The request times (µs, the third column) of h2load's `--log-file`.
+pub fn parse_h2load_log(log: &str) -> Result<Vec<f64>> {
+    let mut v = Vec::new();
+    for (i, line) in log.lines().enumerate() {
+        let t = line.trim();
+        if t.is_empty() {
+            continue;
+        }
+        let us = t
+            .split_whitespace()
+            .nth(2)
+            .and_then(|f| f.parse::<u64>().ok())
+            .with_context(|| format!("line {}: {t:?}", i + 1))?;
+        v.push(us as f64);
+    }
+    if v.is_empty() {
+        bail!("no requests");
+    }
+    Ok(v)
+}
+
+/// The nearest-rank percentile `p` (0-100] of `v` (sorted in place).
+pub fn percentile(v: &mut [f64], p: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    Some(v[rank.clamp(1, v.len()) - 1])
+}
+
+/// h2load's `Application protocol:` line (`h2c`, `h2`, `http/1.1`).
+pub fn h2load_protocol(text: &str) -> Option<&str> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Application protocol:"))
+        .map(str::trim)
+}
+
+/// Responses among `load.requests` that did not carry a gRPC message of
+/// `message_len` bytes (a gRPC error is a 200 with the status in the
+/// trailers and no message): the body bytes h2load received fall short by
+/// that many messages. None when h2load did not report its body bytes.
+pub fn grpc_responses_without_message(load: &LoadResult, message_len: u64) -> Option<u64> {
+    let bytes = load.body_bytes?;
+    let with_message = bytes / message_len.max(1);
+    Some(load.requests.saturating_sub(with_message))
+}
+
 /// The agent's last words: `... stopped: 1 events, 2 spans built, 3 exported, 4 dropped, 5 events lost in kernel`.
 pub fn parse_stop_line(line: &str) -> Option<StopLine> {
     let (_, rest) = line.split_once("stopped:")?;
@@ -449,7 +572,8 @@ mod tests {
                 p50_us: Some(179.0),
                 p99_us: Some(351.0),
                 errors: 0,
-                non_2xx: 0
+                non_2xx: 0,
+                body_bytes: None,
             }
         );
         let r = parse_wrk(fixture!("wrk-400conns-ms.txt")).unwrap();
@@ -497,7 +621,8 @@ mod tests {
                 p50_us: Some(695.0),
                 p99_us: Some(1165.0),
                 errors: 0,
-                non_2xx: 0
+                non_2xx: 0,
+                body_bytes: None,
             }
         );
         let r = parse_ab(
@@ -543,6 +668,79 @@ mod tests {
         assert_eq!(rows[100], (100, 4.902));
         assert!(parse_ab_csv("Percentage served,Time in ms\n50;0.5\n").is_err());
         assert!(parse_ab_csv("Percentage served,Time in ms\n").is_err());
+    }
+
+    /// Real output captured from h2load (nghttp2 1.52.0) against nginx 1.22
+    /// (`http2` listeners) and Debian's python3-grpcio 1.51 server.
+    #[test]
+    fn h2load_outputs() {
+        let log_line = "1796402506942642\t200\t150\n";
+        // h2c, prior knowledge, 3 s, 80 streams in flight at the end (not counted).
+        let r = parse_h2load(local_fixture!("h2load-h2c.txt"), log_line).unwrap();
+        assert_eq!(
+            r,
+            LoadResult {
+                requests: 139_312,
+                rps: 46_437.33,
+                p50_us: Some(150.0),
+                p99_us: Some(150.0),
+                errors: 0,
+                non_2xx: 0,
+                body_bytes: Some(5_851_104),
+            }
+        );
+        assert_eq!(
+            h2load_protocol(local_fixture!("h2load-h2c.txt")),
+            Some("h2c")
+        );
+        // Over TLS, ALPN h2.
+        let text = local_fixture!("h2load-h2-tls.txt");
+        let r = parse_h2load(text, log_line).unwrap();
+        assert_eq!((r.requests, r.rps, r.errors), (156_792, 52_264.0, 0));
+        assert_eq!(h2load_protocol(text), Some("h2"));
+        // gRPC unary with its request log: 22-byte messages back.
+        let r = parse_h2load(
+            local_fixture!("h2load-grpc.txt"),
+            local_fixture!("h2load-grpc-requests.tsv"),
+        )
+        .unwrap();
+        assert_eq!((r.requests, r.rps, r.non_2xx), (22_997, 7665.67, 0));
+        assert_eq!((r.p50_us, r.p99_us), (Some(2749.0), Some(3441.0)));
+        assert_eq!(grpc_responses_without_message(&r, 22), Some(0));
+        // A method the server does not have: 200s with no message (trailers only).
+        let r = parse_h2load(local_fixture!("h2load-grpc-unimplemented.txt"), log_line).unwrap();
+        assert_eq!((r.requests, r.non_2xx, r.body_bytes), (5, 0, Some(0)));
+        assert_eq!(grpc_responses_without_message(&r, 22), Some(5));
+        // nginx closed each connection after 1000 requests (GOAWAY): the
+        // streams in flight then are errors, and h2load does not reconnect.
+        let r = parse_h2load(local_fixture!("h2load-goaway.txt"), log_line).unwrap();
+        assert_eq!((r.requests, r.errors), (8000, 59));
+        assert!((r.rps - 4000.0 * 8000.0 / 8059.0).abs() < 1e-6, "{}", r.rps);
+        // 404s: failed for h2load, non-2xx here.
+        let r = parse_h2load(local_fixture!("h2load-404.txt"), log_line).unwrap();
+        assert_eq!((r.requests, r.non_2xx, r.errors), (10, 10, 0));
+        // Nothing listening: h2load exits 0 with an empty report.
+        let text = local_fixture!("h2load-refused.txt");
+        let r = parse_h2load(text, "").unwrap();
+        assert_eq!((r.requests, r.rps, r.p50_us), (0, 0.0, None));
+        assert_eq!(h2load_protocol(text), None);
+        // Responses but no request log is an error; so is no report.
+        assert!(parse_h2load(local_fixture!("h2load-h2c.txt"), "").is_err());
+        assert!(parse_h2load("starting benchmark...\n", "").is_err());
+    }
+
+    #[test]
+    fn h2load_log_and_percentiles() {
+        let v = parse_h2load_log(local_fixture!("h2load-grpc-requests.tsv")).unwrap();
+        assert_eq!(v.len(), 200);
+        assert!(parse_h2load_log("1\t200\n").is_err());
+        assert!(parse_h2load_log("\n").is_err());
+        let mut v: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        assert_eq!(percentile(&mut v, 50.0), Some(50.0));
+        assert_eq!(percentile(&mut v, 99.0), Some(99.0));
+        assert_eq!(percentile(&mut v, 100.0), Some(100.0));
+        assert_eq!(percentile(&mut [7.0], 50.0), Some(7.0));
+        assert_eq!(percentile(&mut [], 50.0), None);
     }
 
     #[test]

@@ -35,6 +35,14 @@ pub const RSS_TARGET_RATE: u32 = 20_000;
 pub const LOSSLESS_RATE: u32 = 5000;
 /// A disabled feature must cost almost nothing: within 2% of no agent.
 pub const TARGET_TLS_OFF_RATIO: f64 = 0.98;
+/// Agent CPU per HTTP/2 request at most this many times per HTTP/1.1
+/// request (h2c against HTTP/1.1 keep-alive, h2 against HTTPS keep-alive).
+pub const TARGET_H2_FACTOR: f64 = 1.5;
+/// (HTTP/2 workload, the HTTP/1.1 workload it is compared with).
+pub const H2_PAIRS: [(WorkloadKind, WorkloadKind); 2] = [
+    (WorkloadKind::H2c, WorkloadKind::Http),
+    (WorkloadKind::H2Tls, WorkloadKind::Https),
+];
 /// A rate counts as reached when hey achieved this fraction of it.
 const RATE_REACHED: f64 = 0.9;
 
@@ -42,6 +50,8 @@ pub struct Report {
     pub quick: bool,
     pub rounds: usize,
     pub secs: u32,
+    /// Seconds per HTTP/2 and gRPC run.
+    pub h2_secs: u32,
     /// The agent took `--noop-probes`.
     pub floor_measured: bool,
     /// `kernel.bpf_stats_enabled` was 1: the kernel programs' run time was counted.
@@ -424,6 +434,7 @@ impl Report {
     pub fn targets(&self) -> Vec<Target> {
         let mut t = self.throughput_targets();
         t.extend(self.cpu_targets());
+        t.push(self.h2_cpu_target());
         t.extend(self.latency_targets());
         t.extend(self.scaling_targets());
         let off = self
@@ -518,6 +529,48 @@ impl Report {
                 verdict: judge_max(idle, TARGET_IDLE_MS_PER_S, true),
             },
         ]
+    }
+
+    /// Agent CPU per request (all its threads), HTTP/2 over HTTP/1.1's in this run.
+    pub fn h2_cpu_ratio(&self, h2: WorkloadKind, h1: WorkloadKind) -> Option<f64> {
+        ratio(
+            self.agg(h2, Config::Periscope).agent_cpu_1k,
+            self.agg(h1, Config::Periscope).agent_cpu_1k,
+        )
+    }
+
+    /// HTTP/2's agent CPU per request against HTTP/1.1's, for each pair of
+    /// H2_PAIRS: missed if any pair is over, met if every pair was measured.
+    fn h2_cpu_target(&self) -> Target {
+        let mut measured = Vec::new();
+        let mut verdicts = Vec::new();
+        for (h2, h1) in H2_PAIRS {
+            let r = self.h2_cpu_ratio(h2, h1);
+            measured.push(format!(
+                "{} {} µs / {} {} µs = {}",
+                h2.short(),
+                fmt_f(self.agg(h2, Config::Periscope).agent_cpu_1k, 2),
+                h1.short(),
+                fmt_f(self.agg(h1, Config::Periscope).agent_cpu_1k, 2),
+                fmt_x(r)
+            ));
+            verdicts.push(judge_max(r, TARGET_H2_FACTOR, true));
+        }
+        let verdict = if verdicts.contains(&Verdict::Missed) {
+            Verdict::Missed
+        } else if verdicts.iter().all(|v| *v == Verdict::Met) {
+            Verdict::Met
+        } else {
+            Verdict::Unknown
+        };
+        Target {
+            name: format!(
+                "HTTP/2 agent CPU per request <= {TARGET_H2_FACTOR}x HTTP/1's (all its threads, median µs per request, \
+                 same run: h2c against HTTP/1.1 keep-alive, h2 over TLS against HTTPS keep-alive)"
+            ),
+            measured: measured.join("; "),
+            verdict,
+        }
     }
 
     /// Periscope's added latency against the floor's, and against OTel's on
@@ -621,7 +674,10 @@ impl Report {
                     "agent peak RSS < {TARGET_RSS_MIB:.0} MiB in every run (VmHWM after start-up, worst run)"
                 ),
                 measured: worst.map_or("n/a".into(), |m| {
-                    format!("{m:.1} MiB (start-up peak, kernel BTF parsed: {})", fmt_f(worst_startup, 1) + " MiB")
+                    format!(
+                        "{m:.1} MiB (start-up peak, kernel BTF parsed: {})",
+                        fmt_f(worst_startup, 1) + " MiB"
+                    )
                 }),
                 verdict: judge_max(worst.filter(|m| *m > 0.0), RSS_MAX_MIB, true),
             },
@@ -662,6 +718,7 @@ impl Report {
             return String::new();
         }
         let mut m = self.targets_markdown();
+        m.push_str(&self.http2_markdown());
         m.push_str(&self.results_markdown());
         m.push_str(&self.cpu_split_markdown());
         m.push_str(&self.floor_markdown());
@@ -714,8 +771,8 @@ impl Report {
         let mode = if self.quick { "quick" } else { "full" };
         let what = if self.bench_ran() {
             format!(
-                "benchmark ({mode}: {} round(s) of {} s runs, ",
-                self.rounds, self.secs
+                "benchmark ({mode}: {} round(s) of {} s runs, HTTP/2 and gRPC {} s, ",
+                self.rounds, self.secs, self.h2_secs
             )
         } else {
             "profile (".to_string()
@@ -748,10 +805,23 @@ impl Report {
              --noop-probes`: the same kernel programs attached, each returning at once), `Periscope, tls disabled` \
              (HTTPS keep-alive only), and for the Python service `OTel` (gunicorn under `opentelemetry-instrument` with the \
              Flask instrumentation, exporting to the same Rotel). They are interleaved per round (the order rotates each \
-             round); figures are medians over rounds, every ratio and difference is against `none` of this run. HTTP/2 \
-             (h2load) is not benchmarked: Periscope does not trace HTTP/2 yet. {} CPU(s), nothing pinned: the servers, \
-             the load generators, the agent and Rotel share them. Kernel {}, load average at start {}.\n\n",
+             round); figures are medians over rounds, every ratio and difference is against `none` of this run. HTTP/2: \
+             h2load ({} connections x {} streams in flight, {} s per run, no warm-up: every request counts, as with wrk) \
+             against the same nginx on two more listeners, `http2` over cleartext (h2c, prior knowledge) and `ssl http2` \
+             over TLS 1.3 (h2 by ALPN), both with `keepalive_requests` lifted (h2load does not reconnect when nginx closes \
+             a connection after its default 1000 requests, which the HTTP/1.1 listeners keep); gRPC: h2load sending unary \
+             calls (`content-type: application/grpc`, `te: trailers`, one length-prefixed 17-byte message; {} connections \
+             x {} calls in flight) over h2c to a server on Debian's python3-grpcio (generic handler echoing the message, \
+             {} worker threads, up for the whole bench); a call that brings no message back counts as failed. p50/p99 of \
+             h2load come from its per-request log. {} CPU(s), nothing pinned: the servers, the load generators, the agent \
+             and Rotel share them. Kernel {}, load average at start {}.\n\n",
             super::GUNICORN_WORKERS,
+            super::H2_CONNECTIONS,
+            super::H2_STREAMS,
+            self.h2_secs,
+            super::GRPC_CONNECTIONS,
+            super::GRPC_STREAMS,
+            super::env::GRPC_SERVER_THREADS,
             self.machine.nproc,
             self.machine.kernel,
             self.machine.loadavg
@@ -790,6 +860,93 @@ impl Report {
             }
             m.push('\n');
         }
+        m
+    }
+
+    /// HTTP/1.1, HTTP/2 and gRPC keep-alive side by side: throughput
+    /// against none and the floor, the agent's CPU per request by part and
+    /// the spans per request.
+    fn http2_markdown(&self) -> String {
+        let rows = [
+            WorkloadKind::Http,
+            WorkloadKind::Https,
+            WorkloadKind::H2c,
+            WorkloadKind::H2Tls,
+            WorkloadKind::Grpc,
+        ];
+        if !rows
+            .iter()
+            .any(|w| w.is_http2() && self.measured(*w, Config::None))
+        {
+            return String::new();
+        }
+        let mut m = String::from(
+            "## HTTP/2 and gRPC next to HTTP/1.1 (keep-alive, medians over rounds)\n\n\
+             | workload | req/s none | Periscope | floor | Periscope / floor | added p50: Periscope / floor \
+             | agent CPU µs / req | event loop | export | kernel programs | spans exported / req | request spans / req \
+             | events lost |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for w in rows {
+            let (none, p, f) = (
+                self.agg(w, Config::None),
+                self.agg(w, Config::Periscope),
+                self.agg(w, Config::Floor),
+            );
+            if none.runs == 0 && p.runs == 0 {
+                continue;
+            }
+            let (po, fo) = (
+                self.overhead(w, Config::Periscope),
+                self.overhead(w, Config::Floor),
+            );
+            let with_pct = |a: &Agg, o: &Overhead| {
+                if a.runs == 0 {
+                    "-".to_string()
+                } else {
+                    format!("{} ({})", fmt_f(a.rps, 0), fmt_pct(o.throughput_ratio))
+                }
+            };
+            let per_req = |n: Option<u64>| match n {
+                Some(n) if p.requests > 0 => format!("{:.3}", n as f64 / p.requests as f64),
+                _ => "n/a".into(),
+            };
+            m.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                w.short(),
+                fmt_f(none.rps, 0),
+                with_pct(&p, &po),
+                with_pct(&f, &fo),
+                fmt_pct(ratio(p.rps, f.rps)),
+                fmt_added_us(po.added_p50_us),
+                fmt_added_us(fo.added_p50_us),
+                fmt_f(p.agent_cpu_1k, 2),
+                fmt_f(p.split.event_loop, 2),
+                fmt_f(p.split.export, 2),
+                fmt_f(p.split.kernel, 2),
+                per_req(p.exported),
+                per_req(p.request_spans),
+                p.lost.map_or("n/a".into(), |l| l.to_string()),
+            ));
+        }
+        let pairs: Vec<String> = H2_PAIRS
+            .iter()
+            .map(|(h2, h1)| {
+                format!(
+                    "{} / {}: {}",
+                    h2.short(),
+                    h1.short(),
+                    fmt_x(self.h2_cpu_ratio(*h2, *h1))
+                )
+            })
+            .collect();
+        m.push_str(&format!(
+            "\nPeriscope and floor: req/s (% of none). Agent CPU per request, HTTP/2 over HTTP/1.1: {}. Agent CPU µs / req \
+             is all the agent's threads (event loop + export + other); kernel programs run in the traced processes, on top. \
+             Spans per request should be {} (the server's and h2load's) once Periscope traces HTTP/2; fewer means requests \
+             it did not see as requests.\n\n",
+            pairs.join(", "),
+            WorkloadKind::H2c.spans_per_request(),
+        ));
         m
     }
 
@@ -1560,6 +1717,19 @@ impl Report {
                 );
             }
         }
+        summary.insert(
+            "http2_over_http1_agent_cpu_per_request".into(),
+            H2_PAIRS
+                .iter()
+                .map(|(h2, h1)| {
+                    (
+                        format!("{}_over_{}", h2.key(), h1.key()),
+                        json!(self.h2_cpu_ratio(*h2, *h1)),
+                    )
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into(),
+        );
         let p = self.overhead(WorkloadKind::Python, Config::Periscope);
         let o = self.overhead(WorkloadKind::Python, Config::Otel);
         summary.insert(
@@ -1635,6 +1805,7 @@ impl Report {
             "quick": self.quick,
             "rounds": self.rounds,
             "secs_per_run": self.secs,
+            "h2_secs_per_run": self.h2_secs,
             "elapsed_s": self.elapsed.as_secs_f64(),
             "build_s": self.build_time.as_secs_f64(),
             "waited_for_other_agents_s": self.waited.as_secs_f64(),
@@ -1728,6 +1899,7 @@ pub mod tests {
                 p99_us: Some(p50 * 3.0),
                 errors: 0,
                 non_2xx: 0,
+                body_bytes: None,
             },
             server_cpu_ms: cpu_ms,
             client_cpu_ms: cpu_ms / 2.0,
@@ -1820,6 +1992,7 @@ pub mod tests {
             quick: true,
             rounds: 1,
             secs: 10,
+            h2_secs: 8,
             floor_measured: true,
             bpf_stats: true,
             started: "2026-01-01 00:00:00".into(),
@@ -1976,10 +2149,50 @@ pub mod tests {
         assert_eq!(find("in every run").verdict, Verdict::Met);
         assert_eq!(find("zero events lost").verdict, Verdict::Met);
         assert_eq!(find("tls feature disabled").verdict, Verdict::Met);
+        assert_eq!(find("HTTP/2 agent CPU per request").verdict, Verdict::Met);
+        assert_eq!(
+            find("HTTP/2 agent CPU per request").measured,
+            "HTTP/2 h2c 1.03 µs / HTTP keep-alive 1.03 µs = 1.00x; HTTP/2 TLS 1.03 µs / HTTPS keep-alive 1.03 µs = 1.00x"
+        );
         assert_eq!(r.drops_start(), (Some(None), Some(Some(20_000))));
         // OTel's spans exclude the warm-up it traced.
         let a = r.agg(WorkloadKind::Python, Config::Otel);
         assert_eq!(a.rotel_spans, Some(a.requests));
+    }
+
+    #[test]
+    fn http2_cpu_target() {
+        let mut r = full_report();
+        let find = |r: &Report| {
+            r.targets()
+                .into_iter()
+                .find(|t| {
+                    t.name
+                        .starts_with("HTTP/2 agent CPU per request <= 1.5x HTTP/1's")
+                })
+                .unwrap()
+        };
+        // h2 over TLS at twice HTTPS's CPU per request.
+        for s in r.samples.iter_mut() {
+            if (s.workload, s.config) == (WorkloadKind::H2Tls, Config::Periscope) {
+                s.agent.as_mut().unwrap().cpu_ms = 200.0;
+            }
+        }
+        let t = find(&r);
+        assert_eq!(t.verdict, Verdict::Missed);
+        assert!(
+            t.measured.ends_with("HTTPS keep-alive 1.03 µs = 2.00x"),
+            "{}",
+            t.measured
+        );
+        assert_eq!(
+            r.json()["summary"]["http2_over_http1_agent_cpu_per_request"]["h2_tls_keepalive_over_https_keepalive"],
+            json!(2.0)
+        );
+        // No HTTP/2 runs at all: not established.
+        r.samples.retain(|s| !s.workload.is_http2());
+        assert_eq!(find(&r).verdict, Verdict::Unknown);
+        assert!(!r.markdown().contains("## HTTP/2 and gRPC next to HTTP/1.1"));
     }
 
     #[test]
@@ -2033,7 +2246,12 @@ pub mod tests {
             "## Periscope against the OpenTelemetry Python auto-instrumentation",
             "## Scaling",
             "![throughput, added latency and scaling](chart.png)",
-            "HTTP/2 (h2load) is not benchmarked",
+            "HTTP/2: h2load (8 connections x 10 streams in flight, 8 s per run",
+            "## HTTP/2 and gRPC next to HTTP/1.1 (keep-alive, medians over rounds)",
+            "| HTTP keep-alive | 10000 | 9700 (97.0%) | 9900 (99.0%) | 98.0% | +10 us / +4 us | 1.03 | 0.62 | 0.31 | 0.50 | 2.000 | 2.000 | 0 |",
+            "| gRPC unary | 10000 | 9700 (97.0%) | 9900 (99.0%) | 98.0% | +10 us / +4 us | 1.03 | 0.62 | 0.31 | 0.50 | 2.000 | 2.000 | 0 |",
+            "HTTP/2 h2c / HTTP keep-alive: 1.00x, HTTP/2 TLS / HTTPS keep-alive: 1.00x",
+            "| HTTP/2 h2c | Periscope | 0.50 | 4.0 | 0.62 | 0.31 | 0.10 | 1.03 | 0.00 | tls-discovery |",
             "| throughput loss | 3.0% | 40.0% | 7.5% |",
             "Events lost in the kernel (ring buffer full): from max",
             "Spans dropped by the exporter (queue full): from 20k req/s",
