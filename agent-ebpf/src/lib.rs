@@ -7,9 +7,23 @@
 
 /// Largest payload prefix one data event can carry. The runtime cap
 /// (`PAYLOAD_CAP` global) is at most this.
-pub const MAX_PAYLOAD: usize = 4096;
+pub const MAX_PAYLOAD: usize = 8192;
 /// Default runtime cap on copied payload bytes per socket call.
 pub const DEFAULT_PAYLOAD_CAP: u32 = 4096;
+/// The cap on sockets the daemon marked `sock_mark::WIDE` (HTTP/2: one call
+/// holds many frames, and a frame header beyond the capture loses the
+/// stream's framing and its HPACK state).
+pub const WIDE_PAYLOAD_CAP: u32 = MAX_PAYLOAD as u32;
+
+/// What the daemon asked of a socket (the high half of an `IGNORED_SOCKS`
+/// value; the low half is the socket's port pair).
+pub mod sock_mark {
+    /// Its socket-level payloads are not copied (not parsed, or TLS past
+    /// its handshake).
+    pub const IGNORE: u32 = 1;
+    /// Its payloads (socket or TLS plaintext) are copied up to `WIDE_PAYLOAD_CAP`.
+    pub const WIDE: u32 = 2;
+}
 /// At most this many iovecs are copied from for readv/writev/sendmsg/recvmsg.
 pub const MAX_IOVECS: usize = 64;
 /// When a call moves more bytes than the cap, its last `TAIL_CAPTURE` bytes

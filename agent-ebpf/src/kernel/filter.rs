@@ -20,24 +20,25 @@ static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
 #[map]
 static PORT_FILTER: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
 
-/// Sockets the daemon will not parse (not HTTP, or TLS past its handshake):
-/// their payloads are not copied. The value is the socket's port pair
+/// Sockets the daemon asked something of (`sock_mark`): not to copy their
+/// payloads (not parsed, or TLS past its handshake), or to copy more of
+/// them (HTTP/2). The value's low half is the socket's port pair
 /// (`skc_portpair`): the daemon's request can arrive after the socket is
 /// gone and its memory reused by a new connection, which the port pair tells
 /// apart. Entries also leave when the socket is destroyed.
 #[map]
-pub static IGNORED_SOCKS: aya_ebpf::maps::LruHashMap<u64, u32> = aya_ebpf::maps::LruHashMap::with_max_entries(65536, 0);
+pub static IGNORED_SOCKS: aya_ebpf::maps::LruHashMap<u64, u64> = aya_ebpf::maps::LruHashMap::with_max_entries(65536, 0);
 
-/// Whether `sk`, now with port pair `current`, is one the daemon asked not
-/// to copy (and still the same connection).
+/// The `sock_mark` bits the daemon set on `sk`, now with port pair
+/// `current` (0 if none, or if they were for an earlier connection).
 #[inline(always)]
-pub fn ignored(sk: u64, current: u32) -> bool {
-    let Some(&pair) = (unsafe { IGNORED_SOCKS.get(&sk) }) else { return false };
-    if current == pair {
-        return true;
+pub fn sock_marks(sk: u64, current: u32) -> u32 {
+    let Some(&value) = (unsafe { IGNORED_SOCKS.get(&sk) }) else { return 0 };
+    if current == value as u32 {
+        return (value >> 32) as u32;
     }
     let _ = IGNORED_SOCKS.remove(&sk);
-    false
+    0
 }
 
 /// cgroup id -> INCLUDE.

@@ -13,11 +13,11 @@ use aya_ebpf::{
 };
 use core::ffi::c_void;
 use periscope_ebpf::{
-    DataEvent, DataEventBuf, EventHeader, KernelOffsets, MAX_IOVECS, MAX_PAYLOAD, SockTuple, TAIL_CAPTURE,
-    direction, kind, nr, probe, source, syscall,
+    DataEvent, DataEventBuf, EventHeader, KernelOffsets, MAX_IOVECS, MAX_PAYLOAD, TAIL_CAPTURE, WIDE_PAYLOAD_CAP,
+    direction, kind, nr, probe, sock_mark, source, syscall,
 };
 
-use super::filter::{feature_enabled, ignored, ports_traced, process_traced};
+use super::filter::{feature_enabled, ports_traced, process_traced, sock_marks};
 use super::tls::{CALL_HANDSHAKE, ESTABLISHED, LAST_RECV, SessionKey, TLS_CALLS};
 use periscope_ebpf::control::{FEATURE_DNS, FEATURE_HTTP, FEATURE_TLS};
 use periscope_ebpf::{DNS_PORT, IPPROTO_UDP};
@@ -94,7 +94,8 @@ fn on_socket_io(ctx: &BtfTracePointContext, dir: u8, probe_id: u32) -> Option<()
     if !feature_enabled(wanted) {
         return None;
     }
-    if ignored(sk, portpair) {
+    let marks = sock_marks(sk, portpair);
+    if marks & sock_mark::IGNORE != 0 {
         return None;
     }
     // Written only when it changes: a keep-alive connection's thread keeps
@@ -108,8 +109,30 @@ fn on_socket_io(ctx: &BtfTracePointContext, dir: u8, probe_id: u32) -> Option<()
     if !ports_traced(buf.event.tuple.src_port, buf.event.tuple.dst_port) {
         return None;
     }
-    copy_and_send(buf, &off, ret as u32, probe_id);
+    copy_and_send(buf, &off, ret as u32, payload_cap(marks), probe_id);
+    widen_on_http2_preface(buf, sk, portpair, marks);
     Some(())
+}
+
+/// A call that starts with the HTTP/2 client preface ("PRI * HTTP/2.0"):
+/// the socket's later calls are copied up to `WIDE_PAYLOAD_CAP` at once,
+/// without waiting for the daemon (whose own request comes a drain later,
+/// after a short exchange may be over). Costs a 4-byte compare per call.
+#[inline(always)]
+pub(super) fn widen_on_http2_preface(buf: &DataEventBuf, sk: u64, portpair: u32, marks: u32) {
+    if marks & sock_mark::WIDE != 0 || buf.event.captured_len < 4 {
+        return;
+    }
+    if buf.payload[0] == b'P' && buf.payload[1] == b'R' && buf.payload[2] == b'I' && buf.payload[3] == b' ' {
+        let value = u64::from(portpair) | (u64::from(marks | sock_mark::WIDE) << 32);
+        let _ = super::filter::IGNORED_SOCKS.insert(&sk, &value, 0);
+    }
+}
+
+/// How many bytes of a call to copy on a socket with these marks.
+#[inline(always)]
+pub(super) fn payload_cap(marks: u32) -> u32 {
+    if marks & sock_mark::WIDE != 0 { WIDE_PAYLOAD_CAP } else { PAYLOAD_CAP.load() }
 }
 
 /// A datagram on a UDP socket: copied only when it is connected to the DNS
@@ -137,13 +160,13 @@ fn on_dns_datagram(
     }
     start_data_event(buf, tgid, pid_tgid as u32, sk, dir, source::SOCKET, len);
     buf.event.tuple.protocol = IPPROTO_UDP;
-    copy_and_send(buf, off, len, probe_id);
+    copy_and_send(buf, off, len, PAYLOAD_CAP.load(), probe_id);
     Some(())
 }
 
 #[inline(always)]
-fn copy_and_send(buf: &mut DataEventBuf, off: &KernelOffsets, len: u32, probe_id: u32) {
-    let want = Want::for_call(len);
+fn copy_and_send(buf: &mut DataEventBuf, off: &KernelOffsets, len: u32, cap: u32, probe_id: u32) {
+    let want = Want::for_call(len, cap);
     let (sys, fd, head, tail) = copy_syscall_payload(buf, off, &want);
     buf.event.syscall = sys;
     buf.event.fd = fd;
@@ -184,8 +207,8 @@ pub(super) fn finish_data_event(buf: &mut DataEventBuf, head: u32, tail: u32, pr
 
 /// Copies head and tail of a flat user buffer of `total` bytes.
 #[inline(always)]
-pub(super) fn copy_flat_call(buf: &mut DataEventBuf, src: u64, total: u32) -> (u32, u32) {
-    let want = Want::for_call(total);
+pub(super) fn copy_flat_call(buf: &mut DataEventBuf, src: u64, total: u32, cap: u32) -> (u32, u32) {
+    let want = Want::for_call(total, cap);
     let head = copy_flat(buf, src, &want);
     let tail = if want.tail > 0 && head == want.head {
         copy_tail(buf, head, src + (want.total - want.tail) as u64)
@@ -206,8 +229,8 @@ pub(super) struct Want {
 impl Want {
     /// A call larger than the cap keeps its head and its last bytes.
     #[inline(always)]
-    fn for_call(total: u32) -> Self {
-        let mut cap = PAYLOAD_CAP.load();
+    fn for_call(total: u32, cap: u32) -> Self {
+        let mut cap = cap;
         if cap > MAX_PAYLOAD as u32 {
             cap = MAX_PAYLOAD as u32;
         }

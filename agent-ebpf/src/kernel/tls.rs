@@ -271,15 +271,22 @@ fn finish_read_write(n: u32) -> u32 {
     buf.event.syscall = call.library;
     buf.event.call_start_ns = call.start_ns;
     let off = OFFSETS.load();
-    if read_socket(sock, &off, &mut buf.event.tuple).is_none() {
-        buf.event.tuple = SockTuple::default();
-    }
+    let (marks, portpair) = match read_socket(sock, &off, &mut buf.event.tuple) {
+        Some((_, portpair)) => (super::filter::sock_marks(sock, portpair), Some(portpair)),
+        None => {
+            buf.event.tuple = SockTuple::default();
+            (0, None)
+        }
+    };
     buf.event.tuple.protocol = periscope_ebpf::IPPROTO_TCP;
     if !ports_traced(buf.event.tuple.src_port, buf.event.tuple.dst_port) {
         return 0;
     }
-    let (head, tail) = copy_flat_call(buf, call.buf, n);
+    let (head, tail) = copy_flat_call(buf, call.buf, n, super::socket_io::payload_cap(marks));
     finish_data_event(buf, head, tail, probe::TLS_DATA);
+    if let Some(portpair) = portpair {
+        super::socket_io::widen_on_http2_preface(buf, sock, portpair, marks);
+    }
     0
 }
 

@@ -50,6 +50,9 @@ fn after_batch(probes: &mut Probes, pipeline: &mut Pipeline, tls_watch: &TlsWatc
     if !pipeline.ignore_requests.is_empty() {
         probes.ignore_sockets(pipeline.take_ignore_batch());
     }
+    if pipeline.has_widen_requests() {
+        probes.widen_sockets(&pipeline.take_widen_batch());
+    }
     let execs = pipeline.take_execs();
     if control.filter_has_exes() {
         for (pid, exe) in execs {

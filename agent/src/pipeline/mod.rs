@@ -73,6 +73,9 @@ pub struct Pipeline {
     ignore_requests: Vec<(u64, u16, u16)>,
     /// The same, with their ports, for the kernel (reused per drain).
     ignore_batch: Vec<(u64, u16, u16)>,
+    /// Sockets whose calls the kernel should copy more of (HTTP/2), with
+    /// their ports, as for `ignore_requests`.
+    widen_requests: Vec<(u64, u16, u16)>,
     sampler: Sampler,
     tls_enabled: bool,
     dns_enabled: bool,
@@ -160,6 +163,7 @@ impl Pipeline {
             execs: Vec::new(),
             ignore_requests: Vec::new(),
             ignore_batch: Vec::new(),
+            widen_requests: Vec::new(),
             sampler: Sampler::new(1.0),
             tls_enabled: true,
             dns_enabled: true,
@@ -265,16 +269,19 @@ impl Pipeline {
                         return;
                     }
                 }
-                match &conn.protocol {
-                    ProtocolState::Undetected => {
-                        conn.protocol = ProtocolState::Stream(protocols::detect(payload, event.total_len, conn.side));
+                let detect_now = match &conn.protocol {
+                    ProtocolState::Undetected => true,
+                    ProtocolState::Stream(parser) => {
+                        conn.socket_chunks <= REDETECT_CHUNKS && protocols::redetect(parser, payload, event.total_len)
                     }
-                    ProtocolState::Stream(parser)
-                        if conn.socket_chunks <= REDETECT_CHUNKS && protocols::redetect(parser, payload, event.total_len) =>
-                    {
-                        conn.protocol = ProtocolState::Stream(protocols::detect(payload, event.total_len, conn.side));
+                    _ => false,
+                };
+                if detect_now {
+                    let parser = protocols::detect(payload, event.total_len, conn.side);
+                    if parser.wants_whole_calls() {
+                        self.widen_requests.push((event.sock, conn.local.port(), conn.peer.port()));
                     }
-                    _ => {}
+                    conn.protocol = ProtocolState::Stream(parser);
                 }
                 let ProtocolState::Stream(parser) = &mut conn.protocol else {
                     Stats::inc(&self.stats.events_unparsed);
@@ -624,6 +631,20 @@ impl Pipeline {
         }
         self.ignore_requests.clear();
         &self.ignore_batch
+    }
+
+    /// Sockets whose calls the kernel should copy more of, still carrying
+    /// the connection that asked (see [`Self::take_ignore_batch`]).
+    pub fn take_widen_batch(&mut self) -> Vec<(u64, u16, u16)> {
+        let mut batch = std::mem::take(&mut self.widen_requests);
+        batch.retain(|&(sock, local, peer)| {
+            self.connections.get_mut(sock).is_some_and(|c| c.local.port() == local && c.peer.port() == peer)
+        });
+        batch
+    }
+
+    pub fn has_widen_requests(&self) -> bool {
+        !self.widen_requests.is_empty()
     }
 
     /// Programs started since the last call: (pid, executable path).

@@ -39,7 +39,15 @@ impl Pipeline {
         for mut ex in exchanges.drain(..) {
             let identity = conn.take_request(ex.seq).unwrap_or_else(|| Identity::root(&mut self.rng, true));
             // Its span is being built: whatever it is linked to now stays.
-            identity.settle();
+            // Except a server request read through a TLS library: its
+            // client's TLS library reports the write when the call returns,
+            // which can come after a fast server answered; its span waits for
+            // that client (held, at most HOLD_SPANS_NS) as it would have
+            // before being built.
+            let read_from_tls = conn.tls.as_ref().is_some_and(|t| t.plaintext_seen);
+            if !(read_from_tls && ex.side == Side::Server) {
+                identity.settle();
+            }
             if ex.grpc && !self.grpc_enabled {
                 continue;
             }

@@ -137,7 +137,7 @@ pub struct Probes {
     pid_filter: BpfHashMap<MapData, u32, u8>,
     port_filter: BpfHashMap<MapData, u16, u8>,
     cgroup_filter: BpfHashMap<MapData, u64, u8>,
-    ignored_socks: BpfHashMap<MapData, u64, u32>,
+    ignored_socks: BpfHashMap<MapData, u64, u64>,
     /// C libraries with the getaddrinfo uprobes (kept for the daemon's life).
     resolvers: Vec<String>,
     pub tls: Vec<TlsAttachment>,
@@ -298,8 +298,25 @@ impl Probes {
     /// are destroyed; the map is an LRU, so a full map only means some
     /// payloads are copied for nothing.
     pub fn ignore_sockets(&mut self, socks: &[(u64, u16, u16)]) {
+        self.mark_sockets(socks, periscope_ebpf::sock_mark::IGNORE);
+    }
+
+    /// Copies up to `WIDE_PAYLOAD_CAP` bytes per call on these sockets
+    /// (HTTP/2 connections, plain or TLS), given like [`Self::ignore_sockets`].
+    pub fn widen_sockets(&mut self, socks: &[(u64, u16, u16)]) {
+        self.mark_sockets(socks, periscope_ebpf::sock_mark::WIDE);
+    }
+
+    /// Adds `mark` to what the kernel knows of each socket (a TLS socket can
+    /// be both ignored, its ciphertext, and widened, its plaintext).
+    fn mark_sockets(&mut self, socks: &[(u64, u16, u16)], mark: u32) {
         for &(sock, local_port, remote_port) in socks {
-            let _ = self.ignored_socks.insert(sock, portpair(local_port, remote_port), 0);
+            let pair = portpair(local_port, remote_port);
+            let marks = match self.ignored_socks.get(&sock, 0) {
+                Ok(v) if v as u32 == pair => (v >> 32) as u32 | mark,
+                _ => mark,
+            };
+            let _ = self.ignored_socks.insert(sock, u64::from(pair) | (u64::from(marks) << 32), 0);
         }
     }
 

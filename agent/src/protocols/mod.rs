@@ -104,6 +104,13 @@ impl StreamParser {
         }
     }
 
+    /// Whether the kernel should copy more of each call (up to
+    /// `WIDE_PAYLOAD_CAP`): an HTTP/2 call holds many frames, and a frame
+    /// header beyond the capture costs the stream's framing and HPACK state.
+    pub fn wants_whole_calls(&self) -> bool {
+        matches!(self, StreamParser::Http2(_))
+    }
+
     /// Whether exchanges end in the order their requests started (HTTP/1);
     /// HTTP/2 streams end in any order.
     pub fn ends_in_order(&self) -> bool {
