@@ -85,6 +85,20 @@ pub struct TlsSpanInfo {
     pub handshake_ns: Option<u64>,
 }
 
+impl TlsSpanInfo {
+    /// `tls.protocol.name`, `tls.protocol.version` and, on a connection's
+    /// first span, the handshake's duration.
+    pub fn add_attributes(&self, attributes: &mut Vec<Attribute>) {
+        attributes.push(Attribute::str("tls.protocol.name", "tls"));
+        if let Some(version) = self.version {
+            attributes.push(Attribute::str("tls.protocol.version", version));
+        }
+        if let Some(ns) = self.handshake_ns {
+            attributes.push(Attribute::int("periscope.tls.handshake.duration_ns", ns as i64));
+        }
+    }
+}
+
 /// Room for the attributes an HTTP span can get (TLS, error and incomplete
 /// ones included), before the phase durations the caller adds.
 const HTTP_ATTRIBUTES: usize = 17;
@@ -154,13 +168,7 @@ pub fn build(
     attributes.push(Attribute::str("url.path", path));
 
     if let Some(tls) = tls {
-        attributes.push(Attribute::str("tls.protocol.name", "tls"));
-        if let Some(version) = tls.version {
-            attributes.push(Attribute::str("tls.protocol.version", version));
-        }
-        if let Some(ns) = tls.handshake_ns {
-            attributes.push(Attribute::int("periscope.tls.handshake.duration_ns", ns as i64));
-        }
+        tls.add_attributes(&mut attributes);
     }
     let is_error = match (ex.side, ex.status) {
         (Side::Server, Some(s)) => s >= 500,
@@ -178,12 +186,30 @@ pub fn build(
         attributes.push(Attribute::str("periscope.incomplete", reason));
     }
 
+    let name = Cow::Borrowed(if method_known { method } else { "HTTP" });
+    exchange_span(ex, name, kind, start_ns, attributes, status, resource, clock)
+}
+
+/// The span of an exchange from its parts: it starts at `start_ns` (or the
+/// request's first byte if earlier) and ends with the response's last byte
+/// (the request's, without a response). Ids are left for the caller.
+#[allow(clippy::too_many_arguments)]
+pub fn exchange_span(
+    ex: &Exchange,
+    name: Cow<'static, str>,
+    kind: SpanKind,
+    start_ns: u64,
+    attributes: Vec<Attribute>,
+    status: SpanStatus,
+    resource: Arc<Resource>,
+    clock: &Clock,
+) -> Span {
     let end_ns = ex.response_end_ns.unwrap_or(ex.request_end_ns).max(ex.request_start_ns);
     Span {
         trace_id: [0; 16],
         span_id: [0; 8],
         parent_span_id: None,
-        name: Cow::Borrowed(if method_known { method } else { "HTTP" }),
+        name,
         kind,
         start_unix_nano: clock.to_unix_nanos(start_ns.min(ex.request_start_ns)),
         end_unix_nano: clock.to_unix_nanos(end_ns),

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use compact_str::{CompactString, ToCompactString};
 
 use super::clock::Clock;
-use super::http::{TlsSpanInfo, split_host};
+use super::http::{TlsSpanInfo, exchange_span, split_host};
 use super::model::{Attribute, Resource, Span, SpanKind, SpanStatus};
 use crate::connections::Connection;
 use crate::protocols::exchange::{Exchange, Side};
@@ -93,13 +93,7 @@ pub fn build(
     attributes.push(Attribute::str("network.protocol.name", "http"));
     attributes.push(Attribute::str("network.protocol.version", ex.version.as_str()));
     if let Some(tls) = tls {
-        attributes.push(Attribute::str("tls.protocol.name", "tls"));
-        if let Some(version) = tls.version {
-            attributes.push(Attribute::str("tls.protocol.version", version));
-        }
-        if let Some(ns) = tls.handshake_ns {
-            attributes.push(Attribute::int("periscope.tls.handshake.duration_ns", ns as i64));
-        }
+        tls.add_attributes(&mut attributes);
     }
     let mut status = SpanStatus::Unset;
     if let Some(code) = ex.grpc_status {
@@ -125,19 +119,7 @@ pub fn build(
     if let Some(reason) = ex.incomplete {
         attributes.push(Attribute::str("periscope.incomplete", reason));
     }
-    let end_ns = ex.response_end_ns.unwrap_or(ex.request_end_ns).max(ex.request_start_ns);
-    Span {
-        trace_id: [0; 16],
-        span_id: [0; 8],
-        parent_span_id: None,
-        name,
-        kind,
-        start_unix_nano: clock.to_unix_nanos(start_ns.min(ex.request_start_ns)),
-        end_unix_nano: clock.to_unix_nanos(end_ns),
-        attributes,
-        status,
-        resource,
-    }
+    exchange_span(ex, name, kind, start_ns, attributes, status, resource, clock)
 }
 
 #[cfg(test)]
