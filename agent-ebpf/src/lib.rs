@@ -56,6 +56,9 @@ pub mod data_flags {
     /// An earlier data event of this socket could not be written (the ring
     /// was full): the daemon's view of the byte stream has a hole.
     pub const LOST_BEFORE: u8 = 1;
+    /// An earlier data event of this thread could not be written: what the
+    /// daemon thinks the thread is serving may be stale.
+    pub const THREAD_LOST_BEFORE: u8 = 2;
 }
 
 /// Which system call family carried a data event (decides how its user

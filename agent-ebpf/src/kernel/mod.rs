@@ -156,6 +156,13 @@ fn output_bytes_flags(data: *const c_void, size: u64, probe_id: u32, wake_now: b
 #[map]
 static LOSSY_SOCKS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
 
+/// The same by thread: a thread whose data event was lost may have answered
+/// a request the daemon still thinks it is serving, so its next event says
+/// so and the daemon forgets what the thread was serving (no link is then
+/// made from a stale request).
+#[map]
+static LOSSY_THREADS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
+
 #[map]
 static ANY_LOSSY: aya_ebpf::maps::Array<u32> = aya_ebpf::maps::Array::with_max_entries(1, 0);
 
@@ -164,12 +171,20 @@ static ANY_LOSSY: aya_ebpf::maps::Array<u32> = aya_ebpf::maps::Array::with_max_e
 #[inline(always)]
 fn output_data(data: *mut periscope_ebpf::DataEvent, size: u64, sk: u64, probe_id: u32) {
     let any = ANY_LOSSY.get(0).copied().unwrap_or(0) != 0;
-    if any && unsafe { LOSSY_SOCKS.get(&sk) }.is_some() {
-        unsafe { (*data).flags |= periscope_ebpf::data_flags::LOST_BEFORE };
-        let _ = LOSSY_SOCKS.remove(&sk);
+    let tid = unsafe { (*data).tid };
+    if any {
+        if unsafe { LOSSY_SOCKS.get(&sk) }.is_some() {
+            unsafe { (*data).flags |= periscope_ebpf::data_flags::LOST_BEFORE };
+            let _ = LOSSY_SOCKS.remove(&sk);
+        }
+        if unsafe { LOSSY_THREADS.get(&tid) }.is_some() {
+            unsafe { (*data).flags |= periscope_ebpf::data_flags::THREAD_LOST_BEFORE };
+            let _ = LOSSY_THREADS.remove(&tid);
+        }
     }
     if !output_bytes_flags(data as *const c_void, size, probe_id, false) {
         let _ = LOSSY_SOCKS.insert(&sk, &1, 0);
+        let _ = LOSSY_THREADS.insert(&tid, &1, 0);
         if !any {
             if let Some(flag) = ANY_LOSSY.get_ptr_mut(0) {
                 unsafe { *flag = 1 };

@@ -232,6 +232,9 @@ impl Pipeline {
                         return;
                     }
                 };
+                if event.flags & data_flags::THREAD_LOST_BEFORE != 0 {
+                    self.links.forget_thread(event.tid);
+                }
                 let egress = event.direction == direction::EGRESS;
                 if event.flags & data_flags::LOST_BEFORE != 0 && !conn.out_of_step {
                     conn.out_of_step = true;

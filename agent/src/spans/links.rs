@@ -222,6 +222,12 @@ impl TraceLinks {
         }
     }
 
+    /// Thread `tid` lost events: the requests it was serving may be answered
+    /// already, so none is a parent any more.
+    pub fn forget_thread(&mut self, tid: u32) {
+        self.serving.remove(&tid);
+    }
+
     /// Forgets link ends older than the TTL, and served requests that ended.
     pub fn expire(&mut self, now_ns: u64, is_open: impl Fn(u64, u64, &IdentityRef) -> bool) {
         let cutoff = now_ns.saturating_sub(LINK_TTL_NS);

@@ -821,25 +821,4 @@ mod tests {
 
 #[cfg(test)]
 mod bench {
-    #[test]
-    #[ignore]
-    fn huffman_costs() {
-        use loona_hpack::huffman::HuffmanDecoder;
-        use std::time::Instant;
-        let s = [
-            0xf1u8, 0xe3, 0xc2, 0xe5, 0xf2, 0x3a, 0x6b, 0xa0, 0xab, 0x90, 0xf4, 0xff,
-        ];
-        let n = 20_000;
-        let t = Instant::now();
-        for _ in 0..n {
-            std::hint::black_box(HuffmanDecoder::new());
-        }
-        eprintln!("new: {} ns", t.elapsed().as_nanos() / n);
-        let mut d = HuffmanDecoder::new();
-        let t = Instant::now();
-        for _ in 0..n {
-            std::hint::black_box(d.decode(std::hint::black_box(&s)).ok());
-        }
-        eprintln!("decode 15 chars: {} ns", t.elapsed().as_nanos() / n);
-    }
 }
