@@ -79,6 +79,8 @@ pub struct HpackDecoder {
     rep: Vec<u8>,
     /// A literal rewritten with plain strings.
     lit: Vec<u8>,
+    /// The blocks are responses: request-only fields are skipped undecoded.
+    responses_only: bool,
 }
 
 impl HpackDecoder {
@@ -91,9 +93,15 @@ impl HpackDecoder {
             pending: Vec::new(),
             rep: Vec::new(),
             lit: Vec::new(),
+            responses_only: false,
         };
         d.dec.set_max_allowed_table_size(d.allowed);
         d
+    }
+
+    /// Only response fields are read from this direction's blocks.
+    pub fn set_responses_only(&mut self, yes: bool) {
+        self.responses_only = yes;
     }
 
     #[allow(dead_code)] // tests and the fuzz targets
@@ -225,11 +233,32 @@ impl HpackDecoder {
                 let Some(end) = skip_string(rest, name_end) else {
                     return self.malformed(complete, strict);
                 };
+                // A field the table does not keep and whose name we do not
+                // read (date, server, etag...) is skipped undecoded: its
+                // Huffman value was most of a response's decoding cost.
+                if !indexing && !wanted_name(name_index, &rest[n..name_end], self.responses_only) {
+                    p += end;
+                    continue;
+                }
                 let huffman =
                     rest[name_end] & 0x80 != 0 || (name_index == 0 && rest[n] & 0x80 != 0);
                 let mut lit = std::mem::take(&mut self.lit);
                 lit.clear();
-                let (fed, value_at) = if huffman {
+                // A field the table keeps under a static name we never read
+                // (date, server, ...): inserted with an empty value instead
+                // of decoding it. Sound: an entry smaller than the peer's
+                // only makes our table evict later, so it stays a longer
+                // newest-first list of the same history, and any index the
+                // peer sends names the same entry in both; ours just holds
+                // no value nobody reads.
+                let unread =
+                    indexing && (15..=61).contains(&name_index) && !wanted_name(name_index, &[], self.responses_only);
+                let (fed, value_at) = if unread {
+                    lit.extend_from_slice(&rest[..n]);
+                    let value_at = lit.len();
+                    lit.push(0);
+                    (self.feed(&lit, sink).is_ok(), Some(value_at))
+                } else if huffman {
                     lit.extend_from_slice(&rest[..n]);
                     let name_ok = name_index != 0 || plain_string(&rest[n..name_end], &mut lit);
                     let value_at = lit.len();
@@ -340,6 +369,29 @@ thread_local! {
 
 /// Appends the string literal `s` (§5.2) as a plain (not Huffman-coded)
 /// literal; false, and nothing appended, if its Huffman code is invalid.
+/// Whether a literal's name (a static table index, or the name string
+/// when `index` is 0) may be one the HTTP/2 parser reads: the pseudo-headers,
+/// host, user-agent, content-length, content-type, traceparent and
+/// grpc-status; in a direction that carries responses only, :status and
+/// grpc-status. A Huffman-coded name string is not compared: it counts as
+/// wanted (decoded, then filtered by the parser).
+fn wanted_name(index: usize, name_string: &[u8], responses_only: bool) -> bool {
+    const NAMES: [&[u8]; 6] = [b"host", b"user-agent", b"content-length", b"content-type", b"traceparent", b"grpc-status"];
+    match index {
+        0 => {
+            let Some((&first, name)) = name_string.split_first() else { return true };
+            first & 0x80 != 0
+                || name.first() == Some(&b':')
+                || if responses_only { name == b"grpc-status" } else { NAMES.contains(&name) }
+        }
+        8..=14 => true,
+        1..=7 | 28 | 31 | 38 | 58 => !responses_only,
+        15..=61 => false,
+        // Dynamic table names: decoded (the crate resolves them).
+        _ => true,
+    }
+}
+
 fn plain_string(s: &[u8], out: &mut Vec<u8>) -> bool {
     let Some((len, n)) = decode_int(s, 7) else {
         return false;
@@ -657,29 +709,32 @@ mod tests {
             0x72, 0xc1, 0xab, 0x27, 0x0f, 0xb5, 0x29, 0x1f, 0x95, 0x87, 0x31, 0x60, 0x65, 0xc0,
             0x03, 0xed, 0x4e, 0xe5, 0xb1, 0x06, 0x3d, 0x50, 0x07,
         ];
-        let cookie = "foo=ASDJKHQKBZXOQWEOPIUAXQWEOIU; max-age=3600; version=1";
+        // Fields the table keeps under a static name the parser never reads
+        // are inserted with an empty value, undecoded (their entries are
+        // smaller than the peer's: ours evicts later, and the indices the
+        // peer sends still name the same entries).
         let mut d = HpackDecoder::new(false);
         let want1 = vec![
             known(":status", "302"),
-            known("cache-control", "private"),
-            known("date", "Mon, 21 Oct 2013 20:13:21 GMT"),
-            known("location", "https://www.example.com"),
+            known("cache-control", ""),
+            known("date", ""),
+            known("location", ""),
         ];
         assert_eq!(decode(&mut d, &c61), (want1, false));
         let want2 = vec![
             known(":status", "307"),
-            known("cache-control", "private"),
-            known("date", "Mon, 21 Oct 2013 20:13:21 GMT"),
-            known("location", "https://www.example.com"),
+            known("cache-control", ""),
+            known("date", ""),
+            known("location", ""),
         ];
         assert_eq!(decode(&mut d, &c62), (want2, false));
         let want3 = vec![
             known(":status", "200"),
-            known("cache-control", "private"),
-            known("date", "Mon, 21 Oct 2013 20:13:22 GMT"),
-            known("location", "https://www.example.com"),
-            known("content-encoding", "gzip"),
-            known("set-cookie", cookie),
+            known("cache-control", ""),
+            known("date", ""),
+            known("location", ""),
+            known("content-encoding", ""),
+            known("set-cookie", ""),
         ];
         assert_eq!(decode(&mut d, &c63), (want3, false));
         assert!(!d.is_lenient());
@@ -691,10 +746,10 @@ mod tests {
             vec![
                 known(":status", "200"),
                 None,
-                known("date", "Mon, 21 Oct 2013 20:13:22 GMT"),
+                known("date", ""),
                 None,
-                known("content-encoding", "gzip"),
-                known("set-cookie", cookie),
+                known("content-encoding", ""),
+                known("set-cookie", ""),
             ]
         );
     }

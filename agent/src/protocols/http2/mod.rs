@@ -1020,6 +1020,9 @@ impl Half {
             reason
         };
         let mut f = Fields::default();
+        // A direction known to carry responses only needs :status and
+        // grpc-status: the request-only fields are not decoded there.
+        self.hpack.set_responses_only(sh.req_dir().is_some_and(|d| d != cx.dir));
         if reason.is_none() {
             if self.hpack.decode_block(&self.block, &mut |e| f.on(e)) {
                 sh.counters.hpack_errors += 1;
