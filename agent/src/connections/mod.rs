@@ -303,6 +303,12 @@ impl ConnectionTable {
         (!self.replaced.is_empty()).then(|| std::mem::take(&mut self.replaced))
     }
 
+    /// Whether `sock` still carries the connection with these ports (a
+    /// closed socket's memory can serve a new connection within one batch).
+    pub fn carries(&self, sock: u64, local_port: u16, peer_port: u16) -> bool {
+        self.by_sock.get(&sock).is_some_and(|c| c.local.port() == local_port && c.peer.port() == peer_port)
+    }
+
     pub fn get(&self, sock: u64) -> Option<&Connection> {
         self.by_sock.get(&sock)
     }

@@ -628,7 +628,7 @@ impl Pipeline {
             // Only if the socket still carries the connection that asked: a
             // closed socket's memory can serve a new connection within one
             // batch, and that one must not be ignored.
-            if self.connections.get_mut(sock).is_some_and(|c| c.local.port() == local && c.peer.port() == peer) {
+            if self.connections.carries(sock, local, peer) {
                 self.ignore_batch.push((sock, local, peer));
             }
         }
@@ -640,9 +640,7 @@ impl Pipeline {
     /// the connection that asked (see [`Self::take_ignore_batch`]).
     pub fn take_widen_batch(&mut self) -> Vec<(u64, u16, u16)> {
         let mut batch = std::mem::take(&mut self.widen_requests);
-        batch.retain(|&(sock, local, peer)| {
-            self.connections.get_mut(sock).is_some_and(|c| c.local.port() == local && c.peer.port() == peer)
-        });
+        batch.retain(|&(sock, local, peer)| self.connections.carries(sock, local, peer));
         batch
     }
 

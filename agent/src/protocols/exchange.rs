@@ -68,6 +68,13 @@ pub enum Feed {
     NotHttp,
 }
 
+/// A gRPC path `/package.Service/Method` split into its service and
+/// method; None when the path is not of that shape.
+pub fn grpc_path(path: &str) -> Option<(&str, &str)> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some((service, method))
+}
+
 /// The HTTP version an exchange was carried by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HttpVersion {

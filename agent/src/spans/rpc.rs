@@ -15,7 +15,7 @@ use super::clock::Clock;
 use super::http::{TlsSpanInfo, exchange_span, split_host};
 use super::model::{Attribute, Resource, Span, SpanKind, SpanStatus};
 use crate::connections::Connection;
-use crate::protocols::exchange::{Exchange, Side};
+use crate::protocols::exchange::{Exchange, Side, grpc_path};
 
 /// gRPC status codes by number (google.golang.org/grpc/codes).
 const CODE_NAMES: [&str; 17] = [
@@ -49,13 +49,6 @@ pub fn code_name(code: u32) -> Option<&'static str> {
     CODE_NAMES.get(code as usize).copied()
 }
 
-/// `/package.Service/Method` into its service and method; None when the
-/// path is not of that shape.
-pub fn split_path(path: &str) -> Option<(&str, &str)> {
-    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
-    (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some((service, method))
-}
-
 const RPC_ATTRIBUTES: usize = 14;
 
 /// The span of one gRPC call; see [`super::http::build`] for the arguments
@@ -71,7 +64,7 @@ pub fn build(
 ) -> Span {
     let mut attributes = Vec::with_capacity(RPC_ATTRIBUTES + extra);
     attributes.push(Attribute::str("rpc.system", "grpc"));
-    let name: Cow<'static, str> = match split_path(&ex.path) {
+    let name: Cow<'static, str> = match grpc_path(&ex.path) {
         Some((service, method)) => {
             attributes.push(Attribute::str("rpc.service", CompactString::from(service)));
             attributes.push(Attribute::str("rpc.method", CompactString::from(method)));
@@ -206,10 +199,10 @@ mod tests {
 
     #[test]
     fn paths() {
-        assert_eq!(split_path("/a.B/C"), Some(("a.B", "C")));
-        assert_eq!(split_path("/a.B/"), None);
-        assert_eq!(split_path("a.B/C"), None);
-        assert_eq!(split_path("/a/b/c"), None);
+        assert_eq!(grpc_path("/a.B/C"), Some(("a.B", "C")));
+        assert_eq!(grpc_path("/a.B/"), None);
+        assert_eq!(grpc_path("a.B/C"), None);
+        assert_eq!(grpc_path("/a/b/c"), None);
         assert_eq!(code_name(14), Some("UNAVAILABLE"));
         assert_eq!(code_name(99), None);
     }

@@ -705,9 +705,7 @@ impl Fields {
 /// before Periscope saw the connection) is a gRPC call when it has gRPC's
 /// shape: POST to `/package.Service/Method`.
 fn looks_like_grpc_call(method: Option<&str>, path: Option<&str>) -> bool {
-    let Some(rest) = path.and_then(|p| p.strip_prefix('/')) else { return false };
-    method == Some("POST")
-        && rest.split_once('/').is_some_and(|(service, m)| service.contains('.') && !m.is_empty() && !m.contains('/'))
+    method == Some("POST") && path.and_then(super::exchange::grpc_path).is_some_and(|(service, _)| service.contains('.'))
 }
 
 fn text(v: &[u8]) -> CompactString {
