@@ -317,9 +317,6 @@ impl ConnectionTable {
     /// served on `sock` (read, its response not started).
     pub fn serving_request(&self, sock: u64, seq: u64, id: &IdentityRef) -> bool {
         let Some(conn) = self.by_sock.get(&sock) else { return false };
-        if conn.out_of_step {
-            return false;
-        }
         let ProtocolState::Stream(parser) = &conn.protocol else { return false };
         conn.requests.iter().any(|(s, i)| *s == seq && std::rc::Rc::ptr_eq(i, id)) && parser.awaiting_response(seq)
     }

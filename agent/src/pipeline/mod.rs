@@ -212,6 +212,11 @@ impl Pipeline {
             Event::Data { event, payload, tail } => {
                 self.processes.observe(event.header.tgid);
                 self.now_ns = self.now_ns.max(event.header.ts_ns);
+                // First, whatever this event is: the flag is the thread's, and
+                // this event is the only one that carries it.
+                if event.flags & data_flags::THREAD_LOST_BEFORE != 0 {
+                    self.links.forget_thread(event.tid);
+                }
                 if event.tuple.protocol == IPPROTO_UDP {
                     self.on_dns_datagram(&event, payload);
                     return;
@@ -232,9 +237,6 @@ impl Pipeline {
                         return;
                     }
                 };
-                if event.flags & data_flags::THREAD_LOST_BEFORE != 0 {
-                    self.links.forget_thread(event.tid);
-                }
                 let egress = event.direction == direction::EGRESS;
                 if event.flags & data_flags::LOST_BEFORE != 0 && !conn.out_of_step {
                     conn.out_of_step = true;
@@ -405,8 +407,17 @@ impl Pipeline {
             let mut outcome = LinkOutcome::default();
             let identity = match parser.side() {
                 // Events of this connection were lost: its request numbering
-                // may be off, so it is linked to nothing.
-                Some(_) if conn.out_of_step => Identity::root(&mut self.rng, true),
+                // may be off, so it is linked to nothing; a request it serves
+                // still makes the thread's calls ambiguous while open.
+                Some(side) if conn.out_of_step => {
+                    let identity = Identity::root(&mut self.rng, true);
+                    if side == Side::Server {
+                        let connections = &self.connections;
+                        let is_open = |sock: u64, seq: u64, id: &IdentityRef| connections.serving_request(sock, seq, id);
+                        self.links.server_request_unlinked(tid, sock, seq, &identity, is_open);
+                    }
+                    identity
+                }
                 Some(Side::Client) => {
                     let connections = &self.connections;
                     let is_open = |sock: u64, seq: u64, id: &IdentityRef| connections.serving_request(sock, seq, id);

@@ -59,6 +59,10 @@ struct Serving {
     sock: u64,
     seq: u64,
     identity: IdentityRef,
+    /// False for a request on a connection that lost events: it is never a
+    /// parent, but while it is open the thread is serving more than one
+    /// request as far as any call it makes is concerned.
+    may_parent: bool,
 }
 
 /// What happened when a request started, for the counters.
@@ -184,12 +188,31 @@ impl TraceLinks {
             }
             (None, None) => Identity::root(rng, true),
         };
+        self.note_serving(tid, Serving { sock, seq, identity: identity.clone(), may_parent: true }, is_open);
+        identity
+    }
+
+    /// Thread `tid` read request `seq` on `sock`, a connection that lost
+    /// events and so takes part in no link: while it is open, a call the
+    /// thread makes may be on its behalf, so no other request it serves is
+    /// that call's parent.
+    pub fn server_request_unlinked(
+        &mut self,
+        tid: u32,
+        sock: u64,
+        seq: u64,
+        identity: &IdentityRef,
+        is_open: impl Fn(u64, u64, &IdentityRef) -> bool,
+    ) {
+        self.note_serving(tid, Serving { sock, seq, identity: identity.clone(), may_parent: false }, is_open);
+    }
+
+    fn note_serving(&mut self, tid: u32, serving: Serving, is_open: impl Fn(u64, u64, &IdentityRef) -> bool) {
         let served = self.serving.entry(tid).or_default();
         // Requests this thread already answered leave first: the list stays
         // as long as what the thread has in flight.
         served.retain(|s| is_open(s.sock, s.seq, &s.identity));
-        served.push(Serving { sock, seq, identity: identity.clone() });
-        identity
+        served.push(serving);
     }
 
     fn remember(&mut self, key: LinkKey, entry: LinkEntry, outcome: &mut LinkOutcome) {
@@ -214,7 +237,8 @@ impl TraceLinks {
                 self.serving.remove(&tid);
                 None
             }
-            1 => Some(entries[0].identity.clone()),
+            1 if entries[0].may_parent => Some(entries[0].identity.clone()),
+            1 => None,
             _ => {
                 outcome.ambiguous = true;
                 None
@@ -294,6 +318,29 @@ mod tests {
         assert!(!call.has_parent() && !o.ambiguous);
         let call = links.client_request(7, addr("10.0.0.1:41003"), addr("10.0.0.2:80"), 0, 7, 0, rng, |sock, _, _| sock == 2, &mut o);
         assert!(call.has_parent());
+    }
+
+    #[test]
+    fn an_open_request_on_a_lossy_connection_blocks_in_process_links() {
+        let rng = &mut rand::rng();
+        let mut links = TraceLinks::new(100);
+        let up = addr("10.0.0.9:5000");
+        let mut o = LinkOutcome::default();
+        let served = links.server_request(7, 1, addr("10.0.0.1:80"), up, 0, 7, None, 0, rng, |_, _, _| true, &mut o);
+        // Request 20 arrives on a connection that lost events: unlinked,
+        // but the thread now serves two requests.
+        let lossy = Identity::root(rng, true);
+        links.server_request_unlinked(7, 2, 0, &lossy, |_, _, _| true);
+        let call = links.client_request(7, addr("10.0.0.1:41000"), addr("10.0.0.2:80"), 0, 7, 0, rng, |_, _, _| true, &mut o);
+        assert!(!call.has_parent() && o.ambiguous);
+        // Once it is answered, the other request is the parent again.
+        let call = links.client_request(7, addr("10.0.0.1:41002"), addr("10.0.0.2:80"), 0, 7, 0, rng, |sock, _, _| sock == 1, &mut o);
+        assert_eq!(call.parent_span_id(), Some(served.span_id()));
+        // Alone, it is no parent.
+        let mut o = LinkOutcome::default();
+        links.server_request_unlinked(9, 3, 0, &lossy, |_, _, _| true);
+        let call = links.client_request(9, addr("10.0.0.1:41001"), addr("10.0.0.2:80"), 0, 7, 0, rng, |_, _, _| true, &mut o);
+        assert!(!call.has_parent() && !o.in_process);
     }
 
     #[test]
