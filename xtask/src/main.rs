@@ -5,11 +5,14 @@
 //! - `build [--release]`    setup, then build the agent (its build script builds the eBPF side)
 //! - `run [-- ARGS]`        setup, release build, exec `periscope run ARGS` (needs root)
 //! - `test [--release]`     setup --test-deps, build, unit tests, then end-to-end tests (needs root)
-//! - `bench [--quick] [--profile]`  the agent's cost: nginx (wrk, ab, hey) and Flask/gunicorn against no agent, the no-op floor and OTel;
+//! - `bench [--quick] [--profile]`  the agent's cost: nginx (wrk, ab, hey, h2load), a Go HTTPS server (wrk), gRPC and Flask/gunicorn against no agent, the no-op floor and OTel;
 //!   scaling; CPU per request by part; `--profile`: a perf flame graph of the agent under load (alone: only that)
+//! - `go-offsets [--check]`  regenerate the agent's Go struct offsets table from
+//!   every Go toolchain's DWARF; `--check`: fail if the checked-in table differs
 
 mod bench;
 mod cmd;
+mod go_offsets;
 mod setup;
 mod test;
 
@@ -17,7 +20,7 @@ use anyhow::{Result, bail};
 use setup::Setup;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <setup [--test-deps] | build [--release] | run [-- ARGS] | test [--release] | bench [--quick] [--profile]>";
+const USAGE: &str = "usage: cargo xtask <setup [--test-deps] | build [--release] | run [-- ARGS] | test [--release] | bench [--quick] [--profile] | go-offsets [--check]>";
 
 fn main() -> ExitCode {
     // Everything below (bpf-linker, nested cargo, aya-build) needs ~/.cargo/bin on PATH.
@@ -69,6 +72,10 @@ fn real_main() -> Result<ExitCode> {
                 given.contains(&"--quick"),
                 given.contains(&"--profile"),
             ))?;
+        }
+        "go-offsets" => {
+            let check = flags(&rest, &["--check"])?.contains(&"--check");
+            go_offsets::run(check)?;
         }
         "-h" | "--help" | "help" => eprintln!("{USAGE}"),
         other => {

