@@ -59,6 +59,9 @@ pub mod data_flags {
     /// An earlier data event of this thread could not be written: what the
     /// daemon thinks the thread is serving may be stale.
     pub const THREAD_LOST_BEFORE: u8 = 2;
+    /// `tid` is a Go goroutine id (its low 32 bits), not a thread: Go moves
+    /// goroutines between threads, so requests are followed by goroutine.
+    pub const GOROUTINE: u8 = 4;
 }
 
 /// Which system call family carried a data event (decides how its user
@@ -249,13 +252,39 @@ pub mod kernel_counter {
     /// TLS library calls that touched no socket and could not be tied to one
     /// (in-memory TLS): not network traffic the daemon could place.
     pub const TLS_UNLINKED: u32 = 0;
-    pub const COUNT: u32 = 1;
+    /// Go crypto/tls calls in a process whose offsets the daemon has not
+    /// set (yet): nothing could be read.
+    pub const GO_NO_OFFSETS: u32 = 1;
+    /// Go crypto/tls calls whose connection did not lead to a TCP socket
+    /// (a net.Conn that is not a *net.TCPConn, or a closed descriptor).
+    pub const GO_NO_SOCKET: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Which TLS library a uprobe event came from.
 pub mod tls_library {
     pub const OPENSSL: u8 = 1;
     pub const GNUTLS: u8 = 2;
+    pub const GO: u8 = 3;
+}
+
+/// What the Go uprobes read in one Go process (struct field offsets for its
+/// Go version, from its DWARF or the checked-in table), set by the daemon in
+/// the `GO_PROCESSES` map before any of its calls are read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GoProcess {
+    /// `runtime.g.goid`
+    pub g_goid: u32,
+    /// `crypto/tls.Conn.conn`, a `net.Conn` interface (itab, data).
+    pub tls_conn_conn: u32,
+    /// `net.conn.fd` (`*net.TCPConn` embeds `net.conn` at offset 0).
+    pub net_conn_fd: u32,
+    /// `net.netFD.pfd`
+    pub netfd_pfd: u32,
+    /// `internal/poll.FD.Sysfd`
+    pub pfd_sysfd: u32,
+    pub _pad: u32,
 }
 
 /// A TLS handshake completed (the call to SSL_do_handshake or
@@ -318,6 +347,14 @@ pub struct KernelOffsets {
     pub task_mm: u32,
     pub mm_env_start: u32,
     pub mm_env_end: u32,
+    /// task_struct.files, files_struct.fdt, fdtable.fd, fdtable.max_fds,
+    /// file.private_data, socket.sk: from a file descriptor to its socket.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_fd: u32,
+    pub fdtable_max_fds: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
     /// Non-zero when `sock_common` starts with daddr, rcv_saddr, hash,
     /// dport, num, family back to back (as on x86_64 since 2.6): the
     /// programs then read all of them with one copy.

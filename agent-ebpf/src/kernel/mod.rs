@@ -1,6 +1,7 @@
 //! Maps, load-time globals and helpers shared by the programs.
 
 mod filter;
+mod go_tls;
 mod lifecycle;
 mod resolver;
 mod socket_io;
@@ -68,6 +69,12 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     task_mm: 0,
     mm_env_start: 0,
     mm_env_end: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdtable_fd: 0,
+    fdtable_max_fds: 0,
+    file_private_data: 0,
+    socket_sk: 0,
     sock_common_packed: 0,
     pt_regs_packed: 0,
 });

@@ -348,6 +348,32 @@ pub fn render_status(r: &StatusReport) -> String {
         let _ = writeln!(o, "{line}");
     }
 
+    if !r.go_programs.is_empty() {
+        let _ = writeln!(o, "\nGo programs:");
+    }
+    for g in &r.go_programs {
+        let state = match g.state {
+            TlsState::Attached => "attached",
+            TlsState::NotVisible => "not visible",
+            TlsState::Detached => "detached",
+        };
+        let mut line = format!("  {state:<11} {:<10} {}", g.go_version, g.path);
+        if let Some(offsets) = &g.offsets {
+            let _ = write!(line, " [offsets: {offsets}]");
+        }
+        if !g.functions.is_empty() {
+            let _ = write!(line, " ({})", short_list(&g.functions, 7));
+        }
+        if !g.pids.is_empty() {
+            let pids: Vec<String> = g.pids.iter().map(u32::to_string).collect();
+            let _ = write!(line, " pids {}", short_list(&pids, 5));
+        }
+        if let Some(reason) = &g.reason {
+            let _ = write!(line, ": {reason}");
+        }
+        let _ = writeln!(o, "{line}");
+    }
+
     let _ = writeln!(o, "\ntraced processes ({}):", r.processes.len());
     for p in &r.processes {
         let _ = writeln!(o, "  {:>7}  {:<20} {}", p.pid, p.service_name, p.executable);

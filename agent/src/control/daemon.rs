@@ -16,7 +16,7 @@ use periscope_ebpf::control::{
 use super::metrics::counters_from_stats;
 use super::protocol::{
     ExporterStatus, Feature, FeatureChange, FeatureStatus, Filter, FilterChange, KernelFeature, ProcessStatus,
-    Request, Response, SampleChange, StatusReport, TlsLibraryStatus, TlsState,
+    GoProgramStatus, Request, Response, SampleChange, StatusReport, TlsLibraryStatus, TlsState,
 };
 use crate::export::{ExporterHealth, SpanSink};
 use crate::pipeline::{Pipeline, Sampler};
@@ -223,6 +223,34 @@ impl ControlState {
             reason: Some(reason.clone()),
             ..Default::default()
         }));
+        let mut go_programs: Vec<GoProgramStatus> = probes
+            .go
+            .iter()
+            .map(|g| GoProgramStatus {
+                path: g.target.display_path.clone(),
+                go_version: g.target.go_version.clone(),
+                state: match (g.attached(), probes.tls_enabled()) {
+                    (true, _) => TlsState::Attached,
+                    (false, false) => TlsState::Detached,
+                    (false, true) => TlsState::NotVisible,
+                },
+                functions: g.functions.iter().map(|f| f.to_string()).collect(),
+                offsets: Some(g.target.offsets_source.as_str().to_string()),
+                pids: g.pids.iter().copied().collect(),
+                reason: match (g.attached(), probes.tls_enabled()) {
+                    (false, false) => Some("tls is disabled".into()),
+                    _ if !g.errors.is_empty() => Some(g.errors.join("; ")),
+                    _ => None,
+                },
+            })
+            .collect();
+        go_programs.extend(pipeline.go_not_visible().iter().map(|(path, version, reason)| GoProgramStatus {
+            path: path.clone(),
+            go_version: version.clone(),
+            state: TlsState::NotVisible,
+            reason: Some(reason.clone()),
+            ..Default::default()
+        }));
         let state = sink.state();
         let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).ok();
         let (healthy, last_error, failing_since) = match &state.health {
@@ -250,6 +278,7 @@ impl ControlState {
             kernel,
             features,
             tls_libraries,
+            go_programs,
             processes: pipeline
                 .processes()
                 .map(|r| ProcessStatus {
@@ -263,6 +292,9 @@ impl ControlState {
                 let mut c = counters_from_stats(stats);
                 // Unlinked TLS calls are counted in the kernel (never sent).
                 *c.entry("tls_unlinked".to_string()).or_default() += probes.tls_unlinked();
+                use periscope_ebpf::kernel_counter::{GO_NO_OFFSETS, GO_NO_SOCKET};
+                c.insert("go_tls_calls_without_offsets".into(), probes.kernel_counter(GO_NO_OFFSETS));
+                c.insert("go_tls_calls_without_socket".into(), probes.kernel_counter(GO_NO_SOCKET));
                 c
             },
             lost_per_probe: probes.lost_events().into_iter().map(|(n, v)| (n.to_string(), v)).collect(),

@@ -438,6 +438,9 @@ pub struct StatusReport {
     pub kernel: Vec<KernelFeature>,
     pub features: BTreeMap<Feature, FeatureStatus>,
     pub tls_libraries: Vec<TlsLibraryStatus>,
+    /// Go executables found (Go carries its own TLS).
+    #[serde(default)]
+    pub go_programs: Vec<GoProgramStatus>,
     /// Processes seen with traffic.
     pub processes: Vec<ProcessStatus>,
     /// Connections tracked right now.
@@ -449,6 +452,26 @@ pub struct StatusReport {
     pub exporter: ExporterStatus,
     pub filter: Filter,
     pub sample_ratio: f64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GoProgramStatus {
+    pub path: String,
+    /// `go1.21.13`, or `unknown`.
+    pub go_version: String,
+    pub state: TlsState,
+    /// Functions the uprobes are attached to.
+    #[serde(default)]
+    pub functions: Vec<String>,
+    /// Where the struct offsets came from: `dwarf` or `table`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offsets: Option<String>,
+    /// Processes running it.
+    #[serde(default)]
+    pub pids: Vec<u32>,
+    /// Why it is not visible, or what failed to attach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

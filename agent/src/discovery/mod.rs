@@ -5,3 +5,6 @@ pub mod process;
 pub mod resolver;
 pub mod tls_libraries;
 pub mod tls_watch;
+pub mod go_binary;
+pub mod go_offsets;
+pub mod go_programs;

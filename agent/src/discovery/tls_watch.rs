@@ -14,6 +14,9 @@ use std::sync::mpsc;
 
 use log::{debug, warn};
 
+use std::sync::Arc;
+
+use super::go_programs::{GoInspection, GoScanner, GoTarget};
 use super::tls_libraries::{FileId, Inspection, TlsLibraryScanner, TlsTarget, inspect_file_as};
 
 /// Where distributions keep shared libraries.
@@ -24,6 +27,12 @@ const SYSTEM_TLS_PREFIXES: &[&str] = &["libssl.so", "libgnutls.so"];
 pub enum Discovered {
     Attach(TlsTarget),
     NotVisible { display_path: String, reason: String },
+    /// A Go executable to hook (reported once per file).
+    GoProgram(Arc<GoTarget>),
+    /// A Go executable whose TLS cannot be seen (once per file).
+    GoNotVisible { display_path: String, go_version: String, reason: String },
+    /// A process runs the Go executable `file` (every scan of it).
+    GoProcess { pid: u32, file: FileId },
     /// Everything present at start has been reported.
     InitialScanDone,
 }
@@ -51,6 +60,7 @@ impl TlsWatch {
         let (found_tx, found) = tokio::sync::mpsc::unbounded_channel();
         std::thread::Builder::new().name("tls-discovery".into()).spawn(move || {
             let mut scanner = TlsLibraryScanner::new(proc_root);
+            let mut go_scanner = GoScanner::new(proc_root);
             let mut reported: HashSet<FileId> = HashSet::new();
             let mut not_visible: HashSet<String> = HashSet::new();
             let mut send = |inspection: &Inspection| -> bool {
@@ -84,6 +94,22 @@ impl TlsWatch {
                         }
                         // Processes come and go while they are scanned.
                         Err(e) => debug!("TLS scan: {e}"),
+                    }
+                    let go = match go_scanner.scan_process(pid) {
+                        Some((GoInspection::Go(target), first)) => {
+                            let file = target.file;
+                            let program = first.then_some(Discovered::GoProgram(target));
+                            program.into_iter().chain([Discovered::GoProcess { pid, file }]).collect()
+                        }
+                        Some((GoInspection::NotVisible { display_path, go_version, reason }, true)) => {
+                            vec![Discovered::GoNotVisible { display_path, go_version, reason }]
+                        }
+                        _ => Vec::new(),
+                    };
+                    for message in go {
+                        if found_tx.send(message).is_err() {
+                            return;
+                        }
                     }
                 }
                 if initial {

@@ -53,6 +53,9 @@ fn after_batch(probes: &mut Probes, pipeline: &mut Pipeline, tls_watch: &TlsWatc
     if pipeline.has_widen_requests() {
         probes.widen_sockets(&pipeline.take_widen_batch());
     }
+    for pid in pipeline.take_exited() {
+        probes.forget_go_process(pid);
+    }
     let execs = pipeline.take_execs();
     if control.filter_has_exes() {
         for (pid, exe) in execs {
@@ -90,6 +93,36 @@ fn attach_tls(probes: &mut Probes, pipeline: &mut Pipeline, found: Discovered) {
         Discovered::NotVisible { display_path, reason } => {
             warn!("TLS not visible: {display_path} ({reason})");
             pipeline.note_tls_not_visible(display_path, reason);
+        }
+        Discovered::GoProgram(target) => {
+            let tls_enabled = probes.tls_enabled();
+            let go = probes.attach_go(target);
+            let t = &go.target;
+            if !tls_enabled {
+                info!("Go program found: {} ({}); not attached while tls is disabled", t.display_path, t.go_version);
+            } else if go.attached() {
+                info!(
+                    "Go program attached: {} ({}, offsets from {}; {})",
+                    t.display_path,
+                    t.go_version,
+                    t.offsets_source.as_str(),
+                    go.functions.join(", ")
+                );
+                for e in &go.errors {
+                    warn!("Go program {}: could not attach {e}", t.display_path);
+                }
+            } else {
+                warn!("TLS not visible: Go program {} (attaching failed: {})", t.display_path, go.errors.join("; "));
+            }
+        }
+        Discovered::GoProcess { pid, file } => {
+            if let Err(e) = probes.set_go_process(pid, file) {
+                warn!("Go process {pid}: {e:#}");
+            }
+        }
+        Discovered::GoNotVisible { display_path, go_version, reason } => {
+            warn!("TLS not visible: Go program {display_path} ({go_version}: {reason})");
+            pipeline.note_go_not_visible(display_path, go_version, reason);
         }
         Discovered::InitialScanDone => {}
     }

@@ -67,6 +67,10 @@ pub struct Pipeline {
     tls_not_visible: Vec<(String, String)>,
     /// Programs started since the last drain: (pid, executable path).
     execs: Vec<(u32, String)>,
+    /// Processes that exited since the last drain.
+    exited: Vec<u32>,
+    /// Go programs whose TLS cannot be seen: (path, Go version, reason).
+    go_not_visible: Vec<(String, String, String)>,
     /// Sockets whose payloads the kernel may stop copying, with the ports
     /// of the connection that asked (the socket may carry another one by
     /// the end of the batch).
@@ -144,6 +148,17 @@ impl Sampler {
     }
 }
 
+/// Who did what a data event shows, for in-process links: its thread, or
+/// for Go its goroutine (a goroutine id is per process, so the process is
+/// part of the key).
+fn actor(event: &periscope_ebpf::DataEvent) -> u64 {
+    if event.flags & data_flags::GOROUTINE != 0 {
+        1 << 63 | u64::from(event.header.tgid) << 32 | u64::from(event.tid)
+    } else {
+        u64::from(event.tid)
+    }
+}
+
 impl Pipeline {
     pub fn new(settings: PipelineSettings, sink: SpanSink, stats: Arc<Stats>) -> Self {
         Self {
@@ -161,6 +176,8 @@ impl Pipeline {
             tls_not_visible_reported: Default::default(),
             tls_not_visible: Vec::new(),
             execs: Vec::new(),
+            exited: Vec::new(),
+            go_not_visible: Vec::new(),
             ignore_requests: Vec::new(),
             ignore_batch: Vec::new(),
             widen_requests: Vec::new(),
@@ -215,7 +232,7 @@ impl Pipeline {
                 // First, whatever this event is: the flag is the thread's, and
                 // this event is the only one that carries it.
                 if event.flags & data_flags::THREAD_LOST_BEFORE != 0 {
-                    self.links.forget_thread(event.tid);
+                    self.links.forget_thread(actor(&event));
                 }
                 if event.tuple.protocol == IPPROTO_UDP {
                     self.on_dns_datagram(&event, payload);
@@ -320,7 +337,7 @@ impl Pipeline {
                     self.ignore_requests.push((event.sock, conn.local.port(), conn.peer.port()));
                 }
                 if !self.new_requests.is_empty() {
-                    self.start_requests(event.sock, event.tid);
+                    self.start_requests(event.sock, actor(&event));
                 }
                 self.emit_exchanges(event.sock);
             }
@@ -387,6 +404,7 @@ impl Pipeline {
                 let tgid = e.header.tgid;
                 self.give_up_lookups(|t, out| t.remove_process(tgid, out), |_| e.header.ts_ns);
                 self.processes.forget(e.header.tgid);
+                self.exited.push(e.header.tgid);
             }
         }
     }
@@ -395,7 +413,7 @@ impl Pipeline {
 
     /// Requests the parser just started on `sock`, read or sent by thread
     /// `tid`: each gets its identity (and parent) now.
-    fn start_requests(&mut self, sock: u64, tid: u32) {
+    fn start_requests(&mut self, sock: u64, tid: u64) {
         let requests = std::mem::take(&mut self.new_requests);
         for &seq in &requests {
             let Some(conn) = self.connections.get(sock) else { break };
@@ -666,6 +684,18 @@ impl Pipeline {
 
     /// Pids whose maps should be scanned for TLS libraries (new programs,
     /// new executable mappings), taken once per drain.
+    pub fn take_exited(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.exited)
+    }
+
+    pub fn note_go_not_visible(&mut self, path: String, go_version: String, reason: String) {
+        self.go_not_visible.push((path, go_version, reason));
+    }
+
+    pub fn go_not_visible(&self) -> &[(String, String, String)] {
+        &self.go_not_visible
+    }
+
     pub fn take_tls_scan_requests(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.tls_scan_requests)
     }

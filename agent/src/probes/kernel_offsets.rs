@@ -38,6 +38,12 @@ pub fn from_btf(btf: &Btf) -> Result<KernelOffsets> {
         task_mm: field_offset(btf, "task_struct", "mm")?,
         mm_env_start: field_offset(btf, "mm_struct", "env_start")?,
         mm_env_end: field_offset(btf, "mm_struct", "env_end")?,
+        task_files: field_offset(btf, "task_struct", "files")?,
+        files_fdt: field_offset(btf, "files_struct", "fdt")?,
+        fdtable_fd: field_offset(btf, "fdtable", "fd")?,
+        fdtable_max_fds: field_offset(btf, "fdtable", "max_fds")?,
+        file_private_data: field_offset(btf, "file", "private_data")?,
+        socket_sk: field_offset(btf, "socket", "sk")?,
         sock_common_packed: 0,
         pt_regs_packed: 0,
     }))

@@ -17,6 +17,7 @@ use aya::{
 };
 use periscope_ebpf::{KernelOffsets, MAX_PAYLOAD, MmapTracepointOffsets, control, probe};
 
+use crate::discovery::go_programs::GoTarget;
 use crate::discovery::tls_libraries::{READ_INTERNAL, WRITE_INTERNAL};
 
 /// The compiled kernel programs (built by build.rs).
@@ -50,6 +51,18 @@ pub const TLS_UPROBES: &[(&str, &str, &str)] = &[
     ("gnutls_handshake", "gnutls_handshake", "gnutls_handshake_ret"),
 ];
 
+/// Programs for Go executables' functions (see `discovery::go_programs`).
+pub const GO_PROGRAMS: &[&str] = &[
+    "go_tls_write",
+    "go_tls_read",
+    "go_tls_read_ret",
+    "go_tls_handshake",
+    "go_tls_handshake_ret",
+    "go_http_round_trip",
+    "go_http1_write_request",
+    "go_http2_write_request",
+];
+
 /// libc's getaddrinfo: (symbol, entry program, return program).
 const RESOLVER_UPROBE: (&str, &str, &str) = ("getaddrinfo", "getaddrinfo", "getaddrinfo_ret");
 
@@ -79,6 +92,12 @@ unsafe impl Pod for OffsetsPod {}
 
 #[repr(transparent)]
 #[derive(Clone, Copy)]
+struct GoProcessPod(periscope_ebpf::GoProcess);
+// SAFETY: repr(C), all u32 fields, no padding.
+unsafe impl Pod for GoProcessPod {}
+
+#[repr(transparent)]
+#[derive(Clone, Copy)]
 struct MmapOffsetsPod(MmapTracepointOffsets);
 // SAFETY: repr(C), two u32 fields, no padding.
 unsafe impl Pod for MmapOffsetsPod {}
@@ -101,6 +120,22 @@ pub struct TlsAttachment {
 }
 
 impl TlsAttachment {
+    pub fn attached(&self) -> bool {
+        !self.links.is_empty()
+    }
+}
+
+/// One Go executable with uprobes, and the processes running it.
+pub struct GoAttachment {
+    pub target: std::sync::Arc<GoTarget>,
+    /// Functions with every one of their programs attached.
+    pub functions: Vec<&'static str>,
+    pub errors: Vec<String>,
+    pub pids: std::collections::BTreeSet<u32>,
+    links: Vec<(&'static str, UProbeLinkId)>,
+}
+
+impl GoAttachment {
     pub fn attached(&self) -> bool {
         !self.links.is_empty()
     }
@@ -138,6 +173,8 @@ pub struct Probes {
     port_filter: BpfHashMap<MapData, u16, u8>,
     cgroup_filter: BpfHashMap<MapData, u64, u8>,
     ignored_socks: BpfHashMap<MapData, u64, u64>,
+    go_processes: BpfHashMap<MapData, u32, GoProcessPod>,
+    pub go: Vec<GoAttachment>,
     /// C libraries with the getaddrinfo uprobes (kept for the daemon's life).
     resolvers: Vec<String>,
     pub tls: Vec<TlsAttachment>,
@@ -186,13 +223,16 @@ impl Probes {
         program.load().context("verifier rejected sys_enter_mmap")?;
         program.attach(category, name).with_context(|| format!("attaching tracepoint {category}/{name}"))?;
         attached.push(name);
-        for &(_, entry, ret) in TLS_UPROBES.iter().chain([&RESOLVER_UPROBE]) {
-            for prog in [entry, ret] {
-                let program: &mut UProbe =
-                    ebpf.program_mut(prog).with_context(|| format!("program {prog} missing"))?.try_into()?;
-                if program.fd().is_err() {
-                    program.load().with_context(|| format!("verifier rejected {prog}"))?;
-                }
+        let uprobe_programs = TLS_UPROBES
+            .iter()
+            .chain([&RESOLVER_UPROBE])
+            .flat_map(|&(_, entry, ret)| [entry, ret])
+            .chain(GO_PROGRAMS.iter().copied());
+        for prog in uprobe_programs {
+            let program: &mut UProbe =
+                ebpf.program_mut(prog).with_context(|| format!("program {prog} missing"))?.try_into()?;
+            if program.fd().is_err() {
+                program.load().with_context(|| format!("verifier rejected {prog}"))?;
             }
         }
         drop(btf);
@@ -205,6 +245,7 @@ impl Probes {
         let port_filter = BpfHashMap::try_from(take("PORT_FILTER")?)?;
         let cgroup_filter = BpfHashMap::try_from(take("CGROUP_FILTER")?)?;
         let ignored_socks = BpfHashMap::try_from(take("IGNORED_SOCKS")?)?;
+        let go_processes = BpfHashMap::try_from(take("GO_PROCESSES")?)?;
         log::debug!("kernel offsets: {offsets:?}");
         let probes = Self {
             ebpf,
@@ -216,6 +257,8 @@ impl Probes {
             port_filter,
             cgroup_filter,
             ignored_socks,
+            go_processes,
+            go: Vec::new(),
             resolvers: Vec::new(),
             tls: Vec::new(),
             tls_enabled: true,
@@ -237,6 +280,15 @@ impl Probes {
                     self.reattach_tls(i);
                 } else {
                     self.detach_tls(i);
+                }
+            }
+            for i in 0..self.go.len() {
+                if tls_on {
+                    let (links, _, _) = self.attach_go_hooks(&self.go[i].target.clone());
+                    self.go[i].links = links;
+                } else {
+                    let links = std::mem::take(&mut self.go[i].links);
+                    self.detach_links(links);
                 }
             }
         }
@@ -329,6 +381,10 @@ impl Probes {
 
     fn detach_tls(&mut self, index: usize) {
         let links = std::mem::take(&mut self.tls[index].links);
+        self.detach_links(links);
+    }
+
+    fn detach_links(&mut self, links: Vec<(&'static str, UProbeLinkId)>) {
         for (prog, link) in links {
             if let Some(Ok(p)) = self.ebpf.program_mut(prog).map(<&mut UProbe>::try_from) {
                 let _ = p.detach(link);
@@ -412,11 +468,91 @@ impl Probes {
         UprobeLinks { links, symbols: attached_symbols, errors }
     }
 
+    /// Hooks a Go executable's functions for every process running it (now
+    /// if TLS is enabled, else when it is). Returns the functions attached.
+    pub fn attach_go(&mut self, target: std::sync::Arc<GoTarget>) -> &GoAttachment {
+        let (links, functions, errors) =
+            if self.tls_enabled { self.attach_go_hooks(&target) } else { (Vec::new(), Vec::new(), Vec::new()) };
+        self.go.push(GoAttachment { target, functions, errors, pids: Default::default(), links });
+        &self.go[self.go.len() - 1]
+    }
+
+    /// Attaches every hook of `target`: return sites before entries, so no
+    /// call is entered whose return goes unseen. A function with one hook
+    /// that fails is taken out entirely.
+    fn attach_go_hooks(
+        &mut self,
+        target: &GoTarget,
+    ) -> (Vec<(&'static str, UProbeLinkId)>, Vec<&'static str>, Vec<String>) {
+        let mut links = Vec::new();
+        let mut functions = Vec::new();
+        let mut errors = Vec::new();
+        for &function in &target.functions {
+            let mut hooks: Vec<_> = target.hooks.iter().filter(|h| h.function == function).collect();
+            hooks.sort_by_key(|h| !h.program.ends_with("_ret"));
+            let mut these = Vec::new();
+            let mut failed = None;
+            for hook in hooks {
+                let attached = self
+                    .ebpf
+                    .program_mut(hook.program)
+                    .ok_or_else(|| anyhow::anyhow!("program {} missing", hook.program))
+                    .and_then(|p| -> Result<UProbeLinkId> {
+                        let p: &mut UProbe = p.try_into()?;
+                        Ok(p.attach(
+                            UProbeAttachLocation::AbsoluteOffset(hook.offset),
+                            &target.attach_path,
+                            UProbeScope::AllProcesses,
+                        )?)
+                    });
+                match attached {
+                    Ok(link) => these.push((hook.program, link)),
+                    Err(e) => {
+                        failed = Some(format!("{function} at {:#x}: {e:#}", hook.offset));
+                        break;
+                    }
+                }
+            }
+            match failed {
+                Some(e) => {
+                    errors.push(e);
+                    self.detach_links(these);
+                }
+                None => {
+                    links.extend(these);
+                    functions.push(function);
+                }
+            }
+        }
+        (links, functions, errors)
+    }
+
+    /// Gives the Go uprobes the offsets for process `pid`.
+    pub fn set_go_process(&mut self, pid: u32, file: crate::discovery::tls_libraries::FileId) -> Result<()> {
+        let Some(go) = self.go.iter_mut().find(|g| g.target.file == file) else { return Ok(()) };
+        self.go_processes.insert(pid, GoProcessPod(go.target.offsets), 0).context("GO_PROCESSES full")?;
+        go.pids.insert(pid);
+        Ok(())
+    }
+
+    /// Process `pid` is gone.
+    pub fn forget_go_process(&mut self, pid: u32) {
+        for go in &mut self.go {
+            if go.pids.remove(&pid) {
+                let _ = self.go_processes.remove(&pid);
+            }
+        }
+    }
+
     /// TLS library calls that could not be tied to any socket (in-memory
     /// TLS), counted in the kernel instead of being sent.
     pub fn tls_unlinked(&self) -> u64 {
-        let i = periscope_ebpf::kernel_counter::TLS_UNLINKED;
-        self.kernel_counters.get(&i, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
+        self.kernel_counter(periscope_ebpf::kernel_counter::TLS_UNLINKED)
+    }
+
+    /// One of the programs' `kernel_counter::*` counters, summed over CPUs.
+    pub fn kernel_counter(&self, index: u32) -> u64 {
+        self.kernel_counters.get(&index, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
     }
 
     /// Failed ring-buffer writes so far, per emitting program (summed over CPUs).

@@ -77,7 +77,7 @@ pub struct LinkOutcome {
 
 pub struct TraceLinks {
     ends: HashMap<LinkKey, LinkEntry>,
-    serving: HashMap<u32, Vec<Serving>>,
+    serving: HashMap<u64, Vec<Serving>>,
     max_ends: usize,
 }
 
@@ -97,13 +97,14 @@ impl TraceLinks {
         self.ends.len()
     }
 
-    /// Thread `tid` sent request `seq` on the connection `local -> peer`.
+    /// Thread `tid` (or goroutine: see `pipeline::actor`) sent request `seq`
+    /// on the connection `local -> peer`.
     /// `is_open(sock, seq, identity)` says whether a server request is still
     /// being served. Returns the new request's identity.
     #[allow(clippy::too_many_arguments)]
     pub fn client_request(
         &mut self,
-        tid: u32,
+        tid: u64,
         local: SocketAddr,
         peer: SocketAddr,
         seq: u64,
@@ -144,7 +145,7 @@ impl TraceLinks {
     #[allow(clippy::too_many_arguments)]
     pub fn server_request(
         &mut self,
-        tid: u32,
+        tid: u64,
         sock: u64,
         local: SocketAddr,
         peer: SocketAddr,
@@ -198,7 +199,7 @@ impl TraceLinks {
     /// that call's parent.
     pub fn server_request_unlinked(
         &mut self,
-        tid: u32,
+        tid: u64,
         sock: u64,
         seq: u64,
         identity: &IdentityRef,
@@ -207,7 +208,7 @@ impl TraceLinks {
         self.note_serving(tid, Serving { sock, seq, identity: identity.clone(), may_parent: false }, is_open);
     }
 
-    fn note_serving(&mut self, tid: u32, serving: Serving, is_open: impl Fn(u64, u64, &IdentityRef) -> bool) {
+    fn note_serving(&mut self, tid: u64, serving: Serving, is_open: impl Fn(u64, u64, &IdentityRef) -> bool) {
         let served = self.serving.entry(tid).or_default();
         // Requests this thread already answered leave first: the list stays
         // as long as what the thread has in flight.
@@ -226,7 +227,7 @@ impl TraceLinks {
     /// The one server request thread `tid` is serving, if exactly one.
     fn serving_parent(
         &mut self,
-        tid: u32,
+        tid: u64,
         is_open: impl Fn(u64, u64, &IdentityRef) -> bool,
         outcome: &mut LinkOutcome,
     ) -> Option<IdentityRef> {
@@ -248,7 +249,7 @@ impl TraceLinks {
 
     /// Thread `tid` lost events: the requests it was serving may be answered
     /// already, so none is a parent any more.
-    pub fn forget_thread(&mut self, tid: u32) {
+    pub fn forget_thread(&mut self, tid: u64) {
         self.serving.remove(&tid);
     }
 

@@ -1,0 +1,274 @@
+//! Go programs: which executables are Go, which of their functions the Go
+//! uprobes go on (entries and `RET` sites), and the struct offsets those
+//! programs read. Each executable file is inspected once; every process
+//! running it then gets its offsets.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use periscope_ebpf::GoProcess;
+
+use super::go_binary::{self, GoBinary};
+use super::go_offsets::{self, OffsetsSource};
+use super::tls_libraries::FileId;
+
+/// How a Go function is hooked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GoHookKind {
+    /// A program at the entry only.
+    Entry(&'static str),
+    /// A program at the entry and one at every `RET`.
+    EntryAndReturns(&'static str, &'static str),
+}
+
+/// The Go functions hooked, and how. Read and Write are required; the rest
+/// add handshake timing and client-call parents where the binary has them.
+pub const GO_FUNCTIONS: &[(&str, GoHookKind)] = &[
+    (
+        "crypto/tls.(*Conn).Write",
+        GoHookKind::Entry("go_tls_write"),
+    ),
+    (
+        "crypto/tls.(*Conn).Read",
+        GoHookKind::EntryAndReturns("go_tls_read", "go_tls_read_ret"),
+    ),
+    (
+        "crypto/tls.(*Conn).clientHandshake",
+        GoHookKind::EntryAndReturns("go_tls_handshake", "go_tls_handshake_ret"),
+    ),
+    (
+        "crypto/tls.(*Conn).serverHandshake",
+        GoHookKind::EntryAndReturns("go_tls_handshake", "go_tls_handshake_ret"),
+    ),
+    (
+        "net/http.(*Transport).roundTrip",
+        GoHookKind::Entry("go_http_round_trip"),
+    ),
+    (
+        "net/http.(*Request).write",
+        GoHookKind::Entry("go_http1_write_request"),
+    ),
+    // The goroutine that writes an HTTP/2 request (Go 1.27 moved the code
+    // into its own package; both take the *Request second).
+    (
+        "net/http.(*http2clientStream).doRequest",
+        GoHookKind::Entry("go_http2_write_request"),
+    ),
+    (
+        "net/http/internal/http2.(*clientStream).doRequest",
+        GoHookKind::Entry("go_http2_write_request"),
+    ),
+];
+
+const REQUIRED: &[&str] = &["crypto/tls.(*Conn).Write", "crypto/tls.(*Conn).Read"];
+
+/// The oldest Go whose functions take their arguments in registers (amd64).
+const MIN_REGISTER_ABI_MINOR: u32 = 17;
+
+/// A uprobe site in a Go executable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GoHook {
+    pub function: &'static str,
+    pub program: &'static str,
+    /// File offset of the instruction the program goes on.
+    pub offset: u64,
+}
+
+/// A Go executable whose crypto/tls can be hooked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GoTarget {
+    pub file: FileId,
+    pub attach_path: PathBuf,
+    pub display_path: String,
+    pub go_version: String,
+    pub offsets: GoProcess,
+    pub offsets_source: OffsetsSource,
+    pub hooks: Vec<GoHook>,
+    /// Functions found, for status.
+    pub functions: Vec<&'static str>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GoInspection {
+    NotGo,
+    Go(Arc<GoTarget>),
+    /// A Go program whose TLS cannot be seen, and why.
+    NotVisible {
+        display_path: String,
+        go_version: String,
+        reason: String,
+    },
+}
+
+/// Finds Go executables among processes; each file is inspected once.
+pub struct GoScanner {
+    proc_root: PathBuf,
+    cache: HashMap<FileId, GoInspection>,
+}
+
+impl GoScanner {
+    pub fn new(proc_root: impl Into<PathBuf>) -> Self {
+        Self {
+            proc_root: proc_root.into(),
+            cache: HashMap::new(),
+        }
+    }
+
+    /// What `pid` runs, and whether this is the first time the file is seen.
+    pub fn scan_process(&mut self, pid: u32) -> Option<(GoInspection, bool)> {
+        let pid_dir = self.proc_root.join(pid.to_string());
+        let exe_link = pid_dir.join("exe");
+        let meta = std::fs::metadata(&exe_link).ok()?;
+        let file = FileId {
+            dev: meta.dev(),
+            inode: meta.ino(),
+        };
+        if let Some(cached) = self.cache.get(&file) {
+            return Some((cached.clone(), false));
+        }
+        let display = std::fs::read_link(&exe_link).ok()?;
+        let display_path = display.to_string_lossy().into_owned();
+        let inspection = if display_path.ends_with(" (deleted)") {
+            GoInspection::NotGo
+        } else {
+            let relative = display.strip_prefix("/").unwrap_or(&display);
+            inspect_file(&pid_dir.join("root").join(relative), &display_path, file)
+        };
+        self.cache.insert(file, inspection.clone());
+        Some((inspection, true))
+    }
+}
+
+/// Inspects one executable: `attach_path` is opened, `display_path` is what
+/// reports show.
+pub fn inspect_file(attach_path: &Path, display_path: &str, file: FileId) -> GoInspection {
+    let data = match File::open(attach_path) {
+        // SAFETY: read-only private map, dropped after parsing; executables
+        // are replaced by rename, not rewritten in place.
+        Ok(f) => match unsafe { memmap2::Mmap::map(&f) } {
+            Ok(map) => map,
+            Err(_) => return GoInspection::NotGo,
+        },
+        Err(_) => return GoInspection::NotGo,
+    };
+    let binary = match go_binary::inspect(&data) {
+        Ok(Some(binary)) => binary,
+        Ok(None) => return GoInspection::NotGo,
+        Err(e) => {
+            return GoInspection::NotVisible {
+                display_path: display_path.into(),
+                go_version: "unknown".into(),
+                reason: format!("unreadable Go executable: {e}"),
+            };
+        }
+    };
+    match go_target(&data, &binary, attach_path, display_path, file) {
+        Ok(Some(target)) => GoInspection::Go(Arc::new(target)),
+        Ok(None) => GoInspection::NotGo,
+        Err(reason) => GoInspection::NotVisible {
+            display_path: display_path.into(),
+            go_version: binary.go_version.clone(),
+            reason,
+        },
+    }
+}
+
+/// `go1.21.13` -> 21.
+pub fn go_minor(version: &str) -> Option<u32> {
+    let rest = version.strip_prefix("go1.")?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Ok(None): a Go program without crypto/tls (nothing to hook).
+fn go_target(
+    data: &[u8],
+    binary: &GoBinary,
+    attach_path: &Path,
+    display_path: &str,
+    file: FileId,
+) -> Result<Option<GoTarget>, String> {
+    let names: Vec<&str> = GO_FUNCTIONS.iter().map(|(name, _)| *name).collect();
+    let found = go_binary::find_functions(data, &names)?;
+    let has = |name: &str| found.iter().any(|f| f.name == name);
+    if !REQUIRED.iter().any(|name| has(name)) {
+        return Ok(None);
+    }
+    if let Some(missing) = REQUIRED.iter().find(|name| !has(name)) {
+        return Err(format!("{missing} not found"));
+    }
+    match go_minor(&binary.go_version) {
+        Some(minor) if minor >= MIN_REGISTER_ABI_MINOR => {}
+        Some(_) => {
+            return Err(format!(
+                "{}: Go before 1.17 passes arguments on the stack, which the Go uprobes do not read",
+                binary.go_version
+            ));
+        }
+        None => return Err(format!("unknown Go version {:?}", binary.go_version)),
+    }
+    let (offsets, offsets_source) = go_offsets::offsets_for(data, &binary.go_version)?;
+    let mut hooks = Vec::new();
+    let mut functions = Vec::new();
+    for function in &found {
+        let Some(&(name, kind)) = GO_FUNCTIONS.iter().find(|(n, _)| *n == function.name) else {
+            continue;
+        };
+        match kind {
+            GoHookKind::Entry(program) => hooks.push(GoHook {
+                function: name,
+                program,
+                offset: function.entry_offset,
+            }),
+            GoHookKind::EntryAndReturns(entry, ret) => {
+                if function.return_offsets.is_empty() {
+                    return Err(format!("{name}: no RET instruction found"));
+                }
+                hooks.push(GoHook {
+                    function: name,
+                    program: entry,
+                    offset: function.entry_offset,
+                });
+                hooks.extend(function.return_offsets.iter().map(|&offset| GoHook {
+                    function: name,
+                    program: ret,
+                    offset,
+                }));
+            }
+        }
+        functions.push(name);
+    }
+    Ok(Some(GoTarget {
+        file,
+        attach_path: attach_path.to_path_buf(),
+        display_path: display_path.to_string(),
+        go_version: binary.go_version.clone(),
+        offsets: GoProcess {
+            g_goid: offsets.g_goid,
+            tls_conn_conn: offsets.tls_conn_conn,
+            net_conn_fd: offsets.net_conn_fd,
+            netfd_pfd: offsets.netfd_pfd,
+            pfd_sysfd: offsets.pfd_sysfd,
+            _pad: 0,
+        },
+        offsets_source,
+        hooks,
+        functions,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_minor_versions() {
+        assert_eq!(go_minor("go1.21.13"), Some(21));
+        assert_eq!(go_minor("go1.19"), Some(19));
+        assert_eq!(go_minor("go1.27rc1"), Some(27));
+        assert_eq!(go_minor("devel +abc"), None);
+    }
+}
