@@ -326,7 +326,9 @@ pub fn draw(r: &Report, path: &Path) -> Result<()> {
         }
     }
     {
-        let root = BitMapBackend::new(path, (1300, 1560)).into_drawing_area();
+        // About 160 px per workload group, for its label.
+        let width = 100 + 160 * WORKLOADS.len() as u32;
+        let root = BitMapBackend::new(path, (width, 1560)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
         let (top, rest) = root.split_vertically(520);
         let (middle, bottom) = rest.split_vertically(520);

@@ -235,6 +235,82 @@ pub fn run_cmd(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// The Go the Go HTTPS workload builds its server with: where `cargo xtask
+/// setup --test-deps` installs Go 1.27 for the end-to-end tests (see
+/// `periscope_tests::go::TOOLCHAINS`).
+pub const GO_BIN: &str = "/opt/periscope-go/go1.27.3/bin/go";
+
+/// The Go HTTPS server's source: the end-to-end tests' program (standard
+/// library only).
+pub fn go_https_source() -> PathBuf {
+    periscope_tests::workspace_root().join("tests/go/httpsgo/main.go")
+}
+
+/// `go build` of `source` into `binary`: stripped (`-s -w`, no symbol table
+/// and no DWARF, like a production binary), in GOPATH mode (no module, no
+/// proxy: nothing is downloaded), with GOPATH and the build cache in
+/// `gopath`, no cgo.
+pub fn go_build_command(go: &Path, source: &Path, binary: &Path, gopath: &Path) -> Command {
+    let mut cmd = Command::new(go);
+    cmd.arg("build")
+        .arg("-ldflags=-s -w")
+        .arg("-o")
+        .arg(binary)
+        .arg(source)
+        .env("GO111MODULE", "off")
+        .env("GOPATH", gopath)
+        .env("GOCACHE", gopath.join("cache"))
+        .env("GOTOOLCHAIN", "local")
+        .env("CGO_ENABLED", "0");
+    cmd
+}
+
+/// A command line with the variables it sets in front, as a shell takes it.
+pub fn show_with_env(cmd: &Command) -> String {
+    let mut vars: Vec<String> = cmd
+        .get_envs()
+        .filter_map(|(k, v)| Some(format!("{}={}", k.to_string_lossy(), v?.to_string_lossy())))
+        .collect();
+    vars.sort();
+    vars.push(show(cmd));
+    vars.join(" ")
+}
+
+/// GO_BIN is there; the bench does not install it.
+pub fn ensure_go() -> Result<()> {
+    if !Path::new(GO_BIN).is_file() {
+        bail!(
+            "{GO_BIN} is missing: the Go HTTPS keep-alive workload builds its server with Go 1.27; \
+             install the Go toolchains with `cargo xtask setup --test-deps`"
+        );
+    }
+    Ok(())
+}
+
+/// Build the Go HTTPS server into `out_dir/httpsgo` with GO_BIN (see
+/// `go_build_command`); its GOPATH and build cache, `out_dir/go`, are
+/// removed after. Fails when Go 1.27 is not installed. Returns the binary
+/// and the build command.
+pub fn build_go_https(out_dir: &Path) -> Result<(PathBuf, String)> {
+    ensure_go()?;
+    let source = go_https_source();
+    if !source.is_file() {
+        bail!(
+            "{} is missing: the Go HTTPS server's source",
+            source.display()
+        );
+    }
+    let (binary, gopath) = (out_dir.join("httpsgo"), out_dir.join("go"));
+    let mut cmd = go_build_command(Path::new(GO_BIN), &source, &binary, &gopath);
+    let shown = show_with_env(&cmd);
+    eprintln!("bench: building the Go HTTPS server");
+    run_cmd(&mut cmd).context("building the Go HTTPS server (tests/go/httpsgo)")?;
+    // The build cache holds the standard library compiled: nothing the
+    // results need.
+    std::fs::remove_dir_all(&gopath).ok();
+    Ok((binary, shown))
+}
+
 /// A self-signed certificate for the HTTPS server: (cert, key).
 pub fn make_test_cert(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
@@ -515,6 +591,8 @@ pub fn machine_facts() -> Machine {
             0,
         ),
         ("python", SYSTEM_PYTHON, &["--version"][..], 1),
+        // "go version go1.27.3 linux/amd64"
+        ("go", GO_BIN, &["version"][..], 2),
     ] {
         if let Some(v) =
             out(prog, args).and_then(|l| l.split_whitespace().nth(word).map(str::to_string))
@@ -612,6 +690,27 @@ mod tests {
         let len = u32::from_be_bytes(GRPC_MESSAGE[1..5].try_into().unwrap()) as usize;
         assert_eq!(len, GRPC_MESSAGE.len() - 5);
         assert_eq!(&GRPC_MESSAGE[7..], b"periscope bench");
+    }
+
+    /// Stripped, GOPATH mode, nothing downloaded, everything under `gopath`.
+    #[test]
+    fn go_build() {
+        let cmd = go_build_command(
+            Path::new(GO_BIN),
+            &go_https_source(),
+            Path::new("/r/httpsgo"),
+            Path::new("/r/go"),
+        );
+        let shown = show_with_env(&cmd);
+        assert_eq!(
+            shown,
+            format!(
+                "CGO_ENABLED=0 GO111MODULE=off GOCACHE=/r/go/cache GOPATH=/r/go GOTOOLCHAIN=local \
+                 {GO_BIN} build '-ldflags=-s -w' -o /r/httpsgo {}",
+                go_https_source().display()
+            )
+        );
+        assert!(go_https_source().is_file());
     }
 
     #[test]

@@ -6,6 +6,12 @@
 //! - nginx (one worker, static page), HTTP/1.1 keep-alive, wrk as fast as it goes;
 //! - the same over HTTPS (TLS 1.3; the agent then runs uprobes in both nginx
 //!   and wrk, which use the system libssl);
+//! - HTTPS keep-alive against a Go server: the end-to-end tests' program
+//!   `tests/go/httpsgo` (net/http and crypto/tls, standard library only),
+//!   built stripped with Go 1.27 (`/opt/periscope-go`, installed by `cargo
+//!   xtask setup --test-deps`; the bench fails without it) and up for the
+//!   whole bench, loaded by wrk as nginx is: the agent's Go uprobes on the
+//!   server side, its OpenSSL ones in wrk;
 //! - a new connection per request, HTTP and HTTPS (ab without `-k`: connect,
 //!   accept, close and, over TLS, a full handshake per request);
 //! - a Python web service: a Flask app under gunicorn (2 sync workers),
@@ -84,7 +90,7 @@ use anyhow::{Context, Result, bail};
 use env::{SYSTEM_PYTHON, check_http_ok};
 use parse::{
     LoadResult, StopLine, grpc_responses_without_message, h2load_protocol, parse_ab, parse_h2load,
-    parse_hey, parse_rotel_spans, parse_stop_line, parse_wrk,
+    parse_hey, parse_listening, parse_rotel_spans, parse_stop_line, parse_wrk,
 };
 use periscope_tests::proc::{Proc, Stream, TempDir, children_of, free_port};
 use periscope_tests::workspace_root;
@@ -186,6 +192,9 @@ pub enum WorkloadKind {
     Http,
     /// nginx over TLS 1.3, keep-alive, wrk.
     Https,
+    /// A Go net/http server (crypto/tls, stripped go1.27 binary) over TLS
+    /// 1.3, keep-alive, wrk.
+    GoHttps,
     /// nginx, a new connection per request (ab without -k).
     HttpConnPerReq,
     /// nginx over TLS 1.3, a new connection and handshake per request (ab).
@@ -202,9 +211,10 @@ pub enum WorkloadKind {
 }
 
 /// Every workload, in report order.
-pub const WORKLOADS: [WorkloadKind; 8] = [
+pub const WORKLOADS: [WorkloadKind; 9] = [
     WorkloadKind::Http,
     WorkloadKind::Https,
+    WorkloadKind::GoHttps,
     WorkloadKind::HttpConnPerReq,
     WorkloadKind::HttpsConnPerReq,
     WorkloadKind::Python,
@@ -218,6 +228,7 @@ impl WorkloadKind {
         match self {
             WorkloadKind::Http => "http_keepalive",
             WorkloadKind::Https => "https_keepalive",
+            WorkloadKind::GoHttps => "go_https_keepalive",
             WorkloadKind::HttpConnPerReq => "http_conn_per_request",
             WorkloadKind::HttpsConnPerReq => "https_conn_per_request",
             WorkloadKind::Python => "python_flask",
@@ -241,6 +252,9 @@ impl WorkloadKind {
                 format!("nginx HTTP/1.1 keep-alive (wrk, {WRK_CONNECTIONS} conns)")
             }
             WorkloadKind::Https => format!("nginx HTTPS keep-alive (wrk, {WRK_CONNECTIONS} conns)"),
+            WorkloadKind::GoHttps => format!(
+                "Go net/http HTTPS keep-alive (crypto/tls, stripped go1.27; wrk, {WRK_CONNECTIONS} conns)"
+            ),
             WorkloadKind::HttpConnPerReq => {
                 format!("nginx HTTP, new conn per request (ab -c {AB_CONCURRENCY})")
             }
@@ -269,6 +283,7 @@ impl WorkloadKind {
         match self {
             WorkloadKind::Http => "HTTP keep-alive",
             WorkloadKind::Https => "HTTPS keep-alive",
+            WorkloadKind::GoHttps => "Go HTTPS keep-alive",
             WorkloadKind::HttpConnPerReq => "HTTP conn/req",
             WorkloadKind::HttpsConnPerReq => "HTTPS conn/req",
             WorkloadKind::Python => "Flask/gunicorn",
@@ -293,8 +308,8 @@ impl WorkloadKind {
     }
 
     /// Spans one request should give with Periscope: the server's and the
-    /// load generator's (every client here is traced too; h2load uses the
-    /// system libssl over TLS).
+    /// load generator's (every client here is traced too; wrk and h2load
+    /// use the system libssl over TLS, also against the Go server).
     pub fn spans_per_request(self) -> u64 {
         2
     }
@@ -375,7 +390,8 @@ pub struct Sample {
     pub config: Config,
     pub command: String,
     pub load: LoadResult,
-    /// CPU of the server's processes (nginx workers; gunicorn master and workers).
+    /// CPU of the server's processes (nginx workers; gunicorn master and
+    /// workers; the Go server's one process).
     pub server_cpu_ms: f64,
     /// CPU of the load generator.
     pub client_cpu_ms: f64,
@@ -873,6 +889,8 @@ struct Bench {
     h2c_url: String,
     h2_tls_url: String,
     grpc: GrpcServer,
+    /// The Go HTTPS server (only when the rounds run).
+    go: Option<GoServer>,
     python: PythonService,
     rotel: Receiver,
     out_dir: PathBuf,
@@ -945,6 +963,7 @@ impl Bench {
         match w {
             WorkloadKind::Http => ("wrk", wrk(WRK_CONNECTIONS, &self.http_url), None),
             WorkloadKind::Https => ("wrk", wrk(WRK_CONNECTIONS, &self.https_url), None),
+            WorkloadKind::GoHttps => ("wrk", wrk(WRK_CONNECTIONS, self.go_url()), None),
             WorkloadKind::HttpConnPerReq => ("ab", ab(&self.http_url, &csv), Some(csv)),
             WorkloadKind::HttpsConnPerReq => ("ab", ab(&self.https_url, &csv), Some(csv)),
             WorkloadKind::Python => (
@@ -978,10 +997,36 @@ impl Bench {
         }
     }
 
+    /// The Go server's URL for wrk; empty when it was not started (the
+    /// rounds do not run).
+    fn go_url(&self) -> &str {
+        self.go.as_ref().map_or("", |g| g.url.as_str())
+    }
+
+    fn check_go_running(&mut self) -> Result<()> {
+        match self.go.as_mut() {
+            Some(g) => g.check_running(),
+            None => bail!("the Go HTTPS server was not started"),
+        }
+    }
+
+    /// The server process(es) whose CPU counts for `w`, but gunicorn's
+    /// (started per run).
+    fn server_pids(&self, w: WorkloadKind) -> Vec<u32> {
+        match w {
+            WorkloadKind::Grpc => vec![self.grpc.proc.pid()],
+            WorkloadKind::GoHttps => self.go.iter().map(|g| g.proc.pid()).collect(),
+            _ => children_of(self.nginx_pid),
+        }
+    }
+
     fn measure(&mut self, round: usize, w: WorkloadKind, config: Config) -> Result<Sample> {
         let tag = format!("r{round}-{}-{}", w.key(), config.key());
         wait_for_other_agents(Duration::from_secs(180))?;
         self.rotel.check_running()?;
+        if w == WorkloadKind::GoHttps {
+            self.check_go_running()?;
+        }
         let secs = self.plan.secs_for(w);
         let (program, args, csv) = self.load_command(w, secs, &tag);
         eprintln!(
@@ -1018,8 +1063,7 @@ impl Bench {
                 v.extend(children_of(g.pid()));
                 v
             }
-            None if w == WorkloadKind::Grpc => vec![self.grpc.proc.pid()],
-            None => children_of(self.nginx_pid),
+            None => self.server_pids(w),
         };
         let server0 = sum_ticks(&server_pids);
         let agent0 = match &agent {
@@ -1227,6 +1271,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     env::ensure_apt_tools()?;
     let rotel_agent = env::ensure_rotel()?;
     env::ensure_tracefs()?;
+    if plan.bench {
+        // Before the agent's build: the server is built once out_dir exists.
+        env::ensure_go()?;
+    }
     let venv = if plan.bench {
         env::ensure_venv()?
     } else {
@@ -1245,15 +1293,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
     std::fs::create_dir_all(args.out_dir.join("logs"))
         .with_context(|| format!("creating {}", args.out_dir.display()))?;
     let out_dir = args.out_dir.canonicalize()?;
+    let go_build = if plan.bench {
+        Some(env::build_go_https(&out_dir)?)
+    } else {
+        None
+    };
 
     let started = utc_stamp(SystemTime::now(), true);
     let machine = env::machine_facts();
     let tmp = TempDir::new("bench")?;
 
-    // 2. The receiver and nginx, up for the whole bench.
+    // 2. The receiver and the servers, up for the whole bench.
     let rotel = Receiver::start(&rotel_agent)?;
     let nginx = Nginx::start(tmp.path())?;
     let grpc = GrpcServer::start(tmp.path())?;
+    let go = match go_build {
+        Some((binary, shown)) => Some(GoServer::start(&binary, shown, &nginx.cert, &nginx.key)?),
+        None => None,
+    };
     let tls_off_config = out_dir.join("tls-off.toml");
     std::fs::write(&tls_off_config, "disabled_features = [\"tls\"]\n")?;
     let app_dir = env::write_flask_app(tmp.path())?;
@@ -1277,6 +1334,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         h2c_url: format!("http://127.0.0.1:{}/", nginx.h2c_port),
         h2_tls_url: format!("https://127.0.0.1:{}/", nginx.h2_tls_port),
         grpc,
+        go,
         rotel,
         out_dir: out_dir.clone(),
         clk: clk_tck(),
@@ -1309,6 +1367,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     b.rotel.proc.stop();
     std::fs::write(out_dir.join("logs/rotel.log"), b.rotel.proc.log()).ok();
     b.grpc.stop(&out_dir);
+    if let Some(g) = b.go.as_mut() {
+        g.stop(&out_dir);
+    }
     nginx.stop(&out_dir);
 
     let report = Report {
@@ -1512,6 +1573,55 @@ impl GrpcServer {
     }
 }
 
+/// The Go HTTPS server (`tests/go/httpsgo serve CERT KEY`, built by
+/// `env::build_go_https`) with nginx's certificate, up for the whole bench.
+struct GoServer {
+    proc: Proc,
+    /// `https://127.0.0.1:PORT/hello`
+    url: String,
+    /// The build command, and the server's.
+    build_shown: String,
+    shown: String,
+}
+
+impl GoServer {
+    /// Start `binary` and wait for its `listening PORT` line (printed once
+    /// it listens).
+    fn start(binary: &Path, build_shown: String, cert: &Path, key: &Path) -> Result<GoServer> {
+        let mut cmd = Command::new(binary);
+        cmd.arg("serve").arg(cert).arg(key);
+        let shown = show(&cmd);
+        let mut proc = spawn("httpsgo", &mut cmd, libc::SIGTERM, Duration::from_secs(5))?;
+        let line = proc.wait_for_line("`listening PORT`", Duration::from_secs(20), |l| {
+            l.starts_with("listening ")
+        })?;
+        let port = parse_listening(&line)
+            .with_context(|| format!("no port in the Go server's line {line:?}"))?;
+        Ok(GoServer {
+            proc,
+            url: format!("https://127.0.0.1:{port}/hello"),
+            build_shown,
+            shown,
+        })
+    }
+
+    fn check_running(&mut self) -> Result<()> {
+        if !self.proc.is_running() {
+            bail!(
+                "the Go HTTPS server exited during the bench; its output:\n{}",
+                self.proc.log()
+            );
+        }
+        Ok(())
+    }
+
+    /// Stop it; its output goes to `out_dir/logs`.
+    fn stop(&mut self, out_dir: &Path) {
+        self.proc.stop();
+        std::fs::write(out_dir.join("logs/httpsgo.log"), self.proc.log()).ok();
+    }
+}
+
 /// Everything the rounds measured.
 #[derive(Default)]
 struct Rounds {
@@ -1604,6 +1714,10 @@ fn bench_commands(b: &Bench) -> Vec<(String, String)> {
             ),
         ),
     ];
+    if let Some(g) = &b.go {
+        commands.push(("Go HTTPS server, build".into(), g.build_shown.clone()));
+        commands.push(("Go HTTPS server".into(), g.shown.clone()));
+    }
     for w in WORKLOADS {
         let (program, args, _) = b.load_command(w, b.plan.secs_for(w), "TAG");
         // Quoted where needed (h2load's `-H 'content-type: application/grpc'`).
@@ -1645,15 +1759,16 @@ fn write_report(mut report: Report, out_dir: &Path, t0: Instant) -> Result<()> {
     Ok(())
 }
 
-/// wrk over HTTP and HTTPS, ab over both, h2load over HTTP/2 (h2c and h2)
-/// and gRPC, and the Python service without and with the OTel
-/// instrumentation (whose spans must reach Rotel: otherwise the comparison
-/// would be with an instrumentation that does nothing).
+/// wrk over HTTP and HTTPS (nginx and the Go server), ab over both, h2load
+/// over HTTP/2 (h2c and h2) and gRPC, and the Python service without and
+/// with the OTel instrumentation (whose spans must reach Rotel: otherwise
+/// the comparison would be with an instrumentation that does nothing).
 fn warm_up(b: &mut Bench) -> Result<()> {
     eprintln!("bench: warm-up (not measured)");
     for w in [
         WorkloadKind::Http,
         WorkloadKind::Https,
+        WorkloadKind::GoHttps,
         WorkloadKind::HttpConnPerReq,
         WorkloadKind::HttpsConnPerReq,
         WorkloadKind::H2c,
@@ -1787,6 +1902,36 @@ mod tests {
         }
         assert!(WorkloadKind::Python.configs().contains(&Config::Otel));
         assert!(!WorkloadKind::Http.configs().contains(&Config::Otel));
+    }
+
+    #[test]
+    fn workload_keys_are_unique() {
+        let mut keys: Vec<&str> = WORKLOADS.iter().map(|w| w.key()).collect();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), WORKLOADS.len());
+    }
+
+    /// Go HTTPS: wrk as for nginx's HTTPS, HTTP/1.1, the same run length.
+    #[test]
+    fn go_https_workload() {
+        let w = WorkloadKind::GoHttps;
+        assert_eq!(w.key(), "go_https_keepalive");
+        assert_eq!(w.short(), "Go HTTPS keep-alive");
+        assert_eq!(
+            w.label(),
+            "Go net/http HTTPS keep-alive (crypto/tls, stripped go1.27; wrk, 16 conns)"
+        );
+        assert_eq!(
+            w.configs(),
+            &[Config::None, Config::Periscope, Config::Floor]
+        );
+        assert!(!w.is_http2());
+        assert_eq!(w.spans_per_request(), 2);
+        let plan = Plan::new(&BenchArgs::new(true, false));
+        assert_eq!(plan.secs_for(w), plan.secs_for(WorkloadKind::Https));
+        let at = |w| WORKLOADS.iter().position(|x| *x == w).unwrap();
+        assert_eq!(at(w), at(WorkloadKind::Https) + 1);
     }
 
     #[test]

@@ -454,6 +454,16 @@ pub fn parse_rotel_spans(line: &str) -> Option<u64> {
         .and_then(|v| v.trim_matches('"').parse().ok())
 }
 
+/// The port in the Go server's first line, `listening PORT`.
+pub fn parse_listening(line: &str) -> Option<u16> {
+    line.trim()
+        .strip_prefix("listening ")?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+}
+
 /// `tls-calls N cpu_s S version V` -> (N, S).
 pub fn parse_tls_calls(text: &str) -> Result<(u64, f64)> {
     let line = text
@@ -866,6 +876,15 @@ mod tests {
             None
         );
         assert_eq!(parse_perf_record_samples(""), None);
+    }
+
+    #[test]
+    fn go_server_port() {
+        assert_eq!(parse_listening("listening 41234"), Some(41234));
+        assert_eq!(parse_listening("listening 41234\r"), Some(41234));
+        assert_eq!(parse_listening("listening 0"), None);
+        assert_eq!(parse_listening("listening on :8443"), None);
+        assert_eq!(parse_listening("usage: httpsgo serve CERT KEY"), None);
     }
 
     #[test]

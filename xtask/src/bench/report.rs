@@ -43,6 +43,9 @@ pub const H2_PAIRS: [(WorkloadKind, WorkloadKind); 2] = [
     (WorkloadKind::H2c, WorkloadKind::Http),
     (WorkloadKind::H2Tls, WorkloadKind::Https),
 ];
+/// (Go's crypto/tls server, nginx's OpenSSL one): the same keep-alive load
+/// (wrk over TLS 1.3), the agent's CPU per request side by side.
+pub const GO_PAIR: (WorkloadKind, WorkloadKind) = (WorkloadKind::GoHttps, WorkloadKind::Https);
 /// A rate counts as reached when hey achieved this fraction of it.
 const RATE_REACHED: f64 = 0.9;
 
@@ -531,11 +534,12 @@ impl Report {
         ]
     }
 
-    /// Agent CPU per request (all its threads), HTTP/2 over HTTP/1.1's in this run.
-    pub fn h2_cpu_ratio(&self, h2: WorkloadKind, h1: WorkloadKind) -> Option<f64> {
+    /// Agent CPU per request (all its threads), `a`'s over `b`'s in this
+    /// run (HTTP/2 over HTTP/1.1, Go over nginx).
+    pub fn agent_cpu_ratio(&self, a: WorkloadKind, b: WorkloadKind) -> Option<f64> {
         ratio(
-            self.agg(h2, Config::Periscope).agent_cpu_1k,
-            self.agg(h1, Config::Periscope).agent_cpu_1k,
+            self.agg(a, Config::Periscope).agent_cpu_1k,
+            self.agg(b, Config::Periscope).agent_cpu_1k,
         )
     }
 
@@ -545,7 +549,7 @@ impl Report {
         let mut measured = Vec::new();
         let mut verdicts = Vec::new();
         for (h2, h1) in H2_PAIRS {
-            let r = self.h2_cpu_ratio(h2, h1);
+            let r = self.agent_cpu_ratio(h2, h1);
             measured.push(format!(
                 "{} {} µs / {} {} µs = {}",
                 h2.short(),
@@ -718,7 +722,7 @@ impl Report {
             return String::new();
         }
         let mut m = self.targets_markdown();
-        m.push_str(&self.http2_markdown());
+        m.push_str(&self.protocols_markdown());
         m.push_str(&self.results_markdown());
         m.push_str(&self.cpu_split_markdown());
         m.push_str(&self.floor_markdown());
@@ -800,7 +804,9 @@ impl Report {
             "Everything on 127.0.0.1: nginx (1 worker, static 42-byte page; HTTP/1.1 keep-alive with nginx's default 1000 \
              requests per connection; HTTPS on a second port with TLS 1.3 and a self-signed RSA-2048 certificate), loaded \
              by wrk (keep-alive) and ab (a new connection per request); a Flask app under gunicorn ({} sync workers, a \
-             fresh start per run) loaded by wrk. The agent exports OTLP/gRPC to Rotel (blackhole exporter), which runs for \
+             fresh start per run) loaded by wrk; a Go HTTPS server (the end-to-end tests' `tests/go/httpsgo`: net/http and \
+             crypto/tls only, built stripped with go1.27, same certificate, a 14-byte `/hello`, up for the whole bench) \
+             loaded by wrk over TLS as nginx is. The agent exports OTLP/gRPC to Rotel (blackhole exporter), which runs for \
              the whole bench. Configurations: `none` (no agent), `Periscope` (every feature on), `floor` (`periscope run \
              --noop-probes`: the same kernel programs attached, each returning at once), `Periscope, tls disabled` \
              (HTTPS keep-alive only), and for the Python service `OTel` (gunicorn under `opentelemetry-instrument` with the \
@@ -863,25 +869,27 @@ impl Report {
         m
     }
 
-    /// HTTP/1.1, HTTP/2 and gRPC keep-alive side by side: throughput
-    /// against none and the floor, the agent's CPU per request by part and
-    /// the spans per request.
-    fn http2_markdown(&self) -> String {
+    /// HTTP/1.1 (nginx and Go over TLS), HTTP/2 and gRPC keep-alive side
+    /// by side: throughput against none and the floor, the agent's CPU per
+    /// request by part and the spans per request. Shown when a workload
+    /// besides nginx's HTTP/1.1 ones was measured.
+    fn protocols_markdown(&self) -> String {
         let rows = [
             WorkloadKind::Http,
             WorkloadKind::Https,
+            WorkloadKind::GoHttps,
             WorkloadKind::H2c,
             WorkloadKind::H2Tls,
             WorkloadKind::Grpc,
         ];
-        if !rows
-            .iter()
-            .any(|w| w.is_http2() && self.measured(*w, Config::None))
-        {
+        if !rows.iter().any(|w| {
+            !matches!(w, WorkloadKind::Http | WorkloadKind::Https)
+                && self.measured(*w, Config::None)
+        }) {
             return String::new();
         }
         let mut m = String::from(
-            "## HTTP/2 and gRPC next to HTTP/1.1 (keep-alive, medians over rounds)\n\n\
+            "## HTTP/2, gRPC and Go HTTPS next to HTTP/1.1 (keep-alive, medians over rounds)\n\n\
              | workload | req/s none | Periscope | floor | Periscope / floor | added p50: Periscope / floor \
              | agent CPU µs / req | event loop | export | kernel programs | spans exported / req | request spans / req \
              | events lost |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
@@ -935,16 +943,21 @@ impl Report {
                     "{} / {}: {}",
                     h2.short(),
                     h1.short(),
-                    fmt_x(self.h2_cpu_ratio(*h2, *h1))
+                    fmt_x(self.agent_cpu_ratio(*h2, *h1))
                 )
             })
             .collect();
+        let (go, nginx) = GO_PAIR;
         m.push_str(&format!(
-            "\nPeriscope and floor: req/s (% of none). Agent CPU per request, HTTP/2 over HTTP/1.1: {}. Agent CPU µs / req \
-             is all the agent's threads (event loop + export + other); kernel programs run in the traced processes, on top. \
-             Spans per request should be {} (the server's and h2load's) once Periscope traces HTTP/2; fewer means requests \
-             it did not see as requests.\n\n",
+            "\nPeriscope and floor: req/s (% of none). Agent CPU per request, HTTP/2 over HTTP/1.1: {}; Go's crypto/tls \
+             server over nginx's OpenSSL one (the same wrk load over TLS 1.3), {} / {}: {}. Agent CPU µs / req is all the \
+             agent's threads (event loop + export + other); kernel programs run in the traced processes, on top. Spans per \
+             request should be {} (the server's and the load generator's); fewer means requests it did not see as \
+             requests.\n\n",
             pairs.join(", "),
+            go.short(),
+            nginx.short(),
+            fmt_x(self.agent_cpu_ratio(go, nginx)),
             WorkloadKind::H2c.spans_per_request(),
         ));
         m
@@ -1008,10 +1021,10 @@ impl Report {
         m.push_str(
             "\nrequests = responses the load generator received. Spans exported per request: Periscope's include its \
              phase spans (see Span accounting below); OTel's are those Rotel received (one per request, gunicorn's server \
-             span). CPU ms / 1k req = server (nginx workers; gunicorn \
-             master and workers, the OTel SDK's export thread included) + load generator + agent, user + system time; \
-             the kernel programs' own cost is charged to the traced processes. Agent CPU counts from `periscope ready` + \
-             1 s to when its CPU use settled after the load.\n\n",
+             span). CPU ms / 1k req = server (nginx workers; gunicorn master and workers, the OTel SDK's export thread \
+             included; the Go server) + load generator + agent, user + system time; the kernel programs' own cost is \
+             charged to the traced processes. Agent CPU counts from `periscope ready` + 1 s to when its CPU use settled \
+             after the load.\n\n",
         );
         m.push_str(&self.accounting_markdown());
         m
@@ -1105,8 +1118,8 @@ impl Report {
         m.push_str(
             "\nKernel programs: the BPF programs' own run time (`run_time_ns` and `run_cnt` of the agent's program fds in \
              /proc/PID/fdinfo, counted while `kernel.bpf_stats_enabled` is 1, which the bench sets for its duration and \
-             restores after). The kernel charges it to the traced processes (nginx, wrk, ab, gunicorn: their CPU above), \
-             not to the agent, so it is not part of agent total. For uprobes it counts the BPF program only, not the \
+             restores after). The kernel charges it to the traced processes (nginx, the Go server, wrk, ab, gunicorn: \
+             their CPU above), not to the agent, so it is not part of agent total. For uprobes it counts the BPF program only, not the \
              trap into the kernel and back (nor the uretprobe trampoline), which the traced process pays on top: see the \
              TLS call cost. Counting adds two clock reads to every program run, in every configuration with programs. \
              Agent event loop: its main thread; agent export: the `periscope-io` threads (tokio workers: OTLP export, \
@@ -1724,11 +1737,16 @@ impl Report {
                 .map(|(h2, h1)| {
                     (
                         format!("{}_over_{}", h2.key(), h1.key()),
-                        json!(self.h2_cpu_ratio(*h2, *h1)),
+                        json!(self.agent_cpu_ratio(*h2, *h1)),
                     )
                 })
                 .collect::<serde_json::Map<_, _>>()
                 .into(),
+        );
+        let (go, nginx) = GO_PAIR;
+        summary.insert(
+            format!("{}_over_{}_agent_cpu_per_request", go.key(), nginx.key()),
+            json!(self.agent_cpu_ratio(go, nginx)),
         );
         let p = self.overhead(WorkloadKind::Python, Config::Periscope);
         let o = self.overhead(WorkloadKind::Python, Config::Otel);
@@ -2189,10 +2207,50 @@ pub mod tests {
             r.json()["summary"]["http2_over_http1_agent_cpu_per_request"]["h2_tls_keepalive_over_https_keepalive"],
             json!(2.0)
         );
-        // No HTTP/2 runs at all: not established.
+        // No HTTP/2 runs at all: not established; the Go row still has its table.
         r.samples.retain(|s| !s.workload.is_http2());
         assert_eq!(find(&r).verdict, Verdict::Unknown);
-        assert!(!r.markdown().contains("## HTTP/2 and gRPC next to HTTP/1.1"));
+        let section = "## HTTP/2, gRPC and Go HTTPS next to HTTP/1.1";
+        assert!(r.markdown().contains(section));
+        // nginx's HTTP/1.1 workloads alone: no table.
+        r.samples.retain(|s| s.workload != WorkloadKind::GoHttps);
+        assert!(!r.markdown().contains(section));
+    }
+
+    #[test]
+    fn go_https_next_to_nginx_https() {
+        let mut r = full_report();
+        // Go's server at 1.5x nginx's agent CPU per request.
+        for s in r.samples.iter_mut() {
+            if (s.workload, s.config) == (WorkloadKind::GoHttps, Config::Periscope) {
+                s.agent.as_mut().unwrap().cpu_ms = 150.0;
+            }
+        }
+        let md = r.summary();
+        let https = md
+            .find("| HTTPS keep-alive | 10000 | 9700 (97.0%) |")
+            .expect("nginx HTTPS row");
+        let go = md
+            .find("| Go HTTPS keep-alive | 10000 | 9700 (97.0%) | 9900 (99.0%) | 98.0% | +10 us / +4 us | 1.55 |")
+            .unwrap_or_else(|| panic!("Go HTTPS row in\n{md}"));
+        assert!(go > https, "{md}");
+        assert!(
+            md.contains("Go HTTPS keep-alive / HTTPS keep-alive: 1.50x"),
+            "{md}"
+        );
+        let x =
+            r.json()["summary"]["go_https_keepalive_over_https_keepalive_agent_cpu_per_request"]
+                .as_f64()
+                .unwrap();
+        assert!((x - 1.5).abs() < 1e-9, "{x}");
+        // Every table lists it, with its full label where workloads have theirs.
+        let full = r.markdown();
+        assert!(full.contains(
+            "| Go net/http HTTPS keep-alive (crypto/tls, stripped go1.27; wrk, 16 conns) | Periscope |"
+        ));
+        assert!(full.contains("| Go HTTPS keep-alive | Periscope | 0.50 | 4.0 |"));
+        assert!(r.json()["summary"]["go_https_keepalive_floor"].is_object());
+        assert_eq!(r.agg(WorkloadKind::GoHttps, Config::TlsOff).runs, 0);
     }
 
     #[test]
@@ -2247,10 +2305,11 @@ pub mod tests {
             "## Scaling",
             "![throughput, added latency and scaling](chart.png)",
             "HTTP/2: h2load (8 connections x 10 streams in flight, 8 s per run",
-            "## HTTP/2 and gRPC next to HTTP/1.1 (keep-alive, medians over rounds)",
+            "## HTTP/2, gRPC and Go HTTPS next to HTTP/1.1 (keep-alive, medians over rounds)",
             "| HTTP keep-alive | 10000 | 9700 (97.0%) | 9900 (99.0%) | 98.0% | +10 us / +4 us | 1.03 | 0.62 | 0.31 | 0.50 | 2.000 | 2.000 | 0 |",
             "| gRPC unary | 10000 | 9700 (97.0%) | 9900 (99.0%) | 98.0% | +10 us / +4 us | 1.03 | 0.62 | 0.31 | 0.50 | 2.000 | 2.000 | 0 |",
-            "HTTP/2 h2c / HTTP keep-alive: 1.00x, HTTP/2 TLS / HTTPS keep-alive: 1.00x",
+            "HTTP/2 h2c / HTTP keep-alive: 1.00x, HTTP/2 TLS / HTTPS keep-alive: 1.00x; Go's crypto/tls",
+            "| Go HTTPS keep-alive | 10000 | 9700 (97.0%) | 9900 (99.0%) | 98.0% | +10 us / +4 us | 1.03 | 0.62 | 0.31 | 0.50 | 2.000 | 2.000 | 0 |",
             "| HTTP/2 h2c | Periscope | 0.50 | 4.0 | 0.62 | 0.31 | 0.10 | 1.03 | 0.00 | tls-discovery |",
             "| throughput loss | 3.0% | 40.0% | 7.5% |",
             "Events lost in the kernel (ring buffer full): from max",
