@@ -268,9 +268,19 @@ pub mod tls_library {
     pub const GO: u8 = 3;
 }
 
-/// What the Go uprobes read in one Go process (struct field offsets for its
-/// Go version, from its DWARF or the checked-in table), set by the daemon in
-/// the `GO_PROCESSES` map before any of its calls are read.
+/// What the Go uprobes read in one Go executable (struct field offsets for
+/// its Go version, from its DWARF or the checked-in table), set by the daemon
+/// in the `GO_BINARIES` map when it hooks the file.
+/// An executable file as the kernel names it: its superblock's `s_dev`
+/// (`MKDEV(major, minor)` = major << 20 | minor) and inode number.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GoBinaryKey {
+    pub dev: u32,
+    pub _pad: u32,
+    pub ino: u64,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GoProcess {
@@ -355,6 +365,13 @@ pub struct KernelOffsets {
     pub fdtable_max_fds: u32,
     pub file_private_data: u32,
     pub socket_sk: u32,
+    /// mm_struct.exe_file, file.f_inode, inode.i_ino, inode.i_sb,
+    /// super_block.s_dev: which executable file a process runs.
+    pub mm_exe_file: u32,
+    pub file_inode: u32,
+    pub inode_ino: u32,
+    pub inode_sb: u32,
+    pub sb_dev: u32,
     /// Non-zero when `sock_common` starts with daddr, rcv_saddr, hash,
     /// dport, num, family back to back (as on x86_64 since 2.6): the
     /// programs then read all of them with one copy.

@@ -331,7 +331,23 @@ pub fn build_httpsgo(go: &InstalledGo, variant: Variant) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// A running `httpsgo serve`.
+/// The grpc-go test server and client (`tests/go/grpcgo`), built against
+/// Debian's grpc-go sources (on the GOPATH of [`go_command`]).
+pub const GRPCGO_GO: &str = include_str!("../go/grpcgo/main.go");
+
+/// [`GRPCGO_GO`] built with `go` (with symbols), cached like [`build_httpsgo`].
+pub fn build_grpcgo(go: &InstalledGo) -> Result<PathBuf> {
+    let name = format!("grpcgo-{}-{:016x}", go.version, fnv1a(GRPCGO_GO.as_bytes()));
+    let out = go_work_dir().join("bin").join(name);
+    if !out.is_file() {
+        std::fs::create_dir_all(go_work_dir().join("bin"))?;
+        build_go_file(go, GRPCGO_GO, &[], &out)?;
+    }
+    Ok(out)
+}
+
+/// A running `httpsgo serve` (or `grpcgo serve`, which takes the same
+/// arguments and ignores the backend).
 pub struct GoHttpsServer {
     pub proc: crate::proc::Proc,
     pub port: u16,

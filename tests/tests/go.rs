@@ -17,13 +17,18 @@
 //!   attached and where the struct offsets came from (`dwarf` when the
 //!   binary has DWARF, `table` when stripped);
 //! - HTTP/2 spoken by a Go server over TLS gives HTTP/2 spans;
+//! - grpc-go over TLS: one span per call on each end, named
+//!   `demo.Greeter/SayHello` with `rpc.grpc.status_code`, the server span
+//!   the child of the client span, for a client process that starts after
+//!   the agent and calls at once (a known executable's new process is read
+//!   from its first call);
 //! - a Go version without DWARF and without an entry in the offsets table
 //!   is reported as not visible, with the reason, and not probed.
 
 use periscope_tests::certs::TestCert;
 use periscope_tests::clients::{curl, curl_version};
 use periscope_tests::control::ControlSocket;
-use periscope_tests::go::{GoHttpsServer, Variant, build_httpsgo, toolchain};
+use periscope_tests::go::{GoHttpsServer, Variant, build_grpcgo, build_httpsgo, toolchain};
 use periscope_tests::tls::HANDSHAKE_ATTR;
 use periscope_tests::*;
 use std::path::Path;
@@ -456,6 +461,86 @@ fn go_version_without_offsets_is_reported_not_probed() {
                 http.iter().map(|s| short(s)).collect::<Vec<_>>()
             )
         });
+        e.finish(&spans)
+    });
+}
+
+/// grpc-go 1.33 (Debian) over TLS, server and client from one executable:
+/// unary OK and NOT_FOUND, method and status right on both ends.
+#[test]
+fn grpc_go_over_tls_method_and_status_on_both_ends() {
+    run_test(LIMIT, || {
+        let tc = toolchain("go1.19")?;
+        let cert = TestCert::generate()?;
+        let rotel = Rotel::start()?;
+        let binary = build_grpcgo(&tc)?;
+        let mut agent = Agent::start(&rotel.endpoint())?;
+        let server = GoHttpsServer::start(&binary, cert.cert(), cert.key(), "", &[])?;
+        wait_attached(&mut agent, &binary)?;
+        let port = server.port.to_string();
+        let mut cmd = std::process::Command::new(&binary);
+        cmd.args(["call", &port, "one", "missing-two", "three"]);
+        let run =
+            periscope_tests::proc::run_capture("grpcgo call", &mut cmd, Duration::from_secs(60))?
+                .ok()?;
+        let replies: Vec<&str> = run
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("reply "))
+            .collect();
+        anyhow::ensure!(
+            replies
+                == [
+                    "reply one OK",
+                    "reply missing-two NotFound",
+                    "reply three OK"
+                ],
+            "grpcgo call replied {replies:?}"
+        );
+        let is_grpc = |s: &Span| s.str_attr("rpc.system") == Some("grpc");
+        let (client_pid, server_pid) = (run.pid, server.pid());
+        rotel.try_wait_for_spans(|s| is_grpc(s) && s.pid() == Some(client_pid), 3, SPAN_WAIT)?;
+        rotel.try_wait_for_spans(|s| is_grpc(s) && s.pid() == Some(server_pid), 3, SPAN_WAIT)?;
+        let spans = rotel.spans_after(SETTLE);
+        let mut e = Expect::new();
+        let mut clients: Vec<&Span> = spans
+            .iter()
+            .filter(|s| s.kind == SpanKind::Client && s.pid() == Some(client_pid) && is_grpc(s))
+            .collect();
+        let mut servers: Vec<&Span> = spans
+            .iter()
+            .filter(|s| s.kind == SpanKind::Server && s.pid() == Some(server_pid) && is_grpc(s))
+            .collect();
+        clients.sort_by_key(|s| s.start_ns);
+        servers.sort_by_key(|s| s.start_ns);
+        e.that(clients.len() == 3 && servers.len() == 3, || {
+            format!(
+                "{} client and {} server gRPC spans, want 3 each",
+                clients.len(),
+                servers.len()
+            )
+        });
+        for (i, code) in [0i64, 5, 0].into_iter().enumerate() {
+            for (s, kind) in [
+                (clients.get(i), SpanKind::Client),
+                (servers.get(i), SpanKind::Server),
+            ] {
+                let Some(s) = s else { continue };
+                e.that(s.name == "demo.Greeter/SayHello", || {
+                    format!("{}: name {:?}", short(s), s.name)
+                });
+                e.attr_str(s, "rpc.service", "demo.Greeter");
+                e.attr_str(s, "rpc.method", "SayHello");
+                e.attr_int(s, "rpc.grpc.status_code", code);
+                e.attr_int(s, "server.port", server.port as i64);
+                e.attr_absent(s, "periscope.incomplete");
+                // NOT_FOUND is an error for the client, not for the server.
+                e.status(s, kind == SpanKind::Client && code != 0);
+            }
+            if let (Some(c), Some(s)) = (clients.get(i), servers.get(i)) {
+                expect_child(&mut e, c, s);
+            }
+        }
         e.finish(&spans)
     });
 }

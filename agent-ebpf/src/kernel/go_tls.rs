@@ -3,10 +3,11 @@
 //!
 //! Go programs carry their own TLS, so the library uprobes never see them.
 //! These uprobes sit in the program itself: at the entry of
-//! `crypto/tls.(*Conn).Write` (the plaintext is all there), at the entry and
-//! at every `RET` of `(*Conn).Read` (a uretprobe rewrites the return address
-//! on the goroutine's stack, which Go's movable stacks do not survive), and
-//! around the handshake functions. Arguments and results follow Go's
+//! `crypto/tls.(*Conn).Write` (the plaintext is all there), at the entry of
+//! `(*Conn).Read` and at its copy of the plaintext into the caller's buffer
+//! (or, where that copy is not found, at every `RET`: a uretprobe rewrites
+//! the return address on the goroutine's stack, which Go's movable stacks
+//! do not survive), and around the handshake functions. Arguments and results follow Go's
 //! register ABI (Go 1.17+ on amd64): RAX, RBX, RCX... and the current
 //! goroutine in R14.
 //!
@@ -32,8 +33,8 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use periscope_ebpf::{
-    EventHeader, GoProcess, KernelOffsets, SockTuple, TlsHandshakeEvent, control::FEATURE_TLS,
-    data_flags, direction, kernel_counter, kind, probe, source, tls_library,
+    EventHeader, GoBinaryKey, GoProcess, KernelOffsets, SockTuple, TlsHandshakeEvent,
+    control::FEATURE_TLS, data_flags, direction, kernel_counter, kind, probe, source, tls_library,
 };
 
 use super::filter::{feature_enabled, ports_traced, process_traced};
@@ -45,9 +46,15 @@ use super::{
     tcp_family,
 };
 
-/// Offsets for each Go process, set by the daemon.
+/// Offsets for each hooked Go executable, set by the daemon when it hooks
+/// the file: a process started from it later is read from its first call.
 #[map]
-pub static GO_PROCESSES: HashMap<u32, GoProcess> = HashMap::with_max_entries(4096, 0);
+pub static GO_BINARIES: HashMap<GoBinaryKey, GoProcess> = HashMap::with_max_entries(1024, 0);
+
+/// The same by process, filled on a process's first call (and by the daemon
+/// for the processes it finds); an exec forgets the process's entry.
+#[map]
+pub static GO_PROCESSES: LruHashMap<u32, GoProcess> = LruHashMap::with_max_entries(16384, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -124,13 +131,36 @@ fn go_process() -> Option<(u32, GoProcess)> {
     if tgid == SELF_TGID.load() || !feature_enabled(FEATURE_TLS) || !process_traced(tgid) {
         return None;
     }
-    match unsafe { GO_PROCESSES.get(&tgid) } {
-        Some(p) => Some((tgid, *p)),
+    if let Some(p) = unsafe { GO_PROCESSES.get(&tgid) } {
+        return Some((tgid, *p));
+    }
+    match executable()
+        .and_then(|key| unsafe { GO_BINARIES.get(&key) })
+        .copied()
+    {
+        Some(p) => {
+            let _ = GO_PROCESSES.insert(&tgid, &p, 0);
+            Some((tgid, p))
+        }
         None => {
             count(kernel_counter::GO_NO_OFFSETS);
             None
         }
     }
+}
+
+/// The file the current process runs (`mm->exe_file`).
+#[inline(always)]
+fn executable() -> Option<GoBinaryKey> {
+    let off = OFFSETS.load();
+    let task = unsafe { bpf_get_current_task() };
+    let mm: u64 = read_kernel(task, off.task_mm).ok()?;
+    let file: u64 = read_kernel(mm, off.mm_exe_file).ok()?;
+    let inode: u64 = read_kernel(file, off.file_inode).ok()?;
+    let ino: u64 = read_kernel(inode, off.inode_ino).ok()?;
+    let sb: u64 = read_kernel(inode, off.inode_sb).ok()?;
+    let dev: u32 = read_kernel(sb, off.sb_dev).ok()?;
+    Some(GoBinaryKey { dev, _pad: 0, ino })
 }
 
 #[inline(always)]
@@ -263,6 +293,38 @@ pub fn go_tls_write(ctx: ProbeContext) -> u32 {
     };
     let r = regs(&ctx);
     emit(tgid, &go, r.g, r.rax, r.rbx, r.rcx, direction::EGRESS, 0);
+    0
+}
+
+/// `(*Conn).Read` at its one call to `runtime.memmove(to, from, n)`: the
+/// record's plaintext being copied out to the caller, `n` bytes at `from`.
+/// A direct call is emulated by the kernel where a `RET` would be
+/// single-stepped, so this site is preferred to the returns.
+#[uprobe]
+pub fn go_tls_read_copy(ctx: ProbeContext) -> u32 {
+    let Some((tgid, go)) = go_process() else {
+        return 0;
+    };
+    let r = regs(&ctx);
+    let key = GoroutineKey {
+        tgid,
+        _pad: 0,
+        g: r.g,
+    };
+    let Some(call) = (unsafe { GO_READS.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = GO_READS.remove(&key);
+    emit(
+        tgid,
+        &go,
+        r.g,
+        call.conn,
+        r.rbx,
+        r.rcx,
+        direction::INGRESS,
+        call.start_ns,
+    );
     0
 }
 

@@ -118,6 +118,9 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
     if tgid == SELF_TGID.load() {
         return 0;
     }
+    // A new program in this process: the Go offsets of the old one (if any)
+    // no longer apply.
+    let _ = super::go_tls::GO_PROCESSES.remove(&tgid);
     let off = OFFSETS.load();
     let Some(ev) = EXEC_SCRATCH.get_ptr_mut(0) else { return 0 };
     let ev = unsafe { &mut *ev };

@@ -75,6 +75,11 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     fdtable_max_fds: 0,
     file_private_data: 0,
     socket_sk: 0,
+    mm_exe_file: 0,
+    file_inode: 0,
+    inode_ino: 0,
+    inode_sb: 0,
+    sb_dev: 0,
     sock_common_packed: 0,
     pt_regs_packed: 0,
 });

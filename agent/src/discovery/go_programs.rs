@@ -22,6 +22,10 @@ pub enum GoHookKind {
     Entry(&'static str),
     /// A program at the entry and one at every `RET`.
     EntryAndReturns(&'static str, &'static str),
+    /// A program at the entry, and one on the function's only call to
+    /// `runtime.memmove` (the copy of the result), or else at every `RET`:
+    /// (entry, copy, return).
+    EntryAndCopy(&'static str, &'static str, &'static str),
 }
 
 /// The Go functions hooked, and how. Read and Write are required; the rest
@@ -33,7 +37,7 @@ pub const GO_FUNCTIONS: &[(&str, GoHookKind)] = &[
     ),
     (
         "crypto/tls.(*Conn).Read",
-        GoHookKind::EntryAndReturns("go_tls_read", "go_tls_read_ret"),
+        GoHookKind::EntryAndCopy("go_tls_read", "go_tls_read_copy", "go_tls_read_ret"),
     ),
     (
         "crypto/tls.(*Conn).clientHandshake",
@@ -64,6 +68,9 @@ pub const GO_FUNCTIONS: &[(&str, GoHookKind)] = &[
 ];
 
 const REQUIRED: &[&str] = &["crypto/tls.(*Conn).Write", "crypto/tls.(*Conn).Read"];
+
+/// Looked up, not hooked: where [`GoHookKind::EntryAndCopy`]'s copies go.
+const MEMMOVE: &str = "runtime.memmove";
 
 /// The oldest Go whose functions take their arguments in registers (amd64).
 const MIN_REGISTER_ABI_MINOR: u32 = 17;
@@ -176,6 +183,36 @@ pub fn inspect_file(attach_path: &Path, display_path: &str, file: FileId) -> GoI
     }
 }
 
+/// Where a function's entry probe goes: on the conditional jump of Go's
+/// stack check (`cmp rsp, [r14+16]; jbe morestack`, or with `lea r12, ...`
+/// first for a large frame) when the function starts with one. The kernel
+/// emulates a conditional jump but single-steps a `cmp` with a memory
+/// operand, a trap that costs tens of microseconds on a virtual machine;
+/// the arguments are still untouched there. Else the entry itself.
+fn entry_probe_offset(data: &[u8], entry: u64) -> u64 {
+    use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, Register};
+    let Some(code) = usize::try_from(entry).ok().and_then(|at| data.get(at..)) else {
+        return entry;
+    };
+    let code = &code[..code.len().min(32)];
+    let mut decoder = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
+    for _ in 0..3 {
+        let insn = decoder.decode();
+        if insn.is_invalid() {
+            break;
+        }
+        match insn.mnemonic() {
+            Mnemonic::Cmp => continue,
+            Mnemonic::Lea if matches!(insn.op0_register(), Register::R12 | Register::R13) => {
+                continue;
+            }
+            _ if insn.flow_control() == FlowControl::ConditionalBranch => return entry + insn.ip(),
+            _ => break,
+        }
+    }
+    entry
+}
+
 /// `go1.21.13` -> 21.
 pub fn go_minor(version: &str) -> Option<u32> {
     let rest = version.strip_prefix("go1.")?;
@@ -191,8 +228,16 @@ fn go_target(
     display_path: &str,
     file: FileId,
 ) -> Result<Option<GoTarget>, String> {
-    let names: Vec<&str> = GO_FUNCTIONS.iter().map(|(name, _)| *name).collect();
+    let names: Vec<&str> = GO_FUNCTIONS
+        .iter()
+        .map(|(name, _)| *name)
+        .chain([MEMMOVE])
+        .collect();
     let found = go_binary::find_functions(data, &names)?;
+    let memmove = found
+        .iter()
+        .find(|f| f.name == MEMMOVE)
+        .map(|f| f.entry_offset);
     let has = |name: &str| found.iter().any(|f| f.name == name);
     if !REQUIRED.iter().any(|name| has(name)) {
         return Ok(None);
@@ -217,26 +262,46 @@ fn go_target(
         let Some(&(name, kind)) = GO_FUNCTIONS.iter().find(|(n, _)| *n == function.name) else {
             continue;
         };
+        let entry_offset = entry_probe_offset(data, function.entry_offset);
+        let at = |program, offset| GoHook {
+            function: name,
+            program,
+            offset,
+        };
+        let returns = |program| {
+            function
+                .return_offsets
+                .iter()
+                .map(move |&offset| at(program, offset))
+        };
         match kind {
-            GoHookKind::Entry(program) => hooks.push(GoHook {
-                function: name,
-                program,
-                offset: function.entry_offset,
-            }),
+            GoHookKind::Entry(program) => hooks.push(at(program, entry_offset)),
             GoHookKind::EntryAndReturns(entry, ret) => {
                 if function.return_offsets.is_empty() {
                     return Err(format!("{name}: no RET instruction found"));
                 }
-                hooks.push(GoHook {
-                    function: name,
-                    program: entry,
-                    offset: function.entry_offset,
-                });
-                hooks.extend(function.return_offsets.iter().map(|&offset| GoHook {
-                    function: name,
-                    program: ret,
-                    offset,
-                }));
+                hooks.push(at(entry, entry_offset));
+                hooks.extend(returns(ret));
+            }
+            GoHookKind::EntryAndCopy(entry, copy, ret) => {
+                hooks.push(at(entry, entry_offset));
+                let copies: Vec<u64> = function
+                    .call_offsets
+                    .iter()
+                    .filter(|(_, to)| Some(*to) == memmove)
+                    .map(|(at, _)| *at)
+                    .collect();
+                match copies[..] {
+                    // A direct call is emulated by the kernel; a RET is
+                    // single-stepped, which costs far more.
+                    [copy_at] => hooks.push(at(copy, copy_at)),
+                    _ if function.return_offsets.is_empty() => {
+                        return Err(format!(
+                            "{name}: no single copy and no RET instruction found"
+                        ));
+                    }
+                    _ => hooks.extend(returns(ret)),
+                }
             }
         }
         functions.push(name);
@@ -263,6 +328,26 @@ fn go_target(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entry_probes_go_on_the_stack_checks_jump() {
+        // go1.27 crypto/tls.(*Conn).Read: cmp rsp,[r14+0x10]; jbe ...; push rbp
+        let small = [
+            0x49, 0x3b, 0x66, 0x10, 0x0f, 0x86, 0x51, 0x03, 0x00, 0x00, 0x55,
+        ];
+        assert_eq!(entry_probe_offset(&small, 0), 4);
+        // go1.19 (*Conn).Write: lea r12,[rsp-0x68]; cmp r12,[r14+0x10]; jbe ...
+        let mut large = vec![0u8; 16];
+        large.extend([
+            0x4c, 0x8d, 0x64, 0x24, 0x98, 0x4d, 0x3b, 0x66, 0x10, 0x0f, 0x86, 0x64, 0x07, 0x00,
+            0x00,
+        ]);
+        assert_eq!(entry_probe_offset(&large, 16), 16 + 9);
+        // No stack check (a NOSPLIT function): the entry.
+        let leaf = [0x48, 0x89, 0xc3, 0xc3];
+        assert_eq!(entry_probe_offset(&leaf, 0), 0);
+        assert_eq!(entry_probe_offset(&leaf, 100), 100);
+    }
 
     #[test]
     fn go_minor_versions() {

@@ -44,6 +44,11 @@ pub fn from_btf(btf: &Btf) -> Result<KernelOffsets> {
         fdtable_max_fds: field_offset(btf, "fdtable", "max_fds")?,
         file_private_data: field_offset(btf, "file", "private_data")?,
         socket_sk: field_offset(btf, "socket", "sk")?,
+        mm_exe_file: field_offset(btf, "mm_struct", "exe_file")?,
+        file_inode: field_offset(btf, "file", "f_inode")?,
+        inode_ino: field_offset(btf, "inode", "i_ino")?,
+        inode_sb: field_offset(btf, "inode", "i_sb")?,
+        sb_dev: field_offset(btf, "super_block", "s_dev")?,
         sock_common_packed: 0,
         pt_regs_packed: 0,
     }))

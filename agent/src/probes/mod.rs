@@ -56,6 +56,7 @@ pub const GO_PROGRAMS: &[&str] = &[
     "go_tls_write",
     "go_tls_read",
     "go_tls_read_ret",
+    "go_tls_read_copy",
     "go_tls_handshake",
     "go_tls_handshake_ret",
     "go_http_round_trip",
@@ -95,6 +96,19 @@ unsafe impl Pod for OffsetsPod {}
 struct GoProcessPod(periscope_ebpf::GoProcess);
 // SAFETY: repr(C), all u32 fields, no padding.
 unsafe impl Pod for GoProcessPod {}
+
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct GoBinaryKeyPod(periscope_ebpf::GoBinaryKey);
+// SAFETY: repr(C): u32, u32 padding field, u64; no implicit padding.
+unsafe impl Pod for GoBinaryKeyPod {}
+
+/// How the kernel names the file `file` (its `s_dev` is `MKDEV`, not the
+/// `st_dev` encoding `stat` returns).
+fn kernel_file_key(file: crate::discovery::tls_libraries::FileId) -> GoBinaryKeyPod {
+    let dev = libc::major(file.dev) << 20 | libc::minor(file.dev);
+    GoBinaryKeyPod(periscope_ebpf::GoBinaryKey { dev, _pad: 0, ino: file.inode })
+}
 
 #[repr(transparent)]
 #[derive(Clone, Copy)]
@@ -174,6 +188,7 @@ pub struct Probes {
     cgroup_filter: BpfHashMap<MapData, u64, u8>,
     ignored_socks: BpfHashMap<MapData, u64, u64>,
     go_processes: BpfHashMap<MapData, u32, GoProcessPod>,
+    go_binaries: BpfHashMap<MapData, GoBinaryKeyPod, GoProcessPod>,
     pub go: Vec<GoAttachment>,
     /// C libraries with the getaddrinfo uprobes (kept for the daemon's life).
     resolvers: Vec<String>,
@@ -246,6 +261,7 @@ impl Probes {
         let cgroup_filter = BpfHashMap::try_from(take("CGROUP_FILTER")?)?;
         let ignored_socks = BpfHashMap::try_from(take("IGNORED_SOCKS")?)?;
         let go_processes = BpfHashMap::try_from(take("GO_PROCESSES")?)?;
+        let go_binaries = BpfHashMap::try_from(take("GO_BINARIES")?)?;
         log::debug!("kernel offsets: {offsets:?}");
         let probes = Self {
             ebpf,
@@ -258,6 +274,7 @@ impl Probes {
             cgroup_filter,
             ignored_socks,
             go_processes,
+            go_binaries,
             go: Vec::new(),
             resolvers: Vec::new(),
             tls: Vec::new(),
@@ -471,8 +488,11 @@ impl Probes {
     /// Hooks a Go executable's functions for every process running it (now
     /// if TLS is enabled, else when it is). Returns the functions attached.
     pub fn attach_go(&mut self, target: std::sync::Arc<GoTarget>) -> &GoAttachment {
-        let (links, functions, errors) =
+        let (links, functions, mut errors) =
             if self.tls_enabled { self.attach_go_hooks(&target) } else { (Vec::new(), Vec::new(), Vec::new()) };
+        if let Err(e) = self.go_binaries.insert(kernel_file_key(target.file), GoProcessPod(target.offsets), 0) {
+            errors.push(format!("GO_BINARIES: {e}"));
+        }
         self.go.push(GoAttachment { target, functions, errors, pids: Default::default(), links });
         &self.go[self.go.len() - 1]
     }
@@ -489,7 +509,9 @@ impl Probes {
         let mut errors = Vec::new();
         for &function in &target.functions {
             let mut hooks: Vec<_> = target.hooks.iter().filter(|h| h.function == function).collect();
-            hooks.sort_by_key(|h| !h.program.ends_with("_ret"));
+            // Return and copy sites before entries: no call is entered whose
+            // end goes unseen.
+            hooks.sort_by_key(|h| !(h.program.ends_with("_ret") || h.program.ends_with("_copy")));
             let mut these = Vec::new();
             let mut failed = None;
             for hook in hooks {

@@ -53,6 +53,8 @@ pub struct GoFunction {
     pub entry_offset: u64,
     /// Every `RET` instruction of the function, in address order.
     pub return_offsets: Vec<u64>,
+    /// Every direct call (`call rel32`): (the call, its target's offset).
+    pub call_offsets: Vec<(u64, u64)>,
 }
 
 /// The build info of the file `data`; `Ok(None)` when it is not a Go
@@ -179,16 +181,17 @@ fn probe_points(image: &Image<'_>, function: Function) -> Option<GoFunction> {
             && function.end <= load.address.saturating_add(load.file_size)
     });
     let result = if executable {
-        returns::return_offsets(image, function.entry, function.end)
+        returns::code_sites(image, function.entry, function.end)
     } else {
         Err("not inside an executable segment".into())
     };
     let entry_offset = image.offset_of(function.entry);
     match (result, entry_offset) {
-        (Ok(return_offsets), Some(entry_offset)) => Some(GoFunction {
+        (Ok(sites), Some(entry_offset)) => Some(GoFunction {
             name: function.name,
             entry_offset,
-            return_offsets,
+            return_offsets: sites.returns,
+            call_offsets: sites.calls,
         }),
         (Err(e), _) => {
             log::warn!(

@@ -13,9 +13,17 @@ use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic};
 
 use super::image::Image;
 
-/// File offsets of every `RET` in the function at virtual addresses
-/// `[entry, end)`.
-pub(super) fn return_offsets(image: &Image<'_>, entry: u64, end: u64) -> Result<Vec<u64>, String> {
+/// Where a function returns and what it calls directly, as file offsets.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct CodeSites {
+    /// Every `RET`.
+    pub returns: Vec<u64>,
+    /// Every `call rel32`: (the call instruction, its target).
+    pub calls: Vec<(u64, u64)>,
+}
+
+/// The [`CodeSites`] of the function at virtual addresses `[entry, end)`.
+pub(super) fn code_sites(image: &Image<'_>, entry: u64, end: u64) -> Result<CodeSites, String> {
     let len = end
         .checked_sub(entry)
         .filter(|&len| len > 0)
@@ -26,16 +34,30 @@ pub(super) fn return_offsets(image: &Image<'_>, entry: u64, end: u64) -> Result<
     let entry_offset = image
         .offset_of(entry)
         .ok_or_else(|| format!("{entry:#x} is not in the file"))?;
-    let returns = return_positions(body)?;
-    Ok(returns.into_iter().map(|at| entry_offset + at).collect())
+    let sites = positions(body)?;
+    Ok(CodeSites {
+        returns: sites.returns.into_iter().map(|at| entry_offset + at).collect(),
+        calls: sites
+            .calls
+            .into_iter()
+            .map(|(at, target)| (entry_offset + at, entry_offset.wrapping_add(target)))
+            .collect(),
+    })
 }
 
-/// Positions (from the start of `body`) of the return instructions in
-/// the x86-64 machine code `body`.
+/// Positions of the return instructions in the x86-64 machine code `body`,
+/// from its start.
+#[cfg(test)]
 fn return_positions(body: &[u8]) -> Result<Vec<u64>, String> {
+    positions(body).map(|s| s.returns)
+}
+
+/// [`CodeSites`] relative to the start of `body` (a call's target may be
+/// before it: a wrapped negative).
+fn positions(body: &[u8]) -> Result<CodeSites, String> {
     let mut decoder = Decoder::with_ip(64, body, 0, DecoderOptions::NONE);
     let mut instruction = Instruction::default();
-    let mut returns = Vec::new();
+    let mut sites = CodeSites::default();
     while decoder.can_decode() {
         decoder.decode_out(&mut instruction);
         if instruction.code() == Code::INVALID {
@@ -45,10 +67,12 @@ fn return_positions(body: &[u8]) -> Result<Vec<u64>, String> {
             ));
         }
         if is_return(&instruction) {
-            returns.push(instruction.ip());
+            sites.returns.push(instruction.ip());
+        } else if instruction.code() == Code::Call_rel32_64 {
+            sites.calls.push((instruction.ip(), instruction.near_branch_target()));
         }
     }
-    Ok(returns)
+    Ok(sites)
 }
 
 /// Near returns (`ret`, `ret imm16`, with any prefix); far returns and
@@ -73,6 +97,19 @@ mod tests {
             0xcc, 0xcc, 0xcc, // int3 padding
         ];
         assert_eq!(return_positions(&body).unwrap(), [11, 16]);
+    }
+
+    #[test]
+    fn finds_direct_calls_forwards_and_backwards() {
+        let body = [
+            0xe8, 0x10, 0x00, 0x00, 0x00, // call +0x10 (to 0x15)
+            0xe8, 0xf6, 0xff, 0xff, 0xff, // call -0xa (to 0x0)
+            0xff, 0xd0, // call *%rax: not direct
+            0xc3,
+        ];
+        let sites = positions(&body).unwrap();
+        assert_eq!(sites.calls, [(0, 0x15), (5, 0)]);
+        assert_eq!(sites.returns, [12]);
     }
 
     #[test]
