@@ -52,7 +52,11 @@ pub const GO_TOOLCHAINS: &[GoToolchain] = &[
         install: GoInstall::Apt("golang-go"),
     },
     pip_go!("1.21.13"),
+    pip_go!("1.22.10"),
+    pip_go!("1.23.9"),
     pip_go!("1.24.11"),
+    pip_go!("1.25.5"),
+    pip_go!("1.26.6"),
     pip_go!("1.27.3"),
 ];
 

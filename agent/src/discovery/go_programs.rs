@@ -102,6 +102,9 @@ pub struct GoTarget {
 pub enum GoInspection {
     NotGo,
     Go(Arc<GoTarget>),
+    /// A Go program without crypto/tls: nothing to hook, but its goroutines
+    /// move between threads all the same.
+    GoWithoutTls,
     /// A Go program whose TLS cannot be seen, and why.
     NotVisible {
         display_path: String,
@@ -174,7 +177,7 @@ pub fn inspect_file(attach_path: &Path, display_path: &str, file: FileId) -> GoI
     };
     match go_target(&data, &binary, attach_path, display_path, file) {
         Ok(Some(target)) => GoInspection::Go(Arc::new(target)),
-        Ok(None) => GoInspection::NotGo,
+        Ok(None) => GoInspection::GoWithoutTls,
         Err(reason) => GoInspection::NotVisible {
             display_path: display_path.into(),
             go_version: binary.go_version.clone(),

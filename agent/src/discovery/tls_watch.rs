@@ -31,8 +31,9 @@ pub enum Discovered {
     GoProgram(Arc<GoTarget>),
     /// A Go executable whose TLS cannot be seen (once per file).
     GoNotVisible { display_path: String, go_version: String, reason: String },
-    /// A process runs the Go executable `file` (every scan of it).
-    GoProcess { pid: u32, file: FileId },
+    /// A process runs a Go executable (every scan of it): `file` when its
+    /// TLS is hooked.
+    GoProcess { pid: u32, file: Option<FileId> },
     /// Everything present at start has been reported.
     InitialScanDone,
 }
@@ -99,11 +100,13 @@ impl TlsWatch {
                         Some((GoInspection::Go(target), first)) => {
                             let file = target.file;
                             let program = first.then_some(Discovered::GoProgram(target));
-                            program.into_iter().chain([Discovered::GoProcess { pid, file }]).collect()
+                            program.into_iter().chain([Discovered::GoProcess { pid, file: Some(file) }]).collect()
                         }
-                        Some((GoInspection::NotVisible { display_path, go_version, reason }, true)) => {
-                            vec![Discovered::GoNotVisible { display_path, go_version, reason }]
+                        Some((GoInspection::NotVisible { display_path, go_version, reason }, first)) => {
+                            let note = first.then_some(Discovered::GoNotVisible { display_path, go_version, reason });
+                            note.into_iter().chain([Discovered::GoProcess { pid, file: None }]).collect()
                         }
+                        Some((GoInspection::GoWithoutTls, _)) => vec![Discovered::GoProcess { pid, file: None }],
                         _ => Vec::new(),
                     };
                     for message in go {

@@ -116,7 +116,10 @@ fn attach_tls(probes: &mut Probes, pipeline: &mut Pipeline, found: Discovered) {
             }
         }
         Discovered::GoProcess { pid, file } => {
-            if let Err(e) = probes.set_go_process(pid, file) {
+            pipeline.note_go_process(pid);
+            if let Some(file) = file
+                && let Err(e) = probes.set_go_process(pid, file)
+            {
                 warn!("Go process {pid}: {e:#}");
             }
         }

@@ -69,6 +69,9 @@ pub struct Pipeline {
     execs: Vec<(u32, String)>,
     /// Processes that exited since the last drain.
     exited: Vec<u32>,
+    /// Processes running Go: their threads say nothing about which request
+    /// a goroutine serves, so only goroutine-keyed events link in-process.
+    go_processes: std::collections::HashSet<u32>,
     /// Go programs whose TLS cannot be seen: (path, Go version, reason).
     go_not_visible: Vec<(String, String, String)>,
     /// Sockets whose payloads the kernel may stop copying, with the ports
@@ -150,12 +153,15 @@ impl Sampler {
 
 /// Who did what a data event shows, for in-process links: its thread, or
 /// for Go its goroutine (a goroutine id is per process, so the process is
-/// part of the key).
-fn actor(event: &periscope_ebpf::DataEvent) -> u64 {
+/// part of the key). None for a thread of a Go process: goroutines move
+/// between threads, so a thread does not tell which request it serves.
+fn actor(event: &periscope_ebpf::DataEvent, go_processes: &std::collections::HashSet<u32>) -> Option<u64> {
     if event.flags & data_flags::GOROUTINE != 0 {
-        1 << 63 | u64::from(event.header.tgid) << 32 | u64::from(event.tid)
+        Some(1 << 63 | u64::from(event.header.tgid) << 32 | u64::from(event.tid))
+    } else if go_processes.contains(&event.header.tgid) {
+        None
     } else {
-        u64::from(event.tid)
+        Some(u64::from(event.tid))
     }
 }
 
@@ -177,6 +183,7 @@ impl Pipeline {
             tls_not_visible: Vec::new(),
             execs: Vec::new(),
             exited: Vec::new(),
+            go_processes: Default::default(),
             go_not_visible: Vec::new(),
             ignore_requests: Vec::new(),
             ignore_batch: Vec::new(),
@@ -232,7 +239,9 @@ impl Pipeline {
                 // First, whatever this event is: the flag is the thread's, and
                 // this event is the only one that carries it.
                 if event.flags & data_flags::THREAD_LOST_BEFORE != 0 {
-                    self.links.forget_thread(actor(&event));
+                    if let Some(actor) = actor(&event, &self.go_processes) {
+                        self.links.forget_thread(actor);
+                    }
                 }
                 if event.tuple.protocol == IPPROTO_UDP {
                     self.on_dns_datagram(&event, payload);
@@ -337,7 +346,8 @@ impl Pipeline {
                     self.ignore_requests.push((event.sock, conn.local.port(), conn.peer.port()));
                 }
                 if !self.new_requests.is_empty() {
-                    self.start_requests(event.sock, actor(&event));
+                    let actor = actor(&event, &self.go_processes);
+                    self.start_requests(event.sock, actor);
                 }
                 self.emit_exchanges(event.sock);
             }
@@ -405,6 +415,7 @@ impl Pipeline {
                 self.give_up_lookups(|t, out| t.remove_process(tgid, out), |_| e.header.ts_ns);
                 self.processes.forget(e.header.tgid);
                 self.exited.push(e.header.tgid);
+                self.go_processes.remove(&e.header.tgid);
             }
         }
     }
@@ -413,7 +424,7 @@ impl Pipeline {
 
     /// Requests the parser just started on `sock`, read or sent by thread
     /// `tid`: each gets its identity (and parent) now.
-    fn start_requests(&mut self, sock: u64, tid: u64) {
+    fn start_requests(&mut self, sock: u64, tid: Option<u64>) {
         let requests = std::mem::take(&mut self.new_requests);
         for &seq in &requests {
             let Some(conn) = self.connections.get(sock) else { break };
@@ -429,7 +440,7 @@ impl Pipeline {
                 // still makes the thread's calls ambiguous while open.
                 Some(side) if conn.out_of_step => {
                     let identity = Identity::root(&mut self.rng, true);
-                    if side == Side::Server {
+                    if let (Side::Server, Some(tid)) = (side, tid) {
                         let connections = &self.connections;
                         let is_open = |sock: u64, seq: u64, id: &IdentityRef| connections.serving_request(sock, seq, id);
                         self.links.server_request_unlinked(tid, sock, seq, &identity, is_open);
@@ -688,6 +699,10 @@ impl Pipeline {
         std::mem::take(&mut self.exited)
     }
 
+    pub fn note_go_process(&mut self, pid: u32) {
+        self.go_processes.insert(pid);
+    }
+
     pub fn note_go_not_visible(&mut self, path: String, go_version: String, reason: String) {
         self.go_not_visible.push((path, go_version, reason));
     }
@@ -768,6 +783,24 @@ fn count_parser(s: &Stats, before: &ParserCounts, after: &ParserCounts) {
 #[cfg(test)]
 mod tests {
     use super::Sampler;
+
+    #[test]
+    fn actors_are_threads_or_goroutines_never_a_go_thread() {
+        let mut event: periscope_ebpf::DataEvent = unsafe { std::mem::zeroed() };
+        event.header.tgid = 40;
+        event.tid = 7;
+        let go: std::collections::HashSet<u32> = [40].into_iter().collect();
+        let none = Default::default();
+        assert_eq!(super::actor(&event, &none), Some(7));
+        // A thread of a Go process serves whichever goroutine runs on it.
+        assert_eq!(super::actor(&event, &go), None);
+        event.flags = periscope_ebpf::data_flags::GOROUTINE;
+        let goroutine = super::actor(&event, &go).expect("a goroutine");
+        assert_ne!(goroutine, 7);
+        // The same goroutine id in another process is another actor.
+        event.header.tgid = 41;
+        assert_ne!(super::actor(&event, &go), Some(goroutine));
+    }
 
     #[test]
     fn sampler_ratio_is_by_trace_id() {

@@ -97,14 +97,14 @@ impl TraceLinks {
         self.ends.len()
     }
 
-    /// Thread `tid` (or goroutine: see `pipeline::actor`) sent request `seq`
-    /// on the connection `local -> peer`.
+    /// Thread `tid` (or goroutine: see `pipeline::actor`; None when it
+    /// cannot be told) sent request `seq` on the connection `local -> peer`.
     /// `is_open(sock, seq, identity)` says whether a server request is still
     /// being served. Returns the new request's identity.
     #[allow(clippy::too_many_arguments)]
     pub fn client_request(
         &mut self,
-        tid: u64,
+        tid: Option<u64>,
         local: SocketAddr,
         peer: SocketAddr,
         seq: u64,
@@ -114,7 +114,7 @@ impl TraceLinks {
         is_open: impl Fn(u64, u64, &IdentityRef) -> bool,
         outcome: &mut LinkOutcome,
     ) -> IdentityRef {
-        let parent = self.serving_parent(tid, is_open, outcome);
+        let parent = tid.and_then(|tid| self.serving_parent(tid, is_open, outcome));
         let identity = match parent {
             Some(p) => {
                 outcome.in_process = true;
@@ -145,7 +145,7 @@ impl TraceLinks {
     #[allow(clippy::too_many_arguments)]
     pub fn server_request(
         &mut self,
-        tid: u64,
+        tid: Option<u64>,
         sock: u64,
         local: SocketAddr,
         peer: SocketAddr,
@@ -189,7 +189,9 @@ impl TraceLinks {
             }
             (None, None) => Identity::root(rng, true),
         };
-        self.note_serving(tid, Serving { sock, seq, identity: identity.clone(), may_parent: true }, is_open);
+        if let Some(tid) = tid {
+            self.note_serving(tid, Serving { sock, seq, identity: identity.clone(), may_parent: true }, is_open);
+        }
         identity
     }
 
@@ -281,16 +283,16 @@ mod tests {
         let (c, s) = (addr("127.0.0.1:40000"), addr("127.0.0.1:80"));
         let mut o = LinkOutcome::default();
         // Client first.
-        let client = links.client_request(1, c, s, 0, 7, 0, rng, |_, _, _| false, &mut o);
-        let server = links.server_request(2, 9, s, c, 0, 7, None, 0, rng, |_, _, _| true, &mut o);
+        let client = links.client_request(Some(1), c, s, 0, 7, 0, rng, |_, _, _| false, &mut o);
+        let server = links.server_request(Some(2), 9, s, c, 0, 7, None, 0, rng, |_, _, _| true, &mut o);
         assert!(o.cross_process);
         assert_eq!(server.trace_id(), client.trace_id());
         assert_eq!(server.parent_span_id(), Some(client.span_id()));
         // Server first (its event came out of the ring first).
         let mut o = LinkOutcome::default();
-        let server = links.server_request(2, 9, s, c, 1, 7, None, 0, rng, |_, _, _| true, &mut o);
+        let server = links.server_request(Some(2), 9, s, c, 1, 7, None, 0, rng, |_, _, _| true, &mut o);
         assert!(!server.chain_settled());
-        let client = links.client_request(1, c, s, 1, 7, 0, rng, |_, _, _| false, &mut o);
+        let client = links.client_request(Some(1), c, s, 1, 7, 0, rng, |_, _, _| false, &mut o);
         assert!(o.cross_process);
         assert_eq!(server.trace_id(), client.trace_id());
         assert!(server.chain_settled());
@@ -303,21 +305,21 @@ mod tests {
         let mut links = TraceLinks::new(100);
         let up = addr("10.0.0.9:5000");
         let mut o = LinkOutcome::default();
-        let served = links.server_request(7, 1, addr("10.0.0.1:80"), up, 0, 7, None, 0, rng, |_, _, _| true, &mut o);
-        let call = links.client_request(7, addr("10.0.0.1:41000"), addr("10.0.0.2:80"), 0, 7, 0, rng, |_, _, _| true, &mut o);
+        let served = links.server_request(Some(7), 1, addr("10.0.0.1:80"), up, 0, 7, None, 0, rng, |_, _, _| true, &mut o);
+        let call = links.client_request(Some(7), addr("10.0.0.1:41000"), addr("10.0.0.2:80"), 0, 7, 0, rng, |_, _, _| true, &mut o);
         assert!(o.in_process);
         assert_eq!(call.parent_span_id(), Some(served.span_id()));
         // A second open request on the same thread: no guess.
         let mut o = LinkOutcome::default();
-        links.server_request(7, 2, addr("10.0.0.1:80"), addr("10.0.0.9:5001"), 0, 7, None, 0, rng, |_, _, _| true, &mut o);
-        let call = links.client_request(7, addr("10.0.0.1:41001"), addr("10.0.0.2:80"), 0, 7, 0, rng, |_, _, _| true, &mut o);
+        links.server_request(Some(7), 2, addr("10.0.0.1:80"), addr("10.0.0.9:5001"), 0, 7, None, 0, rng, |_, _, _| true, &mut o);
+        let call = links.client_request(Some(7), addr("10.0.0.1:41001"), addr("10.0.0.2:80"), 0, 7, 0, rng, |_, _, _| true, &mut o);
         assert!(o.ambiguous && !o.in_process);
         assert!(!call.has_parent());
         // Another thread is not affected; closed requests are dropped.
         let mut o = LinkOutcome::default();
-        let call = links.client_request(8, addr("10.0.0.1:41002"), addr("10.0.0.2:80"), 0, 7, 0, rng, |_, _, _| true, &mut o);
+        let call = links.client_request(Some(8), addr("10.0.0.1:41002"), addr("10.0.0.2:80"), 0, 7, 0, rng, |_, _, _| true, &mut o);
         assert!(!call.has_parent() && !o.ambiguous);
-        let call = links.client_request(7, addr("10.0.0.1:41003"), addr("10.0.0.2:80"), 0, 7, 0, rng, |sock, _, _| sock == 2, &mut o);
+        let call = links.client_request(Some(7), addr("10.0.0.1:41003"), addr("10.0.0.2:80"), 0, 7, 0, rng, |sock, _, _| sock == 2, &mut o);
         assert!(call.has_parent());
     }
 
@@ -327,20 +329,20 @@ mod tests {
         let mut links = TraceLinks::new(100);
         let up = addr("10.0.0.9:5000");
         let mut o = LinkOutcome::default();
-        let served = links.server_request(7, 1, addr("10.0.0.1:80"), up, 0, 7, None, 0, rng, |_, _, _| true, &mut o);
+        let served = links.server_request(Some(7), 1, addr("10.0.0.1:80"), up, 0, 7, None, 0, rng, |_, _, _| true, &mut o);
         // Request 20 arrives on a connection that lost events: unlinked,
         // but the thread now serves two requests.
         let lossy = Identity::root(rng, true);
         links.server_request_unlinked(7, 2, 0, &lossy, |_, _, _| true);
-        let call = links.client_request(7, addr("10.0.0.1:41000"), addr("10.0.0.2:80"), 0, 7, 0, rng, |_, _, _| true, &mut o);
+        let call = links.client_request(Some(7), addr("10.0.0.1:41000"), addr("10.0.0.2:80"), 0, 7, 0, rng, |_, _, _| true, &mut o);
         assert!(!call.has_parent() && o.ambiguous);
         // Once it is answered, the other request is the parent again.
-        let call = links.client_request(7, addr("10.0.0.1:41002"), addr("10.0.0.2:80"), 0, 7, 0, rng, |sock, _, _| sock == 1, &mut o);
+        let call = links.client_request(Some(7), addr("10.0.0.1:41002"), addr("10.0.0.2:80"), 0, 7, 0, rng, |sock, _, _| sock == 1, &mut o);
         assert_eq!(call.parent_span_id(), Some(served.span_id()));
         // Alone, it is no parent.
         let mut o = LinkOutcome::default();
         links.server_request_unlinked(9, 3, 0, &lossy, |_, _, _| true);
-        let call = links.client_request(9, addr("10.0.0.1:41001"), addr("10.0.0.2:80"), 0, 7, 0, rng, |_, _, _| true, &mut o);
+        let call = links.client_request(Some(9), addr("10.0.0.1:41001"), addr("10.0.0.2:80"), 0, 7, 0, rng, |_, _, _| true, &mut o);
         assert!(!call.has_parent() && !o.in_process);
     }
 
@@ -349,9 +351,9 @@ mod tests {
         let rng = &mut rand::rng();
         let mut links = TraceLinks::new(100);
         let mut o = LinkOutcome::default();
-        let id = links.server_request(1, 1, addr("10.0.0.1:80"), addr("10.0.0.7:5000"), 0, 7, Some(([1; 16], [2; 8])), 0, rng, |_, _, _| true, &mut o);
+        let id = links.server_request(Some(1), 1, addr("10.0.0.1:80"), addr("10.0.0.7:5000"), 0, 7, Some(([1; 16], [2; 8])), 0, rng, |_, _, _| true, &mut o);
         assert_eq!(id.trace_id(), [1; 16]);
-        let id = links.server_request(1, 1, addr("10.0.0.1:80"), addr("10.0.0.7:5000"), 1, 7, None, 0, rng, |_, _, _| true, &mut o);
+        let id = links.server_request(Some(1), 1, addr("10.0.0.1:80"), addr("10.0.0.7:5000"), 1, 7, None, 0, rng, |_, _, _| true, &mut o);
         assert!(id.chain_settled());
         assert_eq!(links.pending(), 0);
     }
@@ -362,8 +364,8 @@ mod tests {
         let mut links = TraceLinks::new(100);
         let (c, s) = (addr("127.0.0.1:40000"), addr("127.0.0.1:80"));
         let mut o = LinkOutcome::default();
-        links.client_request(1, c, s, 0, fingerprint("GET", "/a"), 0, rng, |_, _, _| false, &mut o);
-        let server = links.server_request(2, 9, s, c, 0, fingerprint("GET", "/b"), None, 0, rng, |_, _, _| true, &mut o);
+        links.client_request(Some(1), c, s, 0, fingerprint("GET", "/a"), 0, rng, |_, _, _| false, &mut o);
+        let server = links.server_request(Some(2), 9, s, c, 0, fingerprint("GET", "/b"), None, 0, rng, |_, _, _| true, &mut o);
         assert!(o.refused && !o.cross_process);
         assert!(!server.has_parent());
     }
@@ -381,7 +383,7 @@ mod tests {
             LinkKey { client: c, server: s, seq: 0 },
             LinkEntry::ClientSent(End { identity: proxy_client.clone(), fingerprint: 7, seen_ns: 0 }),
         );
-        let id = links.server_request(2, 9, s, c, 0, 7, Some(([5; 16], [6; 8])), 0, rng, |_, _, _| true, &mut o);
+        let id = links.server_request(Some(2), 9, s, c, 0, 7, Some(([5; 16], [6; 8])), 0, rng, |_, _, _| true, &mut o);
         assert_eq!(id.parent_span_id(), Some(proxy_client.span_id()));
         // An instrumented caller's own context (another trace) wins.
         let caller = Identity::root(rng, true);
@@ -389,7 +391,7 @@ mod tests {
             LinkKey { client: c, server: s, seq: 1 },
             LinkEntry::ClientSent(End { identity: caller, fingerprint: 7, seen_ns: 0 }),
         );
-        let id = links.server_request(2, 9, s, c, 1, 7, Some(([5; 16], [6; 8])), 0, rng, |_, _, _| true, &mut o);
+        let id = links.server_request(Some(2), 9, s, c, 1, 7, Some(([5; 16], [6; 8])), 0, rng, |_, _, _| true, &mut o);
         assert_eq!(id.parent_span_id(), Some([6; 8]));
         assert_eq!(id.trace_id(), [5; 16]);
     }
@@ -400,8 +402,8 @@ mod tests {
         let mut links = TraceLinks::new(1);
         let mut o = LinkOutcome::default();
         let s = addr("127.0.0.1:80");
-        links.client_request(1, addr("127.0.0.1:1"), s, 0, 7, 0, rng, |_, _, _| false, &mut o);
-        links.client_request(1, addr("127.0.0.1:2"), s, 0, 7, 0, rng, |_, _, _| false, &mut o);
+        links.client_request(Some(1), addr("127.0.0.1:1"), s, 0, 7, 0, rng, |_, _, _| false, &mut o);
+        links.client_request(Some(1), addr("127.0.0.1:2"), s, 0, 7, 0, rng, |_, _, _| false, &mut o);
         assert!(o.overflow);
         links.expire(LINK_TTL_NS + 1, |_, _, _| false);
         assert_eq!(links.pending(), 0);
