@@ -356,6 +356,8 @@ pub struct GoHttpsServer {
     pub proc: crate::proc::Proc,
     pub port: u16,
     pub binary: PathBuf,
+    /// `https`, or `http` when started with [`GoHttpsServer::start_plain`].
+    pub scheme: &'static str,
 }
 
 impl GoHttpsServer {
@@ -387,11 +389,22 @@ impl GoHttpsServer {
             .trim()
             .parse()
             .with_context(|| format!("port in {line:?}"))?;
+        let scheme = if cert == Path::new("-") {
+            "http"
+        } else {
+            "https"
+        };
         Ok(GoHttpsServer {
             proc,
             port,
             binary: binary.to_path_buf(),
+            scheme,
         })
+    }
+
+    /// `httpsgo serve - - BACKEND`: the same server over plain HTTP.
+    pub fn start_plain(binary: &Path, backend: &str) -> Result<GoHttpsServer> {
+        Self::start(binary, Path::new("-"), Path::new("-"), backend, &[])
     }
 
     pub fn pid(&self) -> u32 {
@@ -399,7 +412,7 @@ impl GoHttpsServer {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("https://127.0.0.1:{}{path}", self.port)
+        format!("{}://127.0.0.1:{}{path}", self.scheme, self.port)
     }
 }
 

@@ -544,3 +544,90 @@ fn grpc_go_over_tls_method_and_status_on_both_ends() {
         e.finish(&spans)
     });
 }
+
+/// A Go server over plain HTTP (kernel socket probes only for its bytes):
+/// its goroutines are told apart by the probes on `syscall.read`/`write`,
+/// so each handler's call to the backend is the child of its own request,
+/// with four curl processes asking at once.
+#[test]
+fn go_plain_http_handler_calls_nested_under_concurrency() {
+    run_test(LIMIT, || {
+        let tc = toolchain("go1.24")?;
+        let rotel = Rotel::start()?;
+        let nginx = Nginx::start_with(NginxOptions {
+            extra_locations: "location /backend/ { return 200 \"backend\\n\"; }".into(),
+            ..Default::default()
+        })?;
+        let binary = build_httpsgo(&tc, Variant::Stripped)?;
+        let backend = format!("http://127.0.0.1:{}/backend", nginx.port());
+        let mut agent = Agent::start(&rotel.endpoint())?;
+        let server = GoHttpsServer::start_plain(&binary, &backend)?;
+        wait_attached(&mut agent, &binary)?;
+        const CLIENTS: usize = 4;
+        const EACH: usize = 8;
+        let runs: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                let urls: Vec<String> = (0..EACH)
+                    .map(|i| server.url(&format!("/call/c{c}-{i}")))
+                    .collect();
+                std::thread::spawn(move || curl(&urls, &[]))
+            })
+            .collect();
+        for run in runs {
+            let run = run
+                .join()
+                .map_err(|_| anyhow::anyhow!("curl thread panicked"))??;
+            let codes: Vec<u16> = run.transfers.iter().map(|t| t.http_code).collect();
+            anyhow::ensure!(
+                codes.iter().all(|&c| c == 200),
+                "curl status codes {codes:?}"
+            );
+        }
+        let pid = server.pid();
+        let n = CLIENTS * EACH;
+        rotel.try_wait_for_spans(
+            |s| s.kind == SpanKind::Client && s.pid() == Some(pid),
+            n,
+            SPAN_WAIT,
+        )?;
+        rotel.try_wait_for_spans(
+            |s| s.kind == SpanKind::Server && s.pid() == Some(pid),
+            n,
+            SPAN_WAIT,
+        )?;
+        let spans = rotel.spans_after(SETTLE);
+        let mut e = Expect::new();
+        let mut linked = 0;
+        for c in 0..CLIENTS {
+            for i in 0..EACH {
+                let (call, back) = (format!("/call/c{c}-{i}"), format!("/backend/c{c}-{i}"));
+                let srv = one(&mut e, &spans, &format!("Go server span {call}"), |s| {
+                    s.kind == SpanKind::Server && s.pid() == Some(pid) && s.path() == Some(&call)
+                });
+                let cli = one(&mut e, &spans, &format!("Go client span {back}"), |s| {
+                    s.kind == SpanKind::Client && s.pid() == Some(pid) && s.path() == Some(&back)
+                });
+                let (Some(srv), Some(cli)) = (srv, cli) else {
+                    continue;
+                };
+                e.attr_str(srv, "url.scheme", "http");
+                e.attr_int(srv, "http.response.status_code", 200);
+                // Exact or not at all: a parent, if any, is its own request.
+                if cli.parent_span_id.is_some() {
+                    expect_child(&mut e, srv, cli);
+                    linked += 1;
+                }
+                if let Some(ngx) = one(&mut e, &spans, &format!("nginx span {back}"), |s| {
+                    s.kind == SpanKind::Server && s.path() == Some(&back)
+                }) {
+                    expect_child(&mut e, cli, ngx);
+                }
+            }
+        }
+        // Every handler's call is linked: nothing here is ambiguous.
+        e.that(linked == n, || {
+            format!("{linked} of {n} Go client spans under their request")
+        });
+        e.finish(&spans)
+    });
+}

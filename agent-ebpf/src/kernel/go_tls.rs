@@ -103,6 +103,26 @@ pub struct GoroutineId {
 #[map]
 static WRITING_FOR: LruHashMap<GoroutineId, u64> = LruHashMap::with_max_entries(16384, 0);
 
+/// A Go read or write system call about to happen on this thread: which
+/// goroutine (acting, see `acting_goroutine`) makes it, on which descriptor.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct GoThreadIo {
+    pub goroutine: u64,
+    pub fd: i64,
+    pub direction: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Keyed by pid_tgid; taken by the socket tracepoint of that very call.
+#[map]
+pub static GO_THREAD_IO: LruHashMap<u64, GoThreadIo> = LruHashMap::with_max_entries(16384, 0);
+
+/// Non-zero once any Go system call was noted: until then the socket
+/// tracepoints skip the lookup.
+#[map]
+pub static GO_ACTIVE: aya_ebpf::maps::Array<u32> = aya_ebpf::maps::Array::with_max_entries(1, 0);
+
 struct Regs {
     rax: u64,
     rbx: u64,
@@ -514,4 +534,57 @@ pub fn go_http1_write_request(ctx: ProbeContext) -> u32 {
 pub fn go_http2_write_request(ctx: ProbeContext) -> u32 {
     let r = regs(&ctx);
     writing_request(r.rbx, r.g)
+}
+
+/// `syscall.read(fd int, p []byte)` / `syscall.write`, entry: the next
+/// system call on this thread is this goroutine's (a goroutine stays on its
+/// thread from here into the system call), so plain sockets' events name
+/// the goroutine too.
+#[inline(always)]
+fn go_syscall(ctx: &ProbeContext, direction: u8) -> u32 {
+    let Some((tgid, go)) = go_process() else {
+        return 0;
+    };
+    let r = regs(ctx);
+    let io = GoThreadIo {
+        goroutine: acting_goroutine(tgid, goid(r.g, &go)),
+        fd: r.rax as i64,
+        direction,
+        _pad: [0; 7],
+    };
+    let _ = GO_THREAD_IO.insert(&bpf_get_current_pid_tgid(), &io, 0);
+    if let Some(active) = GO_ACTIVE.get_ptr_mut(0)
+        && unsafe { *active } == 0
+    {
+        unsafe { *active = 1 };
+    }
+    0
+}
+
+#[uprobe]
+pub fn go_syscall_read(ctx: ProbeContext) -> u32 {
+    go_syscall(&ctx, direction::INGRESS)
+}
+
+#[uprobe]
+pub fn go_syscall_write(ctx: ProbeContext) -> u32 {
+    go_syscall(&ctx, direction::EGRESS)
+}
+
+/// Marks a socket data event with the goroutine that made its system call,
+/// when a Go `syscall.read`/`write` on this thread announced exactly this
+/// call (same descriptor, same direction).
+#[inline(always)]
+pub(super) fn tag_goroutine(event: &mut periscope_ebpf::DataEvent, pid_tgid: u64) {
+    if GO_ACTIVE.get(0).copied().unwrap_or(0) == 0 {
+        return;
+    }
+    let Some(io) = (unsafe { GO_THREAD_IO.get(&pid_tgid) }).copied() else {
+        return;
+    };
+    let _ = GO_THREAD_IO.remove(&pid_tgid);
+    if io.fd == event.fd as i64 && io.direction == event.direction {
+        event.tid = io.goroutine as u32;
+        event.flags |= data_flags::GOROUTINE;
+    }
 }

@@ -170,6 +170,9 @@ fn copy_and_send(buf: &mut DataEventBuf, off: &KernelOffsets, len: u32, cap: u32
     let (sys, fd, head, tail) = copy_syscall_payload(buf, off, &want);
     buf.event.syscall = sys;
     buf.event.fd = fd;
+    if sys == syscall::READ_WRITE {
+        super::go_tls::tag_goroutine(&mut buf.event, bpf_get_current_pid_tgid());
+    }
     finish_data_event(buf, head, tail, probe_id);
 }
 

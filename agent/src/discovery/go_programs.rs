@@ -55,6 +55,9 @@ pub const GO_FUNCTIONS: &[(&str, GoHookKind)] = &[
         "net/http.(*Request).write",
         GoHookKind::Entry("go_http1_write_request"),
     ),
+    // Which goroutine a plain socket's read or write belongs to.
+    ("syscall.read", GoHookKind::Entry("go_syscall_read")),
+    ("syscall.write", GoHookKind::Entry("go_syscall_write")),
     // The goroutine that writes an HTTP/2 request (Go 1.27 moved the code
     // into its own package; both take the *Request second).
     (

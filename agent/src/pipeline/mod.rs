@@ -238,10 +238,10 @@ impl Pipeline {
                 self.now_ns = self.now_ns.max(event.header.ts_ns);
                 // First, whatever this event is: the flag is the thread's, and
                 // this event is the only one that carries it.
-                if event.flags & data_flags::THREAD_LOST_BEFORE != 0 {
-                    if let Some(actor) = actor(&event, &self.go_processes) {
-                        self.links.forget_thread(actor);
-                    }
+                if event.flags & data_flags::THREAD_LOST_BEFORE != 0
+                    && let Some(actor) = actor(&event, &self.go_processes)
+                {
+                    self.links.forget_thread(actor);
                 }
                 if event.tuple.protocol == IPPROTO_UDP {
                     self.on_dns_datagram(&event, payload);

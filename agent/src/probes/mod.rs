@@ -62,6 +62,8 @@ pub const GO_PROGRAMS: &[&str] = &[
     "go_http_round_trip",
     "go_http1_write_request",
     "go_http2_write_request",
+    "go_syscall_read",
+    "go_syscall_write",
 ];
 
 /// libc's getaddrinfo: (symbol, entry program, return program).

@@ -125,7 +125,14 @@ impl TraceLinks {
         if peer_may_be_local(local, peer) {
             let key = LinkKey { client: local, server: peer, seq };
             match self.ends.remove(&key) {
-                Some(LinkEntry::ServerWaiting(server)) if server.fingerprint != fingerprint => outcome.refused = true,
+                // Another request under this key (a stale end of an earlier
+                // connection on the same ports, or numbering that is off):
+                // not joined, and this end waits for its own peer instead.
+                Some(LinkEntry::ServerWaiting(server)) if server.fingerprint != fingerprint => {
+                    outcome.refused = true;
+                    let end = End { identity: identity.clone(), fingerprint, seen_ns: now_ns };
+                    self.remember(key, LinkEntry::ClientSent(end), outcome);
+                }
                 Some(LinkEntry::ServerWaiting(server)) => match server.identity.link_to(&identity) {
                     Ok(()) => outcome.cross_process = true,
                     Err(LinkRefused::AlreadyLinked) => {}
@@ -161,6 +168,7 @@ impl TraceLinks {
         let client = if peer_may_be_local(local, peer) {
             match self.ends.remove(&key) {
                 Some(LinkEntry::ClientSent(end)) if end.fingerprint == fingerprint => Some(end.identity),
+                // As on the client side: this end then waits for its own peer.
                 Some(LinkEntry::ClientSent(_)) => {
                     outcome.refused = true;
                     None
@@ -368,6 +376,16 @@ mod tests {
         let server = links.server_request(Some(2), 9, s, c, 0, fingerprint("GET", "/b"), None, 0, rng, |_, _, _| true, &mut o);
         assert!(o.refused && !o.cross_process);
         assert!(!server.has_parent());
+        // A stale server end under the key does not keep the right pair
+        // apart: the client's end waits, and its own server joins it.
+        let mut o = LinkOutcome::default();
+        links.server_request(Some(2), 9, s, c, 1, fingerprint("GET", "/stale"), None, 0, rng, |_, _, _| true, &mut o);
+        let client = links.client_request(Some(1), c, s, 1, fingerprint("GET", "/c"), 0, rng, |_, _, _| false, &mut o);
+        assert!(o.refused);
+        let mut o = LinkOutcome::default();
+        let server = links.server_request(Some(2), 9, s, c, 1, fingerprint("GET", "/c"), None, 0, rng, |_, _, _| true, &mut o);
+        assert!(o.cross_process);
+        assert_eq!(server.parent_span_id(), Some(client.span_id()));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 // see it through uprobes on crypto/tls and net/http).
 //
 //	httpsgo serve CERT KEY [BACKEND_BASE_URL]
-//	    Listens on 127.0.0.1 (a free port), prints "listening PORT", serves
+//	    Listens on 127.0.0.1 (a free port; plain HTTP when CERT is "-"),
+//	    prints "listening PORT", serves
 //	    /hello (200), /missing (404), and /call/REST, which GETs
 //	    BACKEND_BASE_URL/REST with one shared http.Client (HTTP/1.1 unless
 //	    GO_HTTP2_CLIENT=1) and answers with the backend's status.
@@ -32,10 +33,6 @@ func client() *http.Client {
 }
 
 func serve(cert, key, backend string) error {
-	pair, err := tls.LoadX509KeyPair(cert, key)
-	if err != nil {
-		return err
-	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return err
@@ -57,7 +54,17 @@ func serve(cert, key, backend string) error {
 		w.WriteHeader(resp.StatusCode)
 		w.Write(body)
 	})
-	srv := &http.Server{Handler: mux, TLSConfig: &tls.Config{Certificates: []tls.Certificate{pair}}}
+	srv := &http.Server{Handler: mux}
+	if cert == "-" {
+		fmt.Printf("listening %d\n", ln.Addr().(*net.TCPAddr).Port)
+		os.Stdout.Sync()
+		return srv.Serve(ln)
+	}
+	pair, err := tls.LoadX509KeyPair(cert, key)
+	if err != nil {
+		return err
+	}
+	srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{pair}}
 	fmt.Printf("listening %d\n", ln.Addr().(*net.TCPAddr).Port)
 	os.Stdout.Sync()
 	return srv.ServeTLS(ln, "", "")
