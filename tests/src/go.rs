@@ -193,7 +193,7 @@ pub fn build_offsets_probe(go: &InstalledGo, dwarf: Dwarf) -> Result<PathBuf> {
 /// `objcopy --compress-debug-sections=zlib-gnu` (binutils), through a
 /// temporary name like [`build_go_file`].
 fn gnu_compress_debug_sections(input: &Path, out: &Path) -> Result<()> {
-    let partial = out.with_extension(format!("partial-{}", std::process::id()));
+    let partial = temporary_sibling(out, "partial");
     let mut cmd = Command::new("objcopy");
     cmd.arg("--compress-debug-sections=zlib-gnu")
         .arg(input)
@@ -242,11 +242,11 @@ pub fn go_command(go: &InstalledGo) -> Command {
 /// renamed, so that tests building the same program in parallel never see a
 /// half-written binary.
 pub fn build_go_file(go: &InstalledGo, source: &str, flags: &[&str], out: &Path) -> Result<()> {
-    let dir = out.with_extension(format!("src-{}", std::process::id()));
+    let dir = temporary_sibling(out, "src");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let main = dir.join("main.go");
     std::fs::write(&main, source).with_context(|| format!("writing {}", main.display()))?;
-    let partial = out.with_extension(format!("partial-{}", std::process::id()));
+    let partial = temporary_sibling(out, "partial");
     let mut cmd = go_command(go);
     cmd.arg("build")
         .args(flags)
@@ -414,6 +414,17 @@ impl GoHttpsServer {
     pub fn url(&self, path: &str) -> String {
         format!("{}://127.0.0.1:{}{path}", self.scheme, self.port)
     }
+}
+
+/// `out` with `.KIND-PID-N` appended to its name: a name no other build in
+/// flight has (tests in one process run on threads and may build the same
+/// program at once; `with_extension` would cut names like `go1.19-...`).
+fn temporary_sibling(out: &Path, kind: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{kind}-{}-{n}", std::process::id()));
+    out.with_file_name(name)
 }
 
 /// FNV-1a: a stable hash to name cached builds by their source.

@@ -304,6 +304,50 @@ fn emit(
     widen_on_http2_preface(buf, sock, portpair, marks);
 }
 
+/// Remembers the call the current goroutine entered: its `*tls.Conn` (RAX)
+/// and `buf`, from now.
+#[inline(always)]
+fn begin_call(calls: &LruHashMap<GoroutineKey, GoCall>, ctx: &ProbeContext, buf: u64) -> u32 {
+    let Some((tgid, _)) = go_process() else {
+        return 0;
+    };
+    let r = regs(ctx);
+    let call = GoCall {
+        conn: r.rax,
+        buf,
+        start_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    let _ = calls.insert(
+        &GoroutineKey {
+            tgid,
+            _pad: 0,
+            g: r.g,
+        },
+        &call,
+        0,
+    );
+    0
+}
+
+/// The call the current goroutine is ending, forgotten; with its process,
+/// offsets and registers.
+#[inline(always)]
+fn end_call(
+    calls: &LruHashMap<GoroutineKey, GoCall>,
+    ctx: &ProbeContext,
+) -> Option<(u32, GoProcess, Regs, GoCall)> {
+    let (tgid, go) = go_process()?;
+    let r = regs(ctx);
+    let key = GoroutineKey {
+        tgid,
+        _pad: 0,
+        g: r.g,
+    };
+    let call = (unsafe { calls.get(&key) }).copied()?;
+    let _ = calls.remove(&key);
+    Some((tgid, go, r, call))
+}
+
 /// `func (c *Conn) Write(b []byte) (int, error)`: the bytes are sent as they
 /// are passed (a failed write is rare, and its connection ends).
 #[uprobe]
@@ -322,19 +366,9 @@ pub fn go_tls_write(ctx: ProbeContext) -> u32 {
 /// single-stepped, so this site is preferred to the returns.
 #[uprobe]
 pub fn go_tls_read_copy(ctx: ProbeContext) -> u32 {
-    let Some((tgid, go)) = go_process() else {
+    let Some((tgid, go, r, call)) = end_call(&GO_READS, &ctx) else {
         return 0;
     };
-    let r = regs(&ctx);
-    let key = GoroutineKey {
-        tgid,
-        _pad: 0,
-        g: r.g,
-    };
-    let Some(call) = (unsafe { GO_READS.get(&key) }).copied() else {
-        return 0;
-    };
-    let _ = GO_READS.remove(&key);
     emit(
         tgid,
         &go,
@@ -351,43 +385,16 @@ pub fn go_tls_read_copy(ctx: ProbeContext) -> u32 {
 /// `func (c *Conn) Read(b []byte) (int, error)`, entry.
 #[uprobe]
 pub fn go_tls_read(ctx: ProbeContext) -> u32 {
-    let Some((tgid, _)) = go_process() else {
-        return 0;
-    };
-    let r = regs(&ctx);
-    let call = GoCall {
-        conn: r.rax,
-        buf: r.rbx,
-        start_ns: unsafe { bpf_ktime_get_ns() },
-    };
-    let _ = GO_READS.insert(
-        &GoroutineKey {
-            tgid,
-            _pad: 0,
-            g: r.g,
-        },
-        &call,
-        0,
-    );
-    0
+    let buf = regs(&ctx).rbx;
+    begin_call(&GO_READS, &ctx, buf)
 }
 
 /// `(*Conn).Read` at one of its RET instructions: RAX is the count read.
 #[uprobe]
 pub fn go_tls_read_ret(ctx: ProbeContext) -> u32 {
-    let Some((tgid, go)) = go_process() else {
+    let Some((tgid, go, r, call)) = end_call(&GO_READS, &ctx) else {
         return 0;
     };
-    let r = regs(&ctx);
-    let key = GoroutineKey {
-        tgid,
-        _pad: 0,
-        g: r.g,
-    };
-    let Some(call) = (unsafe { GO_READS.get(&key) }).copied() else {
-        return 0;
-    };
-    let _ = GO_READS.remove(&key);
     emit(
         tgid,
         &go,
@@ -406,43 +413,15 @@ pub fn go_tls_read_ret(ctx: ProbeContext) -> u32 {
 /// Read and Write passes through).
 #[uprobe]
 pub fn go_tls_handshake(ctx: ProbeContext) -> u32 {
-    let Some((tgid, _)) = go_process() else {
-        return 0;
-    };
-    let r = regs(&ctx);
-    let call = GoCall {
-        conn: r.rax,
-        buf: 0,
-        start_ns: unsafe { bpf_ktime_get_ns() },
-    };
-    let _ = GO_HANDSHAKES.insert(
-        &GoroutineKey {
-            tgid,
-            _pad: 0,
-            g: r.g,
-        },
-        &call,
-        0,
-    );
-    0
+    begin_call(&GO_HANDSHAKES, &ctx, 0)
 }
 
 /// The handshake function at a RET: RAX is the error's type word, 0 for nil.
 #[uprobe]
 pub fn go_tls_handshake_ret(ctx: ProbeContext) -> u32 {
-    let Some((tgid, go)) = go_process() else {
+    let Some((tgid, go, r, call)) = end_call(&GO_HANDSHAKES, &ctx) else {
         return 0;
     };
-    let r = regs(&ctx);
-    let key = GoroutineKey {
-        tgid,
-        _pad: 0,
-        g: r.g,
-    };
-    let Some(call) = (unsafe { GO_HANDSHAKES.get(&key) }).copied() else {
-        return 0;
-    };
-    let _ = GO_HANDSHAKES.remove(&key);
     if r.rax != 0 {
         return 0;
     }
