@@ -33,26 +33,23 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use periscope_ebpf::{
-    EventHeader, GoBinaryKey, GoProcess, KernelOffsets, SockTuple, TlsHandshakeEvent,
-    control::FEATURE_TLS, data_flags, direction, kernel_counter, kind, probe, source, tls_library,
+    GoBinaryKey, GoProcess, KernelOffsets, control::FEATURE_TLS, data_flags, direction, kernel_counter, probe,
+    source, tls_library,
 };
 
 use super::filter::{feature_enabled, ports_traced, process_traced};
 use super::socket_io::{
     copy_flat_call, finish_data_event, payload_cap, start_data_event, widen_on_http2_preface,
 };
-use super::{
-    OFFSETS, SCRATCH, SELF_TGID, count, do_nothing, output, read_kernel, read_socket, read_tuple,
-    tcp_family,
-};
+use super::{OFFSETS, SCRATCH, SELF_TGID, count, do_nothing, read_kernel, read_socket, tcp_family};
 
 /// Offsets for each hooked Go executable, set by the daemon when it hooks
 /// the file: a process started from it later is read from its first call.
 #[map]
 pub static GO_BINARIES: HashMap<GoBinaryKey, GoProcess> = HashMap::with_max_entries(1024, 0);
 
-/// The same by process, filled on a process's first call (and by the daemon
-/// for the processes it finds); an exec forgets the process's entry.
+/// The same by process, filled on a process's first call; an exec forgets
+/// the process's entry.
 #[map]
 pub static GO_PROCESSES: LruHashMap<u32, GoProcess> = LruHashMap::with_max_entries(16384, 0);
 
@@ -426,26 +423,8 @@ pub fn go_tls_handshake_ret(ctx: ProbeContext) -> u32 {
         return 0;
     }
     let sock = conn_socket(call.conn, &go).unwrap_or(0);
-    let mut ev = TlsHandshakeEvent {
-        header: EventHeader {
-            kind: kind::TLS_HANDSHAKE,
-            _pad: [0; 3],
-            tgid,
-            ts_ns: unsafe { bpf_ktime_get_ns() },
-        },
-        sock,
-        start_ns: call.start_ns,
-        library: tls_library::GO,
-        _pad: [0; 7],
-        tuple: SockTuple::default(),
-    };
-    if sock != 0 {
-        let off = OFFSETS.load();
-        if let Some(family) = tcp_family(sock, &off) {
-            read_tuple(sock, family, &off, &mut ev.tuple);
-        }
-    }
-    output(&ev, probe::TLS_HANDSHAKE);
+    let now = unsafe { bpf_ktime_get_ns() };
+    super::tls::send_handshake(tgid, sock, call.start_ns, now, tls_library::GO);
     0
 }
 

@@ -309,11 +309,19 @@ fn finish_handshake(ok: bool, failed: bool) -> u32 {
     let _ = HANDSHAKE_STARTS.remove(&key);
     let _ = ESTABLISHED.insert(&key, &1, 0);
     let sock = linked_socket(&call, &key, pid_tgid);
+    send_handshake(tgid, sock, start, now, call.library);
+    0
+}
+
+/// A handshake of `library` on `sock` (0: not linked) ran from `start_ns`
+/// to `end_ns`.
+#[inline(always)]
+pub(super) fn send_handshake(tgid: u32, sock: u64, start_ns: u64, end_ns: u64, library: u8) {
     let mut ev = TlsHandshakeEvent {
-        header: EventHeader { kind: kind::TLS_HANDSHAKE, _pad: [0; 3], tgid, ts_ns: now },
+        header: EventHeader { kind: kind::TLS_HANDSHAKE, _pad: [0; 3], tgid, ts_ns: end_ns },
         sock,
-        start_ns: start,
-        library: call.library,
+        start_ns,
+        library,
         _pad: [0; 7],
         tuple: SockTuple::default(),
     };
@@ -324,5 +332,4 @@ fn finish_handshake(ok: bool, failed: bool) -> u32 {
         }
     }
     output(&ev, probe::TLS_HANDSHAKE);
-    0
 }

@@ -117,10 +117,8 @@ fn attach_tls(probes: &mut Probes, pipeline: &mut Pipeline, found: Discovered) {
         }
         Discovered::GoProcess { pid, file } => {
             pipeline.note_go_process(pid);
-            if let Some(file) = file
-                && let Err(e) = probes.set_go_process(pid, file)
-            {
-                warn!("Go process {pid}: {e:#}");
+            if let Some(file) = file {
+                probes.note_go_process(pid, file);
             }
         }
         Discovered::GoNotVisible { display_path, go_version, reason } => {

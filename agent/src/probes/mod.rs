@@ -189,7 +189,6 @@ pub struct Probes {
     port_filter: BpfHashMap<MapData, u16, u8>,
     cgroup_filter: BpfHashMap<MapData, u64, u8>,
     ignored_socks: BpfHashMap<MapData, u64, u64>,
-    go_processes: BpfHashMap<MapData, u32, GoProcessPod>,
     go_binaries: BpfHashMap<MapData, GoBinaryKeyPod, GoProcessPod>,
     pub go: Vec<GoAttachment>,
     /// C libraries with the getaddrinfo uprobes (kept for the daemon's life).
@@ -262,7 +261,6 @@ impl Probes {
         let port_filter = BpfHashMap::try_from(take("PORT_FILTER")?)?;
         let cgroup_filter = BpfHashMap::try_from(take("CGROUP_FILTER")?)?;
         let ignored_socks = BpfHashMap::try_from(take("IGNORED_SOCKS")?)?;
-        let go_processes = BpfHashMap::try_from(take("GO_PROCESSES")?)?;
         let go_binaries = BpfHashMap::try_from(take("GO_BINARIES")?)?;
         log::debug!("kernel offsets: {offsets:?}");
         let probes = Self {
@@ -275,7 +273,6 @@ impl Probes {
             port_filter,
             cgroup_filter,
             ignored_socks,
-            go_processes,
             go_binaries,
             go: Vec::new(),
             resolvers: Vec::new(),
@@ -551,20 +548,18 @@ impl Probes {
         (links, functions, errors)
     }
 
-    /// Gives the Go uprobes the offsets for process `pid`.
-    pub fn set_go_process(&mut self, pid: u32, file: crate::discovery::tls_libraries::FileId) -> Result<()> {
-        let Some(go) = self.go.iter_mut().find(|g| g.target.file == file) else { return Ok(()) };
-        self.go_processes.insert(pid, GoProcessPod(go.target.offsets), 0).context("GO_PROCESSES full")?;
-        go.pids.insert(pid);
-        Ok(())
+    /// Process `pid` runs the hooked Go executable `file` (for status: the
+    /// kernel finds a process's offsets by its executable itself).
+    pub fn note_go_process(&mut self, pid: u32, file: crate::discovery::tls_libraries::FileId) {
+        if let Some(go) = self.go.iter_mut().find(|g| g.target.file == file) {
+            go.pids.insert(pid);
+        }
     }
 
     /// Process `pid` is gone.
     pub fn forget_go_process(&mut self, pid: u32) {
         for go in &mut self.go {
-            if go.pids.remove(&pid) {
-                let _ = self.go_processes.remove(&pid);
-            }
+            go.pids.remove(&pid);
         }
     }
 
