@@ -41,6 +41,7 @@ pub mod kind {
     pub const TLS_HANDSHAKE: u8 = 7;
     pub const MMAP_EXEC: u8 = 8;
     pub const GETADDRINFO: u8 = 9;
+    pub const GRPC_HEADERS: u8 = 10;
 }
 
 /// Direction of a data event, seen from the traced process.
@@ -96,7 +97,8 @@ pub mod probe {
     pub const TLS_HANDSHAKE: u32 = 7;
     pub const MMAP_EXEC: u32 = 8;
     pub const GETADDRINFO: u32 = 9;
-    pub const COUNT: u32 = 10;
+    pub const GRPC_HEADERS: u32 = 10;
+    pub const COUNT: u32 = 11;
     pub const NAMES: [&str; COUNT as usize] = [
         "sock_send_length",
         "sock_recv_length",
@@ -108,6 +110,7 @@ pub mod probe {
         "tls_handshake",
         "sys_enter_mmap",
         "getaddrinfo",
+        "grpc_go_headers",
     ];
 }
 
@@ -294,7 +297,67 @@ pub struct GoProcess {
     pub netfd_pfd: u32,
     /// `internal/poll.FD.Sysfd`
     pub pfd_sysfd: u32,
-    pub _pad: u32,
+    /// grpc-go's probes, 0 when not hooked: which register holds the
+    /// `*http2.MetaHeadersFrame` of `(*http2Server).operateHeaders`
+    /// ([`grpc_frame_arg`]).
+    pub grpc_server_frame_arg: u32,
+    /// `http2.MetaHeadersFrame.HeadersFrame` (a pointer)
+    pub meta_headers_frame: u32,
+    /// `http2.MetaHeadersFrame.Fields` (a `[]hpack.HeaderField`)
+    pub meta_fields: u32,
+    /// `http2.HeadersFrame.FrameHeader` + `http2.FrameHeader.StreamID`
+    pub headers_stream_id: u32,
+    /// `hpack.HeaderField.Value` (`Name` is at 0)
+    pub header_field_value: u32,
+    /// Size of one `hpack.HeaderField` in a slice.
+    pub header_field_size: u32,
+}
+
+/// Where grpc-go's server `operateHeaders` takes its frame argument.
+pub mod grpc_frame_arg {
+    /// Second argument after the receiver (grpc-go < 1.60).
+    pub const RBX: u32 = 1;
+    /// After a `context.Context` (two words, grpc-go >= 1.60).
+    pub const RDI: u32 = 2;
+}
+
+/// Header fields kept per grpc-go header block, and their caps.
+pub const GRPC_FIELDS: usize = 6;
+pub const GRPC_NAME_CAP: usize = 16;
+pub const GRPC_VALUE_CAP: usize = 128;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GrpcField {
+    /// Length of the name (at most [`GRPC_NAME_CAP`]).
+    pub name_len: u8,
+    pub _pad: u8,
+    /// Length of the value in the program; only the first
+    /// [`GRPC_VALUE_CAP`] bytes are in `value`.
+    pub value_len: u16,
+    pub _pad2: u32,
+    pub name: [u8; GRPC_NAME_CAP],
+    pub value: [u8; GRPC_VALUE_CAP],
+}
+
+/// One HTTP/2 header block as grpc-go itself holds it, decoded: written
+/// (`(*loopyWriter).writeHeader`, before its bytes go out) or read
+/// (`operateHeaders`, after its bytes came in), by one goroutine.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GrpcHeadersEvent {
+    pub header: EventHeader,
+    /// The goroutine (id) that writes or read the block.
+    pub goroutine: u64,
+    pub stream_id: u32,
+    /// `direction::EGRESS` (written) or `direction::INGRESS` (read).
+    pub direction: u8,
+    pub end_stream: u8,
+    /// Entries of `fields` filled: the pseudo-headers, `content-type`
+    /// and `grpc-status` among the block's first fields.
+    pub count: u8,
+    pub _pad: u8,
+    pub fields: [GrpcField; GRPC_FIELDS],
 }
 
 /// A TLS handshake completed (the call to SSL_do_handshake or

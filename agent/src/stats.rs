@@ -18,6 +18,11 @@ pub struct Stats {
     /// HTTP/2 streams whose method or path was in an HPACK table entry made
     /// before Periscope saw the connection (marked `periscope.incomplete=hpack_state`).
     pub http2_hpack_incomplete: AtomicU64,
+    /// Header blocks grpc-go reported decoded (its probes) that filled in
+    /// what HPACK hid, or confirmed what the bytes showed.
+    pub grpc_go_header_blocks: AtomicU64,
+    /// Such blocks whose connection or stream was not found.
+    pub grpc_go_header_blocks_unmatched: AtomicU64,
     /// HTTP/2 streams not tracked because a connection had too many open.
     pub http2_streams_dropped: AtomicU64,
     /// HTTP/2 header block bytes beyond the per-block cap, not decoded.

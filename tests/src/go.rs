@@ -341,11 +341,20 @@ pub const GRPCGO_GO: &str = include_str!("../go/grpcgo/main.go");
 
 /// [`GRPCGO_GO`] built with `go` (with symbols), cached like [`build_httpsgo`].
 pub fn build_grpcgo(go: &InstalledGo) -> Result<PathBuf> {
-    let name = format!("grpcgo-{}-{:016x}", go.version, fnv1a(GRPCGO_GO.as_bytes()));
+    build_grpcgo_as(go, Variant::Symbols)
+}
+
+/// [`GRPCGO_GO`] built as `variant`.
+pub fn build_grpcgo_as(go: &InstalledGo, variant: Variant) -> Result<PathBuf> {
+    let name = format!(
+        "grpcgo-{}-{variant:?}-{:016x}",
+        go.version,
+        fnv1a(GRPCGO_GO.as_bytes())
+    );
     let out = go_work_dir().join("bin").join(name);
     if !out.is_file() {
         std::fs::create_dir_all(go_work_dir().join("bin"))?;
-        build_go_file(go, GRPCGO_GO, &[], &out)?;
+        build_go_file(go, GRPCGO_GO, variant.flags(), &out)?;
     }
     Ok(out)
 }

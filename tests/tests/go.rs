@@ -545,6 +545,77 @@ fn grpc_go_over_tls_method_and_status_on_both_ends() {
     });
 }
 
+/// grpc-go over TLS on a channel dialed, and used, before the agent
+/// started: both ends' HPACK tables hold the call's `:path` and
+/// `grpc-status` from then, so the bytes alone cannot name the calls made
+/// after; grpc-go's own decoded header blocks do. Method and status right
+/// on both ends, nothing marked incomplete.
+#[test]
+fn grpc_go_channel_dialed_before_the_agent() {
+    run_test(LIMIT, || {
+        let tc = toolchain("go1.19")?;
+        let cert = TestCert::generate()?;
+        let rotel = Rotel::start()?;
+        let binary = build_grpcgo(&tc)?;
+        let server = GoHttpsServer::start(&binary, cert.cert(), cert.key(), "", &[])?;
+        let port = server.port.to_string();
+        let mut cmd = std::process::Command::new(&binary);
+        cmd.args(["session", &port, "one", "missing-two", "three"]);
+        let mut client = periscope_tests::proc::Proc::spawn("grpcgo session", &mut cmd)?;
+        client.wait_for_line("reply warm OK", Duration::from_secs(30), |l| l == "reply warm OK")?;
+        let socket = ControlSocket::new()?;
+        let mut agent = Agent::start_with(&rotel.endpoint(), socket.agent_options())?;
+        let attached = wait_attached(&mut agent, &binary)?;
+        anyhow::ensure!(
+            attached.contains("operateHeaders") && attached.contains("writeHeader"),
+            "grpc-go functions not attached: {attached}"
+        );
+        client.signal(libc::SIGUSR1);
+        client.wait_for_line("reply three", Duration::from_secs(30), |l| l.starts_with("reply three"))?;
+        let replies: Vec<String> = client.output().lines().into_iter().filter(|l| l.starts_with("reply ")).collect();
+        anyhow::ensure!(
+            replies == ["reply warm OK", "reply one OK", "reply missing-two NotFound", "reply three OK"],
+            "grpcgo session replied {replies:?}"
+        );
+        let is_grpc = |s: &Span| s.str_attr("rpc.system") == Some("grpc");
+        let (client_pid, server_pid) = (client.pid(), server.pid());
+        let from = |pid: u32, kind: SpanKind| move |s: &Span| s.kind == kind && s.pid() == Some(pid);
+        rotel.try_wait_for_spans(from(client_pid, SpanKind::Client), 3, SPAN_WAIT)?;
+        rotel.try_wait_for_spans(from(server_pid, SpanKind::Server), 3, SPAN_WAIT)?;
+        let spans = rotel.spans_after(SETTLE);
+        let status = socket.ok(&["status"])?;
+        let report = socket.status()?;
+        let mut e = Expect::new();
+        e.that(status.contains("grpc-go v1.33.3 hooked (offsets: dwarf)"), || format!("status says of grpc-go:\n{status}"));
+        let mut clients: Vec<&Span> = spans.iter().filter(|s| from(client_pid, SpanKind::Client)(s)).collect();
+        let mut servers: Vec<&Span> = spans.iter().filter(|s| from(server_pid, SpanKind::Server)(s)).collect();
+        clients.sort_by_key(|s| s.start_ns);
+        servers.sort_by_key(|s| s.start_ns);
+        e.that(clients.len() == 3 && servers.len() == 3, || {
+            format!("{} client and {} server spans, want 3 each", clients.len(), servers.len())
+        });
+        for (i, code) in [0i64, 5, 0].into_iter().enumerate() {
+            for (s, kind) in [(clients.get(i), SpanKind::Client), (servers.get(i), SpanKind::Server)] {
+                let Some(s) = s else { continue };
+                e.that(is_grpc(s), || format!("{}: not a gRPC span", short(s)));
+                e.that(s.name == "demo.Greeter/SayHello", || format!("{}: name {:?}", short(s), s.name));
+                e.attr_str(s, "rpc.method", "SayHello");
+                e.attr_int(s, "rpc.grpc.status_code", code);
+                e.attr_absent(s, "periscope.incomplete");
+                e.status(s, kind == SpanKind::Client && code != 0);
+            }
+            if let (Some(c), Some(s)) = (clients.get(i), servers.get(i)) {
+                expect_child(&mut e, c, s);
+            }
+        }
+        // On both ends, per call: the request, then the response headers and
+        // trailers (one trailers-only block for NOT_FOUND): 6 + 4 + 6.
+        let applied = report.counter("grpc_go_header_blocks")?;
+        e.that(applied >= 16, || format!("grpc_go_header_blocks = {applied}, want at least 16"));
+        e.finish(&spans)
+    });
+}
+
 /// A Go server over plain HTTP (kernel socket probes only for its bytes):
 /// its goroutines are told apart by the probes on `syscall.read`/`write`,
 /// so each handler's call to the backend is the child of its own request,

@@ -108,7 +108,9 @@ pub struct GoThreadIo {
     pub goroutine: u64,
     pub fd: i64,
     pub direction: u8,
-    pub _pad: [u8; 7],
+    /// A socket event took it.
+    pub used: u8,
+    pub _pad: [u8; 6],
 }
 
 /// Keyed by pid_tgid; taken by the socket tracepoint of that very call.
@@ -120,15 +122,15 @@ pub static GO_THREAD_IO: LruHashMap<u64, GoThreadIo> = LruHashMap::with_max_entr
 #[map]
 pub static GO_ACTIVE: aya_ebpf::maps::Array<u32> = aya_ebpf::maps::Array::with_max_entries(1, 0);
 
-struct Regs {
-    rax: u64,
-    rbx: u64,
-    rcx: u64,
-    g: u64,
+pub(super) struct Regs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub g: u64,
 }
 
 #[inline(always)]
-fn regs(ctx: &ProbeContext) -> Regs {
+pub(super) fn regs(ctx: &ProbeContext) -> Regs {
     let r = unsafe { &*ctx.regs };
     Regs {
         rax: r.rax,
@@ -140,7 +142,7 @@ fn regs(ctx: &ProbeContext) -> Regs {
 
 /// The current process, if it is a Go process being traced, with its offsets.
 #[inline(always)]
-fn go_process() -> Option<(u32, GoProcess)> {
+pub(super) fn go_process() -> Option<(u32, GoProcess)> {
     if do_nothing() {
         return None;
     }
@@ -181,12 +183,12 @@ fn executable() -> Option<GoBinaryKey> {
 }
 
 #[inline(always)]
-fn user<T>(addr: u64) -> Option<T> {
+pub(super) fn user<T>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_user(addr as *const T) }.ok()
 }
 
 #[inline(always)]
-fn goid(g: u64, go: &GoProcess) -> u64 {
+pub(super) fn goid(g: u64, go: &GoProcess) -> u64 {
     user::<u64>(g + go.g_goid as u64).unwrap_or(0)
 }
 
@@ -269,6 +271,16 @@ fn emit(
         return;
     };
     let goroutine = acting_goroutine(tgid, goid(g, go));
+    emit_on_socket(tgid, goroutine, sock, buf_ptr, len, dir, start_ns);
+}
+
+/// Sends `len` plaintext bytes at `buf`, read or written on `sock` by
+/// `goroutine` (acting).
+#[inline(always)]
+fn emit_on_socket(tgid: u32, goroutine: u64, sock: u64, buf_ptr: u64, len: u64, dir: u8, start_ns: u64) {
+    if len == 0 || len > u32::MAX as u64 {
+        return;
+    }
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -364,6 +376,7 @@ pub fn go_tls_write(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn go_tls_read_copy(ctx: ProbeContext) -> u32 {
     let Some((tgid, go, r, call)) = end_call(&GO_READS, &ctx) else {
+        read_copy_without_entry(&ctx);
         return 0;
     };
     emit(
@@ -377,6 +390,30 @@ pub fn go_tls_read_copy(ctx: ProbeContext) -> u32 {
         call.start_ns,
     );
     0
+}
+
+/// A Read entered before its probe was attached (a connection's reader
+/// blocked in Read while Periscope started): its `*tls.Conn` is unknown,
+/// but the read system call that brought the record in was this very
+/// goroutine's, on this thread, and named its descriptor. Anything else
+/// (the goroutine moved threads since) sends nothing.
+#[inline(always)]
+fn read_copy_without_entry(ctx: &ProbeContext) {
+    let Some((tgid, go)) = go_process() else {
+        return;
+    };
+    let r = regs(ctx);
+    let goroutine = acting_goroutine(tgid, goid(r.g, &go));
+    let Some(io) = (unsafe { GO_THREAD_IO.get(&bpf_get_current_pid_tgid()) }).copied() else {
+        return;
+    };
+    if io.goroutine != goroutine || io.direction != direction::INGRESS {
+        return;
+    }
+    let Some(sock) = fd_socket(io.fd, &OFFSETS.load()) else {
+        return;
+    };
+    emit_on_socket(tgid, goroutine, sock, r.rbx, r.rcx, direction::INGRESS, 0);
 }
 
 /// `func (c *Conn) Read(b []byte) (int, error)`, entry.
@@ -508,7 +545,8 @@ fn go_syscall(ctx: &ProbeContext, direction: u8) -> u32 {
         goroutine: acting_goroutine(tgid, goid(r.g, &go)),
         fd: r.rax as i64,
         direction,
-        _pad: [0; 7],
+        used: 0,
+        _pad: [0; 6],
     };
     let _ = GO_THREAD_IO.insert(&bpf_get_current_pid_tgid(), &io, 0);
     if let Some(active) = GO_ACTIVE.get_ptr_mut(0)
@@ -537,10 +575,16 @@ pub(super) fn tag_goroutine(event: &mut periscope_ebpf::DataEvent, pid_tgid: u64
     if GO_ACTIVE.get(0).copied().unwrap_or(0) == 0 {
         return;
     }
-    let Some(io) = (unsafe { GO_THREAD_IO.get(&pid_tgid) }).copied() else {
+    let Some(entry) = GO_THREAD_IO.get_ptr_mut(&pid_tgid) else {
         return;
     };
-    let _ = GO_THREAD_IO.remove(&pid_tgid);
+    // Kept (marked used, not removed): a crypto/tls Read entered before its
+    // probe was attached finds its descriptor here.
+    let io = unsafe { *entry };
+    if io.used != 0 {
+        return;
+    }
+    unsafe { (*entry).used = 1 };
     if io.fd == event.fd as i64 && io.direction == event.direction {
         event.tid = io.goroutine as u32;
         event.flags |= data_flags::GOROUTINE;

@@ -1,6 +1,7 @@
 //! Maps, load-time globals and helpers shared by the programs.
 
 mod filter;
+mod go_grpc;
 mod go_tls;
 mod lifecycle;
 mod resolver;
@@ -215,7 +216,7 @@ pub fn bounded(n: u32, max: u32) -> u32 {
 }
 
 #[inline(always)]
-fn output<T>(event: &T, probe_id: u32) {
+pub(super) fn output<T>(event: &T, probe_id: u32) {
     output_bytes(
         event as *const T as *const c_void,
         core::mem::size_of::<T>() as u64,

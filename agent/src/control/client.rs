@@ -368,6 +368,9 @@ pub fn render_status(r: &StatusReport) -> String {
             let pids: Vec<String> = g.pids.iter().map(u32::to_string).collect();
             let _ = write!(line, " pids {}", short_list(&pids, 5));
         }
+        if let Some(grpc) = &g.grpc_go {
+            let _ = write!(line, " grpc-go {grpc}");
+        }
         if let Some(reason) = &g.reason {
             let _ = write!(line, ": {reason}");
         }

@@ -3,6 +3,7 @@
 //! reports status. Runs on the event loop, between ring-buffer drains, so
 //! every change applies at once and nothing in flight is lost.
 
+use crate::discovery::go_programs::GrpcSupport;
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -237,6 +238,15 @@ impl ControlState {
                 functions: g.functions.iter().map(|f| f.to_string()).collect(),
                 offsets: Some(g.target.offsets_source.as_str().to_string()),
                 pids: g.pids.iter().copied().collect(),
+                grpc_go: match &g.target.grpc {
+                    GrpcSupport::Absent => None,
+                    GrpcSupport::Hooked { version, offsets_source } => {
+                        Some(format!("{version} hooked (offsets: {})", offsets_source.as_str()))
+                    }
+                    GrpcSupport::NotVisible { version, reason } => {
+                        Some(format!("{version} not hooked: {reason}"))
+                    }
+                },
                 reason: match (g.attached(), probes.tls_enabled()) {
                     (false, false) => Some("tls is disabled".into()),
                     _ if !g.errors.is_empty() => Some(g.errors.join("; ")),

@@ -469,6 +469,9 @@ pub struct GoProgramStatus {
     /// Processes running it.
     #[serde(default)]
     pub pids: Vec<u32>,
+    /// grpc-go in it: `v1.33.3 hooked (table)`, or why its probes are off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_go: Option<String>,
     /// Why it is not visible, or what failed to attach.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

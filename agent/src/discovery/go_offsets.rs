@@ -162,6 +162,14 @@ pub fn go_minor_version(go_version: &str) -> Option<&str> {
 /// `.debug_info`, `.debug_abbrev` and `.debug_str`, and stops once every
 /// wanted struct has been seen.
 pub fn from_dwarf(data: &[u8]) -> Result<GoOffsets, String> {
+    let offsets = wanted_offsets(data, &WANTED)?;
+    let mut o = [0u32; WANTED.len()];
+    o.copy_from_slice(&offsets);
+    Ok(GoOffsets::from_wanted_order(o))
+}
+
+/// The offsets of `wanted`'s members, in its order, from the binary's DWARF.
+fn wanted_offsets(data: &[u8], wanted: &[WantedMember]) -> Result<Vec<u32>, String> {
     let file = object::File::parse(data).map_err(|e| format!("not an object file: {e}"))?;
     if !file.is_little_endian() {
         return Err("big-endian binaries are not supported".into());
@@ -175,12 +183,124 @@ pub fn from_dwarf(data: &[u8]) -> Result<GoOffsets, String> {
         abbrev: DebugAbbrev::new(&abbrev, LittleEndian),
         strings: DebugStr::new(&strings, LittleEndian),
     };
-    let members = find_wanted_members(&dwarf)?;
-    let mut offsets = [0u32; WANTED.len()];
-    for ((wanted, member), offset) in WANTED.iter().zip(&members).zip(&mut offsets) {
-        *offset = checked_member(&dwarf, wanted, member.as_ref())?;
+    let members = find_wanted_members(&dwarf, wanted)?;
+    wanted
+        .iter()
+        .zip(&members)
+        .map(|(w, member)| checked_member(&dwarf, w, member.as_ref()))
+        .collect()
+}
+
+/// What grpc-go's probes read: golang.org/x/net's HTTP/2 frame and HPACK
+/// field types, which grpc-go's transport uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GrpcOffsets {
+    /// `http2.MetaHeadersFrame.HeadersFrame` (`*http2.HeadersFrame`)
+    pub meta_headers_frame: u32,
+    /// `http2.MetaHeadersFrame.Fields` (`[]hpack.HeaderField`)
+    pub meta_fields: u32,
+    /// `http2.HeadersFrame.FrameHeader`
+    pub headers_frame_header: u32,
+    /// `http2.FrameHeader.StreamID`
+    pub frame_header_stream_id: u32,
+    /// `hpack.HeaderField.Name`, `.Value` and `.Sensitive`
+    pub header_field_name: u32,
+    pub header_field_value: u32,
+    pub header_field_sensitive: u32,
+}
+
+impl GrpcOffsets {
+    /// Bytes from one `hpack.HeaderField` to the next in a slice: its last
+    /// member (a bool) rounded up to the struct's 8-byte alignment.
+    pub fn header_field_size(&self) -> u32 {
+        (self.header_field_sensitive + 1).next_multiple_of(8)
     }
-    Ok(GoOffsets::from_wanted_order(offsets))
+}
+
+/// In the order of [`GrpcOffsets`]' fields.
+const GRPC_WANTED: [WantedMember; 7] = [
+    wanted(
+        "golang.org/x/net/http2.MetaHeadersFrame",
+        "HeadersFrame",
+        &["*golang.org/x/net/http2.HeadersFrame"],
+    ),
+    wanted(
+        "golang.org/x/net/http2.MetaHeadersFrame",
+        "Fields",
+        &["[]golang.org/x/net/http2/hpack.HeaderField"],
+    ),
+    wanted(
+        "golang.org/x/net/http2.HeadersFrame",
+        "FrameHeader",
+        &["golang.org/x/net/http2.FrameHeader"],
+    ),
+    wanted("golang.org/x/net/http2.FrameHeader", "StreamID", &["uint32"]),
+    wanted("golang.org/x/net/http2/hpack.HeaderField", "Name", &["string"]),
+    wanted("golang.org/x/net/http2/hpack.HeaderField", "Value", &["string"]),
+    wanted("golang.org/x/net/http2/hpack.HeaderField", "Sensitive", &["bool"]),
+];
+
+/// Offsets for binaries without DWARF, by grpc-go minor version: read from
+/// the DWARF of the test program built against that release (a test checks
+/// them against a fresh build, `grpc_go_table_matches_the_dwarf`).
+const GRPC_TABLE: &[(&str, GrpcOffsets)] = &[(
+    "v1.33",
+    GrpcOffsets {
+        meta_headers_frame: 0,
+        meta_fields: 8,
+        headers_frame_header: 0,
+        frame_header_stream_id: 8,
+        header_field_name: 0,
+        header_field_value: 16,
+        header_field_sensitive: 32,
+    },
+)];
+
+/// grpc-go's offsets from the binary's DWARF, else from [`GRPC_TABLE`] by
+/// `grpc_version` (`v1.33.3`); else why neither.
+pub fn grpc_offsets_for(data: &[u8], grpc_version: &str) -> Result<(GrpcOffsets, OffsetsSource), String> {
+    let dwarf_error = match grpc_from_dwarf(data) {
+        Ok(offsets) => return Ok((offsets, OffsetsSource::Dwarf)),
+        Err(e) => e,
+    };
+    let minor = grpc_minor_version(grpc_version);
+    match GRPC_TABLE.iter().find(|(v, _)| Some(*v) == minor) {
+        Some((_, offsets)) => Ok((*offsets, OffsetsSource::Table)),
+        None => {
+            let known: Vec<&str> = GRPC_TABLE.iter().map(|(v, _)| *v).collect();
+            Err(format!(
+                "grpc-go {grpc_version}: {dwarf_error}, and no offsets table entry for it (the table has {})",
+                known.join(", ")
+            ))
+        }
+    }
+}
+
+pub fn grpc_from_dwarf(data: &[u8]) -> Result<GrpcOffsets, String> {
+    let o = wanted_offsets(data, &GRPC_WANTED)?;
+    let offsets = GrpcOffsets {
+        meta_headers_frame: o[0],
+        meta_fields: o[1],
+        headers_frame_header: o[2],
+        frame_header_stream_id: o[3],
+        header_field_name: o[4],
+        header_field_value: o[5],
+        header_field_sensitive: o[6],
+    };
+    if offsets.header_field_name != 0 {
+        return Err(format!(
+            "hpack.HeaderField.Name at offset {}, not 0: the probes would misread it",
+            offsets.header_field_name
+        ));
+    }
+    Ok(offsets)
+}
+
+/// `v1.33` from `v1.33.3` or `v1.33.0-dev`; None for anything else.
+pub fn grpc_minor_version(version: &str) -> Option<&str> {
+    let rest = version.strip_prefix("v1.")?;
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    (digits > 0).then(|| &version[..3 + digits])
 }
 
 /// Decompressed contents of a `.debug_*` section (SHF_COMPRESSED, or GNU's
@@ -245,9 +365,9 @@ fn dwarf_error(e: gimli::Error) -> String {
 
 /// The members of [`WANTED`], in its order, from the first top-level
 /// `DW_TAG_structure_type` of each wanted name.
-fn find_wanted_members(dwarf: &Sections) -> Result<Vec<Option<Member>>, String> {
-    let mut members: Vec<Option<Member>> = WANTED.iter().map(|_| None).collect();
-    let mut structs_left: Vec<&str> = WANTED.iter().map(|w| w.structure).collect();
+fn find_wanted_members(dwarf: &Sections, wanted: &[WantedMember]) -> Result<Vec<Option<Member>>, String> {
+    let mut members: Vec<Option<Member>> = wanted.iter().map(|_| None).collect();
+    let mut structs_left: Vec<&str> = wanted.iter().map(|w| w.structure).collect();
     structs_left.sort_unstable();
     structs_left.dedup();
     let mut units = dwarf.info.units();
@@ -261,6 +381,7 @@ fn find_wanted_members(dwarf: &Sections) -> Result<Vec<Option<Member>>, String> 
             dwarf,
             &header,
             &mut entries,
+            wanted,
             &mut structs_left,
             &mut members,
         )?;
@@ -299,6 +420,7 @@ fn scan_unit<'a>(
     dwarf: &Sections<'a>,
     header: &UnitHeader<Slice<'a>>,
     entries: &mut EntriesRaw<Slice<'a>>,
+    wanted: &[WantedMember],
     structs_left: &mut Vec<&str>,
     members: &mut [Option<Member>],
 ) -> Result<(), String> {
@@ -317,7 +439,7 @@ fn scan_unit<'a>(
         let Some(name) = attrs.name else { continue };
         if let Some(i) = structs_left.iter().position(|s| s.as_bytes() == name) {
             let structure = structs_left.swap_remove(i);
-            read_members(dwarf, header, entries, structure, members)?;
+            read_members(dwarf, header, entries, wanted, structure, members)?;
         }
     }
     Ok(())
@@ -328,6 +450,7 @@ fn read_members<'a>(
     dwarf: &Sections<'a>,
     header: &UnitHeader<Slice<'a>>,
     entries: &mut EntriesRaw<Slice<'a>>,
+    wanted: &[WantedMember],
     structure: &str,
     members: &mut [Option<Member>],
 ) -> Result<(), String> {
@@ -344,7 +467,7 @@ fn read_members<'a>(
         }
         let attrs = read_attributes(dwarf, header, entries, abbrev)?;
         let Some(name) = attrs.name else { continue };
-        let wanted_index = WANTED
+        let wanted_index = wanted
             .iter()
             .position(|w| w.structure == structure && w.member.as_bytes() == name);
         if let Some(i) = wanted_index {

@@ -72,6 +72,40 @@ pub const GO_FUNCTIONS: &[(&str, GoHookKind)] = &[
 
 const REQUIRED: &[&str] = &["crypto/tls.(*Conn).Write", "crypto/tls.(*Conn).Read"];
 
+/// grpc-go's transport functions whose header blocks the grpc probes read
+/// (see `agent-ebpf/src/kernel/go_grpc.rs`).
+pub const GRPC_FUNCTIONS: &[(&str, GoHookKind)] = &[
+    (
+        "google.golang.org/grpc/internal/transport.(*loopyWriter).writeHeader",
+        GoHookKind::Entry("go_grpc_write_header"),
+    ),
+    (
+        "google.golang.org/grpc/internal/transport.(*http2Server).operateHeaders",
+        GoHookKind::Entry("go_grpc_server_headers"),
+    ),
+    (
+        "google.golang.org/grpc/internal/transport.(*http2Client).operateHeaders",
+        GoHookKind::Entry("go_grpc_client_headers"),
+    ),
+];
+
+/// The grpc-go release whose server `operateHeaders` takes a context first.
+const GRPC_CONTEXT_FIRST_MINOR: u32 = 60;
+
+/// What the grpc probes do in a Go program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GrpcSupport {
+    /// The program does not link grpc-go's transport.
+    Absent,
+    Hooked {
+        version: String,
+        offsets_source: OffsetsSource,
+    },
+    /// grpc-go is there but not hooked, and why: its calls are still read
+    /// from the bytes, where HPACK allows.
+    NotVisible { version: String, reason: String },
+}
+
 /// Looked up, not hooked: where [`GoHookKind::EntryAndCopy`]'s copies go.
 const MEMMOVE: &str = "runtime.memmove";
 
@@ -99,6 +133,7 @@ pub struct GoTarget {
     pub hooks: Vec<GoHook>,
     /// Functions found, for status.
     pub functions: Vec<&'static str>,
+    pub grpc: GrpcSupport,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -236,6 +271,7 @@ fn go_target(
 ) -> Result<Option<GoTarget>, String> {
     let names: Vec<&str> = GO_FUNCTIONS
         .iter()
+        .chain(GRPC_FUNCTIONS)
         .map(|(name, _)| *name)
         .chain([MEMMOVE])
         .collect();
@@ -262,10 +298,28 @@ fn go_target(
         None => return Err(format!("unknown Go version {:?}", binary.go_version)),
     }
     let (offsets, offsets_source) = go_offsets::offsets_for(data, &binary.go_version)?;
+    let mut kernel_offsets = GoProcess {
+        g_goid: offsets.g_goid,
+        tls_conn_conn: offsets.tls_conn_conn,
+        net_conn_fd: offsets.net_conn_fd,
+        netfd_pfd: offsets.netfd_pfd,
+        pfd_sysfd: offsets.pfd_sysfd,
+        ..Default::default()
+    };
+    let has_grpc = GRPC_FUNCTIONS.iter().any(|(name, _)| has(name));
+    let grpc = if has_grpc {
+        grpc_support(data, binary, &mut kernel_offsets)
+    } else {
+        GrpcSupport::Absent
+    };
+    let hooked_functions: Vec<(&str, GoHookKind)> = match grpc {
+        GrpcSupport::Hooked { .. } => GO_FUNCTIONS.iter().chain(GRPC_FUNCTIONS).copied().collect(),
+        _ => GO_FUNCTIONS.to_vec(),
+    };
     let mut hooks = Vec::new();
     let mut functions = Vec::new();
     for function in &found {
-        let Some(&(name, kind)) = GO_FUNCTIONS.iter().find(|(n, _)| *n == function.name) else {
+        let Some(&(name, kind)) = hooked_functions.iter().find(|(n, _)| *n == function.name) else {
             continue;
         };
         let entry_offset = entry_probe_offset(data, function.entry_offset);
@@ -317,18 +371,79 @@ fn go_target(
         attach_path: attach_path.to_path_buf(),
         display_path: display_path.to_string(),
         go_version: binary.go_version.clone(),
-        offsets: GoProcess {
-            g_goid: offsets.g_goid,
-            tls_conn_conn: offsets.tls_conn_conn,
-            net_conn_fd: offsets.net_conn_fd,
-            netfd_pfd: offsets.netfd_pfd,
-            pfd_sysfd: offsets.pfd_sysfd,
-            _pad: 0,
-        },
+        offsets: kernel_offsets,
         offsets_source,
         hooks,
         functions,
+        grpc,
     }))
+}
+
+/// Whether grpc-go's probes can read this program, filling their offsets
+/// into `kernel` when they can. Its version gates the argument layout; a
+/// version that cannot be read is said, never guessed.
+fn grpc_support(data: &[u8], binary: &GoBinary, kernel: &mut GoProcess) -> GrpcSupport {
+    let Some(version) = grpc_version(data, binary) else {
+        return GrpcSupport::NotVisible {
+            version: "unknown".into(),
+            reason: "grpc-go's version is neither in the build info nor in its user agent".into(),
+        };
+    };
+    let not_visible = |reason: String| GrpcSupport::NotVisible {
+        version: version.clone(),
+        reason,
+    };
+    let Some(minor) = grpc_minor(&version) else {
+        return not_visible(format!("unreadable grpc-go version {version:?}"));
+    };
+    let (offsets, offsets_source) = match go_offsets::grpc_offsets_for(data, &version) {
+        Ok(found) => found,
+        Err(reason) => return not_visible(reason),
+    };
+    kernel.grpc_server_frame_arg = if minor < GRPC_CONTEXT_FIRST_MINOR {
+        periscope_ebpf::grpc_frame_arg::RBX
+    } else {
+        periscope_ebpf::grpc_frame_arg::RDI
+    };
+    kernel.meta_headers_frame = offsets.meta_headers_frame;
+    kernel.meta_fields = offsets.meta_fields;
+    kernel.headers_stream_id = offsets.headers_frame_header + offsets.frame_header_stream_id;
+    kernel.header_field_value = offsets.header_field_value;
+    kernel.header_field_size = offsets.header_field_size();
+    GrpcSupport::Hooked {
+        version,
+        offsets_source,
+    }
+}
+
+/// grpc-go's version (`v1.33.3`): from the build info's modules, else (a
+/// GOPATH build has none) from its user agent `grpc-go/1.33.3`, which the
+/// client transport carries.
+pub fn grpc_version(data: &[u8], binary: &GoBinary) -> Option<String> {
+    if let Some((_, version)) = binary
+        .modules
+        .iter()
+        .find(|(path, _)| path == "google.golang.org/grpc")
+    {
+        return Some(version.clone());
+    }
+    const USER_AGENT: &[u8] = b"grpc-go/1.";
+    let at = memchr::memmem::find(data, USER_AGENT)? + USER_AGENT.len() - 2;
+    let rest = &data[at..];
+    let n = rest
+        .iter()
+        .take(24)
+        .take_while(|b| b.is_ascii_digit() || **b == b'.')
+        .count();
+    let version = std::str::from_utf8(&rest[..n]).ok()?.trim_end_matches('.');
+    Some(format!("v{version}"))
+}
+
+/// `v1.33.3` -> 33.
+fn grpc_minor(version: &str) -> Option<u32> {
+    let rest = version.strip_prefix("v1.")?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 #[cfg(test)]
@@ -353,6 +468,81 @@ mod tests {
         let leaf = [0x48, 0x89, 0xc3, 0xc3];
         assert_eq!(entry_probe_offset(&leaf, 0), 0);
         assert_eq!(entry_probe_offset(&leaf, 100), 100);
+    }
+
+    #[test]
+    fn grpc_versions_from_modules_else_the_user_agent() {
+        let mut binary = GoBinary {
+            go_version: "go1.24.11".into(),
+            modules: vec![
+                ("example.com/app".into(), "(devel)".into()),
+                ("google.golang.org/grpc".into(), "v1.60.1".into()),
+            ],
+            main_module: Some("example.com/app".into()),
+            stripped: true,
+            pie: false,
+        };
+        let data = b"...\x00grpc-go/1.33.3\x00...";
+        assert_eq!(grpc_version(data, &binary).as_deref(), Some("v1.60.1"));
+        binary.modules.clear();
+        assert_eq!(grpc_version(data, &binary).as_deref(), Some("v1.33.3"));
+        assert_eq!(grpc_version(b"grpc-go/1.", &binary).as_deref(), Some("v1"));
+        assert_eq!(grpc_version(b"no user agent", &binary), None);
+        assert_eq!(grpc_minor("v1.33.3"), Some(33));
+        assert_eq!(grpc_minor("v1.60.0-dev"), Some(60));
+        assert_eq!(grpc_minor("v1"), None);
+        assert_eq!(grpc_minor("(devel)"), None);
+    }
+
+    /// grpc-go 1.33 from Debian, built in GOPATH mode (no module versions):
+    /// its version comes from the user agent, its offsets from the DWARF or,
+    /// stripped, from the table, which must say what the DWARF says.
+    #[test]
+    fn grpc_go_is_hooked_with_or_without_dwarf() {
+        use periscope_tests::go::{Variant, build_grpcgo_as, toolchain};
+        let go = toolchain("go1.19").unwrap_or_else(|e| panic!("{e:#}"));
+        let mut from_dwarf = None;
+        for (variant, source) in [
+            (Variant::Symbols, OffsetsSource::Dwarf),
+            (Variant::Stripped, OffsetsSource::Table),
+        ] {
+            let path = build_grpcgo_as(&go, variant).unwrap_or_else(|e| panic!("{e:#}"));
+            let data = std::fs::read(&path).expect("built");
+            let GoInspection::Go(target) =
+                inspect_file(&path, "grpcgo", FileId { dev: 1, inode: 1 })
+            else {
+                panic!("{variant:?}: not hooked");
+            };
+            assert_eq!(
+                target.grpc,
+                GrpcSupport::Hooked {
+                    version: "v1.33.3".into(),
+                    offsets_source: source
+                },
+                "{variant:?}"
+            );
+            for (function, _) in GRPC_FUNCTIONS {
+                assert!(target.functions.contains(function), "{variant:?}: {function}");
+            }
+            let o = target.offsets;
+            assert_eq!(o.grpc_server_frame_arg, periscope_ebpf::grpc_frame_arg::RBX);
+            assert_eq!((o.header_field_value, o.header_field_size), (16, 40));
+            match variant {
+                Variant::Symbols => {
+                    from_dwarf = Some(go_offsets::grpc_from_dwarf(&data).expect("DWARF"))
+                }
+                _ => assert_eq!(
+                    go_offsets::grpc_offsets_for(&data, "v1.33.3"),
+                    Ok((from_dwarf.expect("symbols first"), OffsetsSource::Table)),
+                    "the table entry for grpc-go 1.33 differs from its DWARF"
+                ),
+            }
+            // An unknown release without DWARF is reported, not probed.
+            if variant == Variant::Stripped {
+                let err = go_offsets::grpc_offsets_for(&data, "v1.61.0").expect_err("no entry");
+                assert!(err.contains("no offsets table entry"), "{err}");
+            }
+        }
     }
 
     #[test]

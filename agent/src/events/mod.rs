@@ -3,8 +3,9 @@
 //! error value, never a panic.
 
 use periscope_ebpf::{
-    AcceptEvent, CloseEvent, ConnectEvent, DataEvent, EventHeader, GetaddrinfoEvent, MmapExecEvent, ProcessExecEvent,
-    ProcessExitEvent, TlsHandshakeEvent, kind,
+    AcceptEvent, CloseEvent, ConnectEvent, DataEvent, EventHeader, GRPC_FIELDS, GRPC_NAME_CAP, GRPC_VALUE_CAP,
+    GetaddrinfoEvent, GrpcField, GrpcHeadersEvent, MmapExecEvent, ProcessExecEvent, ProcessExitEvent, TlsHandshakeEvent,
+    kind,
 };
 
 pub enum Event<'a> {
@@ -19,6 +20,20 @@ pub enum Event<'a> {
     TlsHandshake(TlsHandshakeEvent),
     MmapExec(MmapExecEvent),
     Getaddrinfo(Box<GetaddrinfoEvent>),
+    GrpcHeaders(GrpcHeaders<'a>),
+}
+
+/// A header block grpc-go decoded (see [`GrpcHeadersEvent`]), borrowed
+/// from the record.
+pub struct GrpcHeaders<'a> {
+    pub header: EventHeader,
+    pub goroutine: u64,
+    pub stream_id: u32,
+    pub egress: bool,
+    /// (name, value); a value longer than the kernel copies is left out
+    /// (never a cut value).
+    pub fields: [(&'a [u8], &'a [u8]); GRPC_FIELDS],
+    pub count: usize,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -59,8 +74,42 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         kind::TLS_HANDSHAKE => read(bytes).map(Event::TlsHandshake).ok_or_else(short),
         kind::MMAP_EXEC => read(bytes).map(Event::MmapExec).ok_or_else(short),
         kind::GETADDRINFO => read(bytes).map(|e| Event::Getaddrinfo(Box::new(e))).ok_or_else(short),
+        kind::GRPC_HEADERS => grpc_headers(header, bytes).ok_or_else(short),
         other => Err(DecodeError::UnknownKind(other)),
     }
+}
+
+fn grpc_headers(header: EventHeader, bytes: &[u8]) -> Option<Event<'_>> {
+    use std::mem::offset_of;
+    if bytes.len() < size_of::<GrpcHeadersEvent>() {
+        return None;
+    }
+    let word = |at: usize, n: usize| bytes[at..at + n].iter().rev().fold(0u64, |v, &b| v << 8 | u64::from(b));
+    let goroutine = word(offset_of!(GrpcHeadersEvent, goroutine), 8);
+    let stream_id = word(offset_of!(GrpcHeadersEvent, stream_id), 4) as u32;
+    let direction = bytes[offset_of!(GrpcHeadersEvent, direction)];
+    let count = usize::from(bytes[offset_of!(GrpcHeadersEvent, count)]).min(GRPC_FIELDS);
+    let mut fields: [(&[u8], &[u8]); GRPC_FIELDS] = [(&[], &[]); GRPC_FIELDS];
+    let first = offset_of!(GrpcHeadersEvent, fields);
+    for (i, slot) in fields.iter_mut().enumerate().take(count) {
+        let f = &bytes[first + i * size_of::<GrpcField>()..][..size_of::<GrpcField>()];
+        let name_len = usize::from(f[offset_of!(GrpcField, name_len)]).min(GRPC_NAME_CAP);
+        let value_len = word(first + i * size_of::<GrpcField>() + offset_of!(GrpcField, value_len), 2) as usize;
+        if value_len <= GRPC_VALUE_CAP {
+            *slot = (
+                &f[offset_of!(GrpcField, name)..][..name_len],
+                &f[offset_of!(GrpcField, value)..][..value_len],
+            );
+        }
+    }
+    Some(Event::GrpcHeaders(GrpcHeaders {
+        header,
+        goroutine,
+        stream_id,
+        egress: direction == periscope_ebpf::direction::EGRESS,
+        fields,
+        count,
+    }))
 }
 
 #[cfg(test)]

@@ -111,6 +111,12 @@ fn attach_tls(probes: &mut Probes, pipeline: &mut Pipeline, found: Discovered) {
                 for e in &go.errors {
                     warn!("Go program {}: could not attach {e}", t.display_path);
                 }
+                if let crate::discovery::go_programs::GrpcSupport::NotVisible { version, reason } = &t.grpc {
+                    warn!(
+                        "Go program {}: grpc-go {version} not hooked ({reason}); its calls are read from the bytes, where HPACK allows",
+                        t.display_path
+                    );
+                }
             } else {
                 warn!("TLS not visible: Go program {} (attaching failed: {})", t.display_path, go.errors.join("; "));
             }
@@ -119,6 +125,9 @@ fn attach_tls(probes: &mut Probes, pipeline: &mut Pipeline, found: Discovered) {
             pipeline.note_go_process(pid);
             if let Some(file) = file {
                 probes.note_go_process(pid, file);
+                if probes.go_program_has_grpc(file) {
+                    pipeline.note_grpc_go_process(pid);
+                }
             }
         }
         Discovered::GoNotVisible { display_path, go_version, reason } => {

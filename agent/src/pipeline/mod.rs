@@ -9,6 +9,7 @@
 //! spans, `dns` follows lookups and resolutions, `event_loop` drives it all.
 
 
+mod grpc_go;
 mod lookups;
 mod event_loop;
 mod requests;
@@ -72,6 +73,8 @@ pub struct Pipeline {
     /// Processes running Go: their threads say nothing about which request
     /// a goroutine serves, so only goroutine-keyed events link in-process.
     go_processes: std::collections::HashSet<u32>,
+    /// grpc-go's decoded header blocks and the goroutines they came from.
+    grpc_go: grpc_go::GrpcGoBlocks,
     /// Go programs whose TLS cannot be seen: (path, Go version, reason).
     go_not_visible: Vec<(String, String, String)>,
     /// Sockets whose payloads the kernel may stop copying, with the ports
@@ -184,6 +187,7 @@ impl Pipeline {
             execs: Vec::new(),
             exited: Vec::new(),
             go_processes: Default::default(),
+            grpc_go: Default::default(),
             go_not_visible: Vec::new(),
             ignore_requests: Vec::new(),
             ignore_batch: Vec::new(),
@@ -246,6 +250,9 @@ impl Pipeline {
                 if event.tuple.protocol == IPPROTO_UDP {
                     self.on_dns_datagram(&event, payload);
                     return;
+                }
+                if self.grpc_go.has_deferred(event.sock) {
+                    self.start_deferred(event.sock, None);
                 }
                 let from_tls = event.source == source::TLS;
                 if from_tls && event.sock == 0 {
@@ -335,6 +342,16 @@ impl Pipeline {
                 if counts != counts_before {
                     count_parser(&self.stats, &counts_before, &counts);
                 }
+                if event.flags & data_flags::GOROUTINE != 0 && self.grpc_go.tracks(event.header.tgid) {
+                    let goroutine = actor(&event, &self.go_processes).unwrap_or(0);
+                    self.grpc_go.on_goroutine_io(goroutine, event.sock, egress, parser, &mut self.exchanges, &self.stats);
+                    if parser.parked() > 0 {
+                        self.grpc_go.note_parked(event.sock);
+                    }
+                    if !egress && !self.new_requests.is_empty() {
+                        self.grpc_go.defer_unnamed(event.sock, goroutine, &mut self.new_requests, parser);
+                    }
+                }
                 if let Feed::NotHttp = feed {
                     conn.protocol = ProtocolState::Ignored;
                     Stats::inc(&self.stats.connections_not_http);
@@ -400,6 +417,7 @@ impl Pipeline {
                 }
             }
             Event::Getaddrinfo(g) => self.on_getaddrinfo(&g),
+            Event::GrpcHeaders(h) => self.on_grpc_headers(&h),
             Event::ProcessExec(e) => {
                 self.processes.on_exec(e.header.tgid, &e);
                 self.tls_scan_requests.push(e.header.tgid);
@@ -416,6 +434,7 @@ impl Pipeline {
                 self.processes.forget(e.header.tgid);
                 self.exited.push(e.header.tgid);
                 self.go_processes.remove(&e.header.tgid);
+                self.grpc_go.forget_process(e.header.tgid);
             }
         }
     }
@@ -424,7 +443,7 @@ impl Pipeline {
 
     /// Requests the parser just started on `sock`, read or sent by thread
     /// `tid`: each gets its identity (and parent) now.
-    fn start_requests(&mut self, sock: u64, tid: Option<u64>) {
+    pub(super) fn start_requests(&mut self, sock: u64, tid: Option<u64>) {
         let requests = std::mem::take(&mut self.new_requests);
         for &seq in &requests {
             let Some(conn) = self.connections.get(sock) else { break };
@@ -703,6 +722,12 @@ impl Pipeline {
         self.go_processes.insert(pid);
     }
 
+    /// `pid` runs a Go program whose grpc-go probes are attached: the
+    /// connections its goroutines read are followed from now.
+    pub fn note_grpc_go_process(&mut self, pid: u32) {
+        self.grpc_go.note_process(pid);
+    }
+
     pub fn note_go_not_visible(&mut self, path: String, go_version: String, reason: String) {
         self.go_not_visible.push((path, go_version, reason));
     }
@@ -737,6 +762,7 @@ impl Pipeline {
         for w in ls {
             self.emit_lookup(w);
         }
+        self.release_parked_exchanges();
         let connections = &self.connections;
         self.links.expire(now, |sock, seq, id| connections.serving_request(sock, seq, id));
         self.release_held(now);

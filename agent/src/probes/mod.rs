@@ -64,6 +64,9 @@ pub const GO_PROGRAMS: &[&str] = &[
     "go_http2_write_request",
     "go_syscall_read",
     "go_syscall_write",
+    "go_grpc_write_header",
+    "go_grpc_server_headers",
+    "go_grpc_client_headers",
 ];
 
 /// libc's getaddrinfo: (symbol, entry program, return program).
@@ -554,6 +557,15 @@ impl Probes {
         if let Some(go) = self.go.iter_mut().find(|g| g.target.file == file) {
             go.pids.insert(pid);
         }
+    }
+
+    /// Whether the Go executable `file` has its grpc-go probes attached.
+    pub fn go_program_has_grpc(&self, file: crate::discovery::tls_libraries::FileId) -> bool {
+        self.go.iter().any(|g| {
+            g.target.file == file
+                && matches!(g.target.grpc, crate::discovery::go_programs::GrpcSupport::Hooked { .. })
+                && g.functions.iter().any(|f| f.starts_with("google.golang.org/grpc/"))
+        })
     }
 
     /// Process `pid` is gone.

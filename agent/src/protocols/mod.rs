@@ -126,6 +126,33 @@ impl StreamParser {
         }
     }
 
+    /// HTTP/2 only: see [`http2::Http2Connection::apply_decoded`]; false
+    /// (nothing applied) for HTTP/1.
+    pub fn apply_decoded(&mut self, block: &http2::DecodedBlock, out: &mut Vec<Exchange>) -> bool {
+        match self {
+            StreamParser::Http1(_) => false,
+            StreamParser::Http2(p) => {
+                p.await_decoded_blocks();
+                p.apply_decoded(block, out)
+            }
+        }
+    }
+
+    /// Exchanges an HTTP/2 parser holds for decoded header blocks.
+    pub fn parked(&self) -> usize {
+        match self {
+            StreamParser::Http1(_) => 0,
+            StreamParser::Http2(p) => p.parked(),
+        }
+    }
+
+    /// Emits what waits for decoded header blocks, as it is.
+    pub fn release_parked(&mut self, out: &mut Vec<Exchange>) {
+        if let StreamParser::Http2(p) = self {
+            p.release_parked(out);
+        }
+    }
+
     pub fn counts(&self) -> ParserCounts {
         match self {
             StreamParser::Http1(p) => ParserCounts { parse_errors: p.errors(), ..Default::default() },

@@ -10,6 +10,10 @@
 //	grpcgo call PORT NAME...
 //	    One channel, one SayHello call per NAME in turn; prints
 //	    "reply NAME CODE" for each.
+//	grpcgo session PORT NAME...
+//	    Dials one channel, calls SayHello("warm") on it, then on each
+//	    SIGUSR1 calls SayHello once per NAME on the same channel (a channel
+//	    dialed, and its HPACK tables filled, before a tracer started).
 package main
 
 import (
@@ -18,7 +22,9 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/signal"
 	"strings"
+	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
@@ -76,14 +82,13 @@ func serve(cert, key string) error {
 	return s.Serve(ln)
 }
 
-func call(port string, names []string) error {
+func dial(port string) (*grpc.ClientConn, error) {
 	creds := credentials.NewTLS(&tls.Config{InsecureSkipVerify: true})
-	cc, err := grpc.Dial("127.0.0.1:"+port, grpc.WithTransportCredentials(creds),
+	return grpc.Dial("127.0.0.1:"+port, grpc.WithTransportCredentials(creds),
 		grpc.WithDefaultCallOptions(grpc.ForceCodec(bytesCodec{})), grpc.WithBlock())
-	if err != nil {
-		return err
-	}
-	defer cc.Close()
+}
+
+func sayHellos(cc *grpc.ClientConn, names []string) {
 	for _, name := range names {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		in := []byte(name)
@@ -91,6 +96,31 @@ func call(port string, names []string) error {
 		err := cc.Invoke(ctx, "/demo.Greeter/SayHello", &in, &out)
 		cancel()
 		fmt.Printf("reply %s %s\n", name, status.Code(err))
+	}
+	os.Stdout.Sync()
+}
+
+func call(port string, names []string) error {
+	cc, err := dial(port)
+	if err != nil {
+		return err
+	}
+	defer cc.Close()
+	sayHellos(cc, names)
+	return nil
+}
+
+func session(port string, names []string) error {
+	cc, err := dial(port)
+	if err != nil {
+		return err
+	}
+	defer cc.Close()
+	again := make(chan os.Signal, 1)
+	signal.Notify(again, syscall.SIGUSR1)
+	sayHellos(cc, []string{"warm"})
+	for range again {
+		sayHellos(cc, names)
 	}
 	return nil
 }
@@ -102,6 +132,8 @@ func main() {
 		err = serve(os.Args[2], os.Args[3])
 	case len(os.Args) >= 4 && os.Args[1] == "call":
 		err = call(os.Args[2], os.Args[3:])
+	case len(os.Args) >= 4 && os.Args[1] == "session":
+		err = session(os.Args[2], os.Args[3:])
 	default:
 		err = fmt.Errorf("usage: grpcgo serve CERT KEY | call PORT NAME...")
 	}

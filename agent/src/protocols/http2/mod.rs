@@ -102,6 +102,9 @@ pub struct Counters {
 pub struct Http2Connection {
     halves: [Half; 2],
     sh: Shared,
+    /// Exchanges complete but for values HPACK hid, waiting for the
+    /// program's own decoded header blocks ([`Http2Connection::apply_decoded`]).
+    parked: Vec<Stream>,
     hint: Option<Side>,
     dead: bool,
     unsynced_chunks: u32,
@@ -126,7 +129,10 @@ impl Http2Connection {
                 announced_table_size: None,
                 other_unsynced: false,
                 from_start: false,
+                await_decoded: false,
+                parked: Vec::new(),
             },
+            parked: Vec::new(),
             hint: None,
             dead: false,
             unsynced_chunks: 0,
@@ -169,6 +175,11 @@ impl Http2Connection {
         };
         let gap = total - bytes.len() as u64 - tail.len() as u64;
         let dir = chunk.direction;
+        if dir == Direction::Ingress && !self.parked.is_empty() {
+            // The program reads its next bytes only after it handled (and
+            // reported) every header block of its previous read.
+            self.release_parked(out);
+        }
         let i = dir.idx();
         let mut cx = Ctx {
             dir,
@@ -242,6 +253,7 @@ impl Http2Connection {
                 half.input(tail, &mut self.sh, &mut cx);
             }
         }
+        self.parked.append(&mut self.sh.parked);
         if let Some(size) = self.sh.announced_table_size.take() {
             // SETTINGS sent this way bound the table of the other direction.
             self.halves[dir.other().idx()]
@@ -263,6 +275,7 @@ impl Http2Connection {
     /// ("connection_closed" if the response started, else "no_response").
     /// Afterwards the object is as new (side hint and counters kept).
     pub fn close(&mut self, ts_ns: u64, out: &mut Vec<Exchange>) {
+        self.release_parked(out);
         let sh = &mut self.sh;
         sh.streams.sort_unstable_by_key(|s| s.id);
         for s in std::mem::take(&mut sh.streams) {
@@ -310,6 +323,48 @@ impl Http2Connection {
 
     pub fn counters(&self) -> Counters {
         self.sh.counters
+    }
+
+    /// The program reports its header blocks decoded (grpc-go's probes):
+    /// from now on an exchange that lacks a value HPACK hid waits for them.
+    pub fn await_decoded_blocks(&mut self) {
+        self.sh.await_decoded = true;
+    }
+
+    /// Exchanges waiting for decoded header blocks.
+    pub fn parked(&self) -> usize {
+        self.parked.len()
+    }
+
+    /// Emits the parked exchanges as they are.
+    pub fn release_parked(&mut self, out: &mut Vec<Exchange>) {
+        for s in std::mem::take(&mut self.parked) {
+            self.sh.emit_stream(s, out);
+        }
+    }
+
+    /// A header block as the program decoded it: fills in, on its stream,
+    /// the values that HPACK state we never saw hid (what the bytes showed
+    /// stays). A parked exchange that now has them all is emitted. Returns
+    /// whether the block's stream was found.
+    pub fn apply_decoded(&mut self, block: &DecodedBlock, out: &mut Vec<Exchange>) -> bool {
+        let Some(req_dir) = self.sh.req_dir() else {
+            return false;
+        };
+        let is_req = block.direction == req_dir;
+        if let Some(k) = self.sh.find(block.stream) {
+            fill_in(&mut self.sh.streams[k].ex, &block.fields, is_req);
+            return true;
+        }
+        let Some(k) = self.parked.iter().position(|s| s.id == block.stream) else {
+            return false;
+        };
+        fill_in(&mut self.parked[k].ex, &block.fields, is_req);
+        if !lacks_decoded_values(&self.parked[k].ex) {
+            let s = self.parked.swap_remove(k);
+            self.sh.emit_stream(s, out);
+        }
+        true
     }
 
     /// Streams tracked now (at most `max_streams`).
@@ -391,6 +446,11 @@ struct Shared {
     /// The direction opposite the chunk being fed is not in sync: a
     /// stream opened now may have frames there we will never see.
     other_unsynced: bool,
+    /// The connection's program reports its decoded header blocks: an
+    /// exchange missing what HPACK hid is parked, not emitted.
+    await_decoded: bool,
+    /// Parked by the chunk being fed; moved to `Http2Connection::parked`.
+    parked: Vec<Stream>,
     /// The client preface was seen: the connection is known from its start.
     from_start: bool,
 }
@@ -421,7 +481,11 @@ impl Shared {
     }
 
     fn emit(&mut self, k: usize, out: &mut Vec<Exchange>) {
-        let mut s = self.streams.swap_remove(k);
+        let s = self.streams.swap_remove(k);
+        self.emit_stream(s, out);
+    }
+
+    fn emit_stream(&mut self, mut s: Stream, out: &mut Vec<Exchange>) {
         let ended = s.req_done && s.resp_done;
         // A stream cut short after a gap: the gap is the likelier reason.
         let replaceable = matches!(s.ex.incomplete, None | Some("connection_closed" | "no_response"));
@@ -437,6 +501,11 @@ impl Shared {
         // A request whose end a gap hid is over once its response is.
         if s.resp_done && (s.req_done || s.stale) {
             s.req_done = true;
+            if self.await_decoded && lacks_decoded_values(&s.ex) {
+                let s = self.streams.swap_remove(k);
+                self.parked.push(s);
+                return;
+            }
             self.emit(k, out);
         }
     }
@@ -621,6 +690,68 @@ impl Shared {
             } else {
                 k += 1;
             }
+        }
+    }
+}
+
+/// One header block as the traced program's own HTTP/2 library decoded it
+/// (grpc-go's probes report them), for [`Http2Connection::apply_decoded`].
+pub struct DecodedBlock {
+    pub stream: u32,
+    /// Which way the block went, seen from the program.
+    pub direction: Direction,
+    fields: Fields,
+}
+
+impl DecodedBlock {
+    pub fn new(stream: u32, direction: Direction) -> Self {
+        DecodedBlock { stream, direction, fields: Fields::default() }
+    }
+
+    /// One decoded field (only the names [`Fields`] keeps matter).
+    pub fn field(&mut self, name: &[u8], value: &[u8]) {
+        self.fields.on(Field::Known(name, value));
+    }
+}
+
+/// Whether a finished exchange lacks what a decoded block could give: its
+/// request's method or path, its status, or a gRPC call's grpc-status.
+fn lacks_decoded_values(ex: &Exchange) -> bool {
+    ex.incomplete == Some("hpack_state")
+        || ex.method.is_empty()
+        || ex.path.is_empty()
+        || ex.status.is_none()
+        || (ex.grpc && ex.grpc_status.is_none())
+}
+
+/// Fills `ex`'s missing values from a decoded block of its request
+/// (`is_req`) or of its response.
+fn fill_in(ex: &mut Exchange, f: &Fields, is_req: bool) {
+    if is_req {
+        if ex.method.is_empty()
+            && let Some(m) = &f.method
+        {
+            ex.method = m.clone();
+        }
+        if ex.path.is_empty()
+            && let Some(p) = &f.path
+        {
+            ex.path = p.clone();
+            ex.has_query = f.has_query;
+        }
+        if ex.host.is_none() {
+            ex.host = f.authority.clone().or_else(|| f.host.clone());
+        }
+        ex.grpc |= f.grpc;
+        if ex.incomplete == Some("hpack_state") && !ex.method.is_empty() && !ex.path.is_empty() {
+            ex.incomplete = None;
+        }
+    } else {
+        if ex.status.is_none() {
+            ex.status = f.status;
+        }
+        if ex.grpc_status.is_none() {
+            ex.grpc_status = f.grpc_status;
         }
     }
 }

@@ -1534,3 +1534,71 @@ proptest! {
     }
 }
 
+
+/// A gRPC call on a connection joined mid-stream, every value in HPACK
+/// entries made before: grpc-go's decoded blocks fill them in; the exchange
+/// waits (parked) for the blocks of its response, and is let go as it is
+/// by the connection's next read, or its end.
+#[test]
+fn decoded_blocks_fill_in_what_hpack_hid() {
+    fn block(stream: u32, dir: Direction, fields: &[(&str, &str)]) -> DecodedBlock {
+        let mut b = DecodedBlock::new(stream, dir);
+        for (n, v) in fields {
+            b.field(n.as_bytes(), v.as_bytes());
+        }
+        b
+    }
+    let request = [hf(3, false, &[&[0x83, 0x80 | 62, 0x80 | 63]]), data(3, FLAG_END_STREAM, 5)].concat();
+    let response = [hf(3, false, &[&[0x80 | 64]]), data(3, 0, 7), hf(3, true, &[&[0x80 | 65]])].concat();
+    let (mut out, mut started) = (Vec::new(), Vec::new());
+    let mut conn = Http2Connection::new(Limits::default());
+    conn.set_side_hint(Side::Client);
+    conn.await_decoded_blocks();
+    conn.feed(chunk(E, &request, 100), &mut out, &mut started);
+    assert_eq!(started, vec![3]);
+    let req = block(3, E, &[(":method", "POST"), (":path", "/demo.Greeter/SayHello?x"), ("content-type", "application/grpc")]);
+    assert!(conn.apply_decoded(&req, &mut out));
+    conn.feed(chunk(I, &response, 200), &mut out, &mut started);
+    assert!(out.is_empty(), "status and grpc-status unknown: parked");
+    assert_eq!(conn.parked(), 1);
+    assert!(conn.apply_decoded(&block(3, I, &[(":status", "200"), ("content-type", "application/grpc")]), &mut out));
+    assert!(out.is_empty(), "grpc-status still unknown");
+    assert!(conn.apply_decoded(&block(3, I, &[("grpc-status", "5")]), &mut out));
+    assert_eq!(out.len(), 1);
+    let ex = &out[0];
+    assert_eq!(
+        (ex.method.as_str(), ex.path.as_str(), ex.has_query, ex.grpc, ex.status, ex.grpc_status, ex.incomplete),
+        ("POST", "/demo.Greeter/SayHello", true, true, Some(200), Some(5), None)
+    );
+    assert_eq!(conn.counters().hpack_incomplete, 0);
+    // A block for no stream is said so.
+    assert!(!conn.apply_decoded(&block(99, I, &[(":status", "200")]), &mut out));
+
+    // Stream 5: no block comes; the next read lets it go as it is.
+    let request5 = [hf(5, true, &[&[0x83, 0x80 | 62]])].concat();
+    let response5 = [hf(5, false, &[&[0x88]]), hf(5, true, &[&[0x80 | 65]])].concat();
+    out.clear();
+    conn.feed(chunk(E, &request5, 300), &mut out, &mut started);
+    conn.feed(chunk(I, &response5, 400), &mut out, &mut started);
+    assert!(out.is_empty());
+    conn.feed(chunk(I, &data(7, 0, 1), 500), &mut out, &mut started);
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].seq, out[0].incomplete, out[0].status), (5, Some("hpack_state"), Some(200)));
+    assert_eq!(conn.counters().hpack_incomplete, 1);
+
+    // Stream 9, parked at the connection's end: emitted by close.
+    out.clear();
+    conn.feed(chunk(E, &hf(9, true, &[&[0x83, 0x80 | 62]]), 600), &mut out, &mut started);
+    conn.feed(chunk(I, &hf(9, true, &[&[0x88]]), 700), &mut out, &mut started);
+    assert!(out.is_empty());
+    conn.close(800, &mut out);
+    assert_eq!(out.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![9]);
+
+    // Without decoded blocks announced, nothing waits.
+    let mut plain = Http2Connection::new(Limits::default());
+    plain.set_side_hint(Side::Client);
+    out.clear();
+    plain.feed(chunk(E, &request5, 300), &mut out, &mut started);
+    plain.feed(chunk(I, &response5, 400), &mut out, &mut started);
+    assert_eq!(out.len(), 1);
+}
