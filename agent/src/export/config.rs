@@ -98,6 +98,19 @@ pub struct OtlpConfig {
     pub headers: Vec<(String, String)>,
     /// Per-request timeout (`OTEL_EXPORTER_OTLP_TIMEOUT`).
     pub timeout: Duration,
+    /// Certificates for an `https://` endpoint.
+    pub tls: TlsFiles,
+}
+
+/// PEM files for TLS to the collector (`OTEL_EXPORTER_OTLP_CERTIFICATE`,
+/// `..._CLIENT_CERTIFICATE`, `..._CLIENT_KEY`, or their `TRACES_` forms).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// CA certificates trusted besides the built-in and system roots.
+    pub ca: Option<std::path::PathBuf>,
+    /// Client certificate and key, for collectors that ask for one (mTLS).
+    pub client_cert: Option<std::path::PathBuf>,
+    pub client_key: Option<std::path::PathBuf>,
 }
 
 /// Header values are often credentials: never print them.
@@ -109,6 +122,7 @@ impl fmt::Debug for OtlpConfig {
             .field("url", &self.url)
             .field("headers", &names)
             .field("timeout", &self.timeout)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -198,11 +212,29 @@ impl ExportConfig {
                 .and_then(|(k, v)| positive_or_warn(k, &v))
                 .map(Duration::from_millis)
                 .unwrap_or(DEFAULT_TIMEOUT);
+                let path = |keys: &[&'static str]| first(keys).map(|(_, v)| std::path::PathBuf::from(v.trim()));
+                let tls = TlsFiles {
+                    ca: path(&["OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"]),
+                    client_cert: path(&[
+                        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+                        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+                    ]),
+                    client_key: path(&["OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY"]),
+                };
+                if tls.client_cert.is_some() != tls.client_key.is_some() {
+                    bail!(
+                        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY go together: only one is set"
+                    );
+                }
+                if tls != TlsFiles::default() && !url.starts_with("https://") {
+                    log::warn!("OTLP certificates are set but the endpoint {url} is not https://: they are not used");
+                }
                 Destination::Otlp(OtlpConfig {
                     protocol,
                     url,
                     headers,
                     timeout,
+                    tls,
                 })
             }
         };
@@ -267,8 +299,9 @@ fn positive_or_warn(key: &str, v: &str) -> Option<u64> {
 
 /// The URL to send to. `endpoint` may lack a scheme (`collector:4317`,
 /// taken as `http://`). For HTTP, a base endpoint gets `/v1/traces`
-/// appended; a signal-specific one is used as given. `https` is refused:
-/// this build has no TLS (run a local collector or sidecar for TLS).
+/// appended; a signal-specific one is used as given. `https` is TLS
+/// (rustls), verified against the built-in Mozilla roots, the system's
+/// and `OTEL_EXPORTER_OTLP_CERTIFICATE`.
 pub fn otlp_url(
     endpoint: &str,
     protocol: Protocol,
@@ -284,11 +317,7 @@ pub fn otlp_url(
         .parse()
         .with_context(|| format!("invalid endpoint URL {endpoint:?}"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => bail!(
-            "endpoint {endpoint:?} uses https, but this build of periscope has no TLS support; \
-             use an http:// endpoint (e.g. a local OpenTelemetry Collector)"
-        ),
+        Some("http" | "https") => {}
         other => bail!(
             "endpoint {endpoint:?}: unsupported scheme {:?}",
             other.unwrap_or("")
@@ -391,6 +420,26 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    #[test]
+    fn tls_files_from_the_environment() {
+        let env = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4317"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/etc/ca.pem"),
+            ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", " /etc/traces-ca.pem "),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/etc/client.pem"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/etc/client.key"),
+        ];
+        let c = cfg(None, None, &env).unwrap();
+        let tls = &otlp(&c).tls;
+        assert_eq!(tls.ca.as_deref(), Some(std::path::Path::new("/etc/traces-ca.pem")));
+        assert_eq!(tls.client_cert.as_deref(), Some(std::path::Path::new("/etc/client.pem")));
+        assert_eq!(tls.client_key.as_deref(), Some(std::path::Path::new("/etc/client.key")));
+        assert_eq!(otlp(&c).url, "https://collector:4317");
+        let half = cfg(None, None, &env[..4]).unwrap_err();
+        assert!(format!("{half:#}").contains("go together"), "{half:#}");
+        assert_eq!(otlp(&cfg(Some("http://c:4317"), None, &[]).unwrap()).tls, TlsFiles::default());
+    }
+
     fn cfg(
         endpoint: Option<&str>,
         protocol: Option<&str>,
@@ -485,8 +534,11 @@ mod tests {
             otlp_url("http://h/x", Protocol::HttpProtobuf, true).unwrap(),
             "http://h/x"
         );
-        let e = otlp_url("https://h:4317", Protocol::Grpc, false).unwrap_err();
-        assert!(format!("{e:#}").contains("TLS"), "{e:#}");
+        assert_eq!(otlp_url("https://h:4317", Protocol::Grpc, false).unwrap(), "https://h:4317");
+        assert_eq!(
+            otlp_url("https://h:4318", Protocol::HttpProtobuf, false).unwrap(),
+            "https://h:4318/v1/traces"
+        );
         assert!(otlp_url("ftp://h", Protocol::Grpc, false).is_err());
         assert!(otlp_url("http://", Protocol::Grpc, false).is_err());
         assert!(otlp_url("not a url", Protocol::Grpc, false).is_err());

@@ -23,6 +23,7 @@
 //! and one info line when it recovers.
 
 pub mod metrics;
+mod tls;
 pub mod config;
 mod encode;
 pub mod otlp;

@@ -104,12 +104,18 @@ pub(crate) struct GrpcExporter {
 impl GrpcExporter {
     /// Needs a tokio runtime (the channel spawns a task).
     pub fn new(cfg: &OtlpConfig) -> anyhow::Result<Self> {
-        let channel = Endpoint::from_shared(cfg.url.clone())
+        let mut endpoint = Endpoint::from_shared(cfg.url.clone())
             .with_context(|| format!("invalid OTLP endpoint {:?}", cfg.url))?
             .user_agent(USER_AGENT)?
             .connect_timeout(cfg.timeout)
-            .timeout(cfg.timeout)
-            .connect_lazy();
+            .timeout(cfg.timeout);
+        if cfg.url.starts_with("https://") {
+            let pem = super::tls::read_pem_files(&cfg.tls)?;
+            endpoint = endpoint
+                .tls_config(super::tls::grpc_tls_config(&pem)?)
+                .context("OTLP/gRPC TLS settings")?;
+        }
+        let channel = endpoint.connect_lazy();
         let mut metadata = MetadataMap::new();
         for (k, v) in &cfg.headers {
             let key = AsciiMetadataKey::from_bytes(k.as_bytes())
@@ -230,7 +236,7 @@ pub(crate) fn classify_grpc(status: &tonic::Status) -> ExportError {
 /// OTLP/HTTP with protobuf bodies over HTTP/1.1 (hyper).
 #[derive(Clone)]
 pub(crate) struct HttpExporter {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     uri: hyper::Uri,
     headers: HeaderMap,
 }
@@ -259,6 +265,19 @@ impl HttpExporter {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(cfg.timeout));
         connector.set_nodelay(true);
+        // `https_or_http`: the scheme of the URL decides; TLS settings are
+        // only read for an https:// endpoint.
+        let tls = if uri.scheme_str() == Some("https") {
+            super::tls::http_client_config(&super::tls::read_pem_files(&cfg.tls)?)?
+        } else {
+            super::tls::http_client_config(&super::tls::TlsPem { ca: None, client: None })?
+        };
+        connector.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new()).build(connector);
         Ok(Self {
             client,

@@ -75,6 +75,7 @@ fn grpc_dest(addr: SocketAddr) -> Destination {
         url: format!("http://{addr}"),
         headers: vec![("x-tenant".into(), "t 1".into())],
         timeout: Duration::from_secs(2),
+        tls: Default::default(),
     })
 }
 
@@ -84,6 +85,7 @@ fn http_dest(addr: SocketAddr) -> Destination {
         url: otlp_url(&format!("http://{addr}"), Protocol::HttpProtobuf, false).unwrap(),
         headers: vec![("x-tenant".into(), "t 1".into())],
         timeout: Duration::from_secs(2),
+        tls: Default::default(),
     })
 }
 
