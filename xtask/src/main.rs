@@ -5,8 +5,9 @@
 //! - `build [--release]`    setup, then build the agent (its build script builds the eBPF side)
 //! - `run [-- ARGS]`        setup, release build, exec `periscope run ARGS` (needs root)
 //! - `test [--release]`     setup --test-deps, build, unit tests, then end-to-end tests (needs root)
-//! - `bench [--quick] [--profile]`  the agent's cost: nginx (wrk, ab, hey, h2load), a Go HTTPS server (wrk), gRPC and Flask/gunicorn against no agent, the no-op floor and OTel;
+//! - `bench [--quick] [--profile]`  the agent's cost: nginx (wrk, ab, hey, h2load), a Go HTTPS server (wrk), gRPC (Python, and grpc-go over TLS) and Flask/gunicorn against no agent, the no-op floor and OTel;
 //!   scaling; CPU per request by part; `--profile`: a perf flame graph of the agent under load (alone: only that)
+//! - `image`              release build, then the container image (deploy/Containerfile) with podman or docker: localhost/periscope:dev
 //! - `go-offsets [--check]`  regenerate the agent's Go struct offsets table from
 //!   every Go toolchain's DWARF; `--check`: fail if the checked-in table differs
 
@@ -20,7 +21,7 @@ use anyhow::{Result, bail};
 use setup::Setup;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <setup [--test-deps] | build [--release] | run [-- ARGS] | test [--release] | bench [--quick] [--profile] | go-offsets [--check]>";
+const USAGE: &str = "usage: cargo xtask <setup [--test-deps] | build [--release] | run [-- ARGS] | test [--release] | bench [--quick] [--profile] | go-offsets [--check] | image>";
 
 fn main() -> ExitCode {
     // Everything below (bpf-linker, nested cargo, aya-build) needs ~/.cargo/bin on PATH.
@@ -73,6 +74,12 @@ fn real_main() -> Result<ExitCode> {
                 given.contains(&"--profile"),
             ))?;
         }
+        "image" => {
+            flags(&rest, &[])?;
+            Setup { test_deps: false }.run()?;
+            build(true)?;
+            image()?;
+        }
         "go-offsets" => {
             let check = flags(&rest, &["--check"])?.contains(&"--check");
             go_offsets::run(check)?;
@@ -84,6 +91,26 @@ fn real_main() -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `cargo xtask image`: the agent's container image, built offline from the
+/// release build (`deploy/Containerfile`: scratch, the agent and glibc) with
+/// podman or docker, tagged `localhost/periscope:dev` and `:VERSION`.
+fn image() -> Result<()> {
+    use periscope_tests::container::{AGENT_IMAGE, Engine, build_agent_image};
+    let engine = Engine::find()?;
+    let bin = periscope_tests::target_dir().join("release").join("periscope");
+    let version = cmd::output_of(bin.to_str().unwrap_or_default(), ["--version"])
+        .and_then(|v| v.split_whitespace().nth(1).map(str::to_string))
+        .unwrap_or_else(|| "unknown".into());
+    let versioned = format!("localhost/periscope:{version}");
+    let id = build_agent_image(engine, &bin, &[AGENT_IMAGE, &versioned])?;
+    eprintln!(
+        "xtask image: built {AGENT_IMAGE} and {versioned} ({}) with {}",
+        &id[..id.len().min(12)],
+        engine.program()
+    );
+    Ok(())
 }
 
 /// Accept only the given flags.

@@ -1,7 +1,7 @@
 //! What the bench needs on the machine (packages, Rotel, the Python venv,
 //! tracefs, the agent binary) and the files its servers run from.
 
-use super::parse::noop_flag_accepted;
+use super::parse::{grpcgo_reply_code, noop_flag_accepted};
 use super::sys::show;
 use crate::setup::{BENCH_APT, BENCH_PIP, BENCH_VENV_PACKAGE};
 use anyhow::{Context, Result, bail};
@@ -311,6 +311,148 @@ pub fn build_go_https(out_dir: &Path) -> Result<(PathBuf, String)> {
     Ok((binary, shown))
 }
 
+/// The Go release the grpc-go server is built with: Debian's golang-go
+/// (`periscope_tests::go::GO_TOOLCHAINS`), the toolchain Debian's grpc-go
+/// 1.33 sources are packaged for.
+pub const GRPCGO_GO_VERSION: &str = "go1.19";
+/// Its `go`.
+pub const GRPCGO_GO_BIN: &str = "/usr/lib/go-1.19/bin/go";
+
+/// What building the grpc-go server needs: Debian's Go 1.19 and the sources
+/// of grpc-go and of the protobuf runtimes it imports, under
+/// `/usr/share/gocode` (without the protobuf-1-5 package the server builds
+/// but panics). (a directory the package installs, the package.)
+pub const GRPCGO_APT: &[(&str, &str)] = &[
+    (GRPCGO_GO_BIN, "golang-go"),
+    (
+        "/usr/share/gocode/src/google.golang.org/grpc",
+        "golang-google-grpc-dev",
+    ),
+    (
+        "/usr/share/gocode/src/google.golang.org/protobuf",
+        "golang-google-protobuf-dev",
+    ),
+    (
+        "/usr/share/gocode/src/github.com/golang/protobuf",
+        "golang-github-golang-protobuf-1-5-dev",
+    ),
+];
+
+/// Go 1.19 and Debian's grpc-go sources, installed with apt when missing
+/// (as the bench installs what else it runs). Returns the toolchain.
+pub fn ensure_grpcgo_deps() -> Result<periscope_tests::go::InstalledGo> {
+    let missing = || -> Vec<&'static str> {
+        GRPCGO_APT
+            .iter()
+            .filter(|(path, _)| !Path::new(path).exists())
+            .map(|(_, pkg)| *pkg)
+            .collect()
+    };
+    let absent = missing();
+    if !absent.is_empty() {
+        eprintln!("bench: installing {}", absent.join(" "));
+        run_cmd(
+            Command::new("apt-get")
+                .arg("update")
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        run_cmd(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&absent)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        let still = missing();
+        if !still.is_empty() {
+            bail!(
+                "installed {} but {} still missing",
+                absent.join(" "),
+                still.join(" ")
+            );
+        }
+    }
+    periscope_tests::go::toolchain(GRPCGO_GO_VERSION)
+        .context("the gRPC unary, Go workload builds its server with Debian's Go 1.19")
+}
+
+/// The grpc-go server's source: the end-to-end tests' program (a
+/// hand-written ServiceDesc, a bytes codec, TLS).
+pub fn grpcgo_source() -> PathBuf {
+    periscope_tests::workspace_root().join("tests/go/grpcgo/main.go")
+}
+
+/// `go build` of `source` into `binary` with `go`, as the end-to-end tests
+/// build it (`periscope_tests::go::go_command`: GOPATH mode, Debian's Go
+/// sources on the GOPATH, nothing downloaded, the tests' build cache under
+/// the target dir) but stripped (`-s -w`), like the Go HTTPS server.
+pub fn grpcgo_build_command(
+    go: &periscope_tests::go::InstalledGo,
+    source: &Path,
+    binary: &Path,
+) -> Command {
+    let mut cmd = periscope_tests::go::go_command(go);
+    cmd.arg("build")
+        .arg("-ldflags=-s -w")
+        .arg("-o")
+        .arg(binary)
+        .arg(source);
+    cmd
+}
+
+/// Build the grpc-go server into `out_dir/grpcgo` with `go` (see
+/// `grpcgo_build_command`). Returns the binary and the build command.
+pub fn build_grpcgo(
+    go: &periscope_tests::go::InstalledGo,
+    out_dir: &Path,
+) -> Result<(PathBuf, String)> {
+    let source = grpcgo_source();
+    if !source.is_file() {
+        bail!(
+            "{} is missing: the grpc-go server's source",
+            source.display()
+        );
+    }
+    let binary = out_dir.join("grpcgo");
+    let mut cmd = grpcgo_build_command(go, &source, &binary);
+    let shown = show_with_env(&cmd);
+    eprintln!("bench: building the grpc-go server");
+    run_cmd(&mut cmd).context("building the grpc-go server (tests/go/grpcgo)")?;
+    Ok((binary, shown))
+}
+
+/// The method h2load calls on the grpc-go server (the `:path`).
+pub const GRPCGO_METHOD: &str = "demo.Greeter/SayHello";
+/// What h2load sends it: a length-prefixed gRPC message (flag 0, 4-byte
+/// big-endian length) of 15 bytes; the bytes codec takes them as the name
+/// (a name starting with "missing" would get NOT_FOUND).
+pub const GRPCGO_MESSAGE: &[u8] = b"\x00\x00\x00\x00\x0fperiscope bench";
+/// The name `grpcgo call` checks the server with: the message's bytes.
+pub const GRPCGO_NAME: &str = "periscope bench";
+/// The server answers "hello NAME": the length-prefixed response's bytes.
+pub const GRPCGO_RESPONSE_LEN: u64 = (GRPCGO_MESSAGE.len() + "hello ".len()) as u64;
+
+/// `dir/grpcgo-request.bin`.
+pub fn write_grpcgo_request(dir: &Path) -> Result<PathBuf> {
+    let request = dir.join("grpcgo-request.bin");
+    std::fs::write(&request, GRPCGO_MESSAGE)?;
+    Ok(request)
+}
+
+/// One unary call with the program's own grpc-go client (`grpcgo call PORT
+/// NAME`, over TLS): it must print `reply NAME OK`. Returns the command.
+pub fn check_grpcgo_call(binary: &Path, port: u16) -> Result<String> {
+    let mut cmd = Command::new(binary);
+    cmd.arg("call").arg(port.to_string()).arg(GRPCGO_NAME);
+    let shown = show(&cmd);
+    let out = periscope_tests::proc::run_capture("grpcgo-call", &mut cmd, Duration::from_secs(30))?
+        .ok()?;
+    match grpcgo_reply_code(&out.stdout, GRPCGO_NAME) {
+        Some("OK") => Ok(shown),
+        Some(code) => bail!("`{shown}` got {code}, not OK"),
+        None => bail!("`{shown}` printed no reply line:\n{}", out.stdout),
+    }
+}
+
 /// A self-signed certificate for the HTTPS server: (cert, key).
 pub fn make_test_cert(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
@@ -593,6 +735,14 @@ pub fn machine_facts() -> Machine {
         ("python", SYSTEM_PYTHON, &["--version"][..], 1),
         // "go version go1.27.3 linux/amd64"
         ("go", GO_BIN, &["version"][..], 2),
+        // The grpc-go server's: Debian's Go and grpc-go sources.
+        ("go (grpc-go server)", GRPCGO_GO_BIN, &["version"][..], 2),
+        (
+            "grpc-go",
+            "dpkg-query",
+            &["-W", "-f", "${Version}", "golang-google-grpc-dev"][..],
+            0,
+        ),
     ] {
         if let Some(v) =
             out(prog, args).and_then(|l| l.split_whitespace().nth(word).map(str::to_string))
@@ -711,6 +861,68 @@ mod tests {
             )
         );
         assert!(go_https_source().is_file());
+    }
+
+    /// The grpc-go workload: a length-prefixed message that is not a
+    /// "missing..." name, the answer's length, and the build: Debian's Go
+    /// 1.19 as the tests know it, GOPATH mode with Debian's sources,
+    /// stripped.
+    #[test]
+    fn grpcgo_files_and_build() {
+        assert_eq!(GRPCGO_MESSAGE[0], 0);
+        let len = u32::from_be_bytes(GRPCGO_MESSAGE[1..5].try_into().unwrap()) as usize;
+        assert_eq!(len, GRPCGO_MESSAGE.len() - 5);
+        assert_eq!(&GRPCGO_MESSAGE[5..], GRPCGO_NAME.as_bytes());
+        assert!(!GRPCGO_NAME.starts_with("missing"));
+        // "hello periscope bench" behind its 5-byte prefix.
+        assert_eq!(GRPCGO_RESPONSE_LEN, 26);
+        let dir = periscope_tests::proc::TempDir::new("bench-grpcgo-files").unwrap();
+        let request = write_grpcgo_request(dir.path()).unwrap();
+        assert_eq!(std::fs::read(request).unwrap(), GRPCGO_MESSAGE);
+
+        let debian = periscope_tests::go::GO_TOOLCHAINS
+            .iter()
+            .find(|t| t.version == GRPCGO_GO_VERSION)
+            .expect("go1.19 in GO_TOOLCHAINS");
+        assert_eq!(debian.go, GRPCGO_GO_BIN);
+        assert!(
+            GRPCGO_APT
+                .iter()
+                .any(|(p, pkg)| *p == GRPCGO_GO_BIN && *pkg == "golang-go")
+        );
+        for pkg in [
+            "golang-google-grpc-dev",
+            "golang-google-protobuf-dev",
+            "golang-github-golang-protobuf-1-5-dev",
+        ] {
+            assert!(periscope_tests::go::GO_APT_PACKAGES.contains(&pkg), "{pkg}");
+            assert!(GRPCGO_APT.iter().any(|(_, p)| *p == pkg), "{pkg}");
+        }
+
+        let go = periscope_tests::go::InstalledGo {
+            go: PathBuf::from(GRPCGO_GO_BIN),
+            version: "go1.19.8".into(),
+        };
+        let cmd = grpcgo_build_command(&go, &grpcgo_source(), Path::new("/r/grpcgo"));
+        let shown = show_with_env(&cmd);
+        let work = periscope_tests::go::go_work_dir();
+        assert_eq!(
+            shown,
+            format!(
+                "CGO_ENABLED=0 GO111MODULE=off GOCACHE={cache} GOPATH={gopath}:/usr/share/gocode GOPROXY=off \
+                 GOTOOLCHAIN=local {GRPCGO_GO_BIN} build '-ldflags=-s -w' -o /r/grpcgo {}",
+                grpcgo_source().display(),
+                cache = work.join("cache/go1.19.8").display(),
+                gopath = work.join("gopath").display(),
+            )
+        );
+        // GOROOT and GOFLAGS are removed from the environment, not set.
+        assert!(cmd.get_envs().any(|(k, v)| k == "GOFLAGS" && v.is_none()));
+        assert!(grpcgo_source().is_file());
+        assert_eq!(
+            std::fs::read_to_string(grpcgo_source()).unwrap(),
+            periscope_tests::go::GRPCGO_GO
+        );
     }
 
     #[test]

@@ -392,6 +392,19 @@ pub fn grpc_responses_without_message(load: &LoadResult, message_len: u64) -> Op
     Some(load.requests.saturating_sub(with_message))
 }
 
+/// The status code `grpcgo call PORT NAME` printed for `name` (its line
+/// `reply NAME CODE`: `OK`, `NotFound`, `Unavailable`, ...).
+pub fn grpcgo_reply_code<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| {
+        let code = l
+            .trim_end()
+            .strip_prefix("reply ")?
+            .strip_prefix(name)?
+            .strip_prefix(' ')?;
+        (!code.is_empty() && !code.contains(' ')).then_some(code)
+    })
+}
+
 /// The agent's last words: `... stopped: 1 events, 2 spans built, 3 exported, 4 dropped, 5 events lost in kernel`.
 pub fn parse_stop_line(line: &str) -> Option<StopLine> {
     let (_, rest) = line.split_once("stopped:")?;
@@ -737,6 +750,42 @@ mod tests {
         // Responses but no request log is an error; so is no report.
         assert!(parse_h2load(local_fixture!("h2load-h2c.txt"), "").is_err());
         assert!(parse_h2load("starting benchmark...\n", "").is_err());
+    }
+
+    /// Real output captured from h2load (nghttp2 1.52.0) against the
+    /// grpc-go 1.33 server (`tests/go/grpcgo`, go1.19) over TLS 1.3.
+    #[test]
+    fn h2load_grpcgo_outputs() {
+        // Unary calls, "hello periscope bench" back: 26 bytes of DATA each.
+        let text = local_fixture!("h2load-grpcgo.txt");
+        let r = parse_h2load(text, local_fixture!("h2load-grpcgo-requests.tsv")).unwrap();
+        assert_eq!(
+            (r.requests, r.rps, r.errors, r.non_2xx, r.body_bytes),
+            (207_688, 69_229.33, 0, 0, Some(5_399_888))
+        );
+        assert_eq!((r.p50_us, r.p99_us), (Some(577.0), Some(4793.0)));
+        assert_eq!(h2load_protocol(text), Some("h2"));
+        assert_eq!(grpc_responses_without_message(&r, 26), Some(0));
+        // A name starting with "missing": NOT_FOUND, a 200 with the status
+        // in the trailers and no message.
+        let text = local_fixture!("h2load-grpcgo-notfound.txt");
+        let r = parse_h2load(text, "1796426119077428\t200\t4765\n").unwrap();
+        assert_eq!((r.requests, r.non_2xx, r.body_bytes), (20, 0, Some(0)));
+        assert_eq!(grpc_responses_without_message(&r, 26), Some(20));
+    }
+
+    #[test]
+    fn grpcgo_reply() {
+        let out = "reply periscope bench OK\nreply missing-x NotFound\n";
+        assert_eq!(grpcgo_reply_code(out, "periscope bench"), Some("OK"));
+        assert_eq!(grpcgo_reply_code(out, "missing-x"), Some("NotFound"));
+        assert_eq!(grpcgo_reply_code(out, "periscope"), None);
+        assert_eq!(
+            grpcgo_reply_code("reply x Unavailable\r\n", "x"),
+            Some("Unavailable")
+        );
+        assert_eq!(grpcgo_reply_code("reply x \n", "x"), None);
+        assert_eq!(grpcgo_reply_code("", "x"), None);
     }
 
     #[test]

@@ -46,6 +46,10 @@ pub const H2_PAIRS: [(WorkloadKind, WorkloadKind); 2] = [
 /// (Go's crypto/tls server, nginx's OpenSSL one): the same keep-alive load
 /// (wrk over TLS 1.3), the agent's CPU per request side by side.
 pub const GO_PAIR: (WorkloadKind, WorkloadKind) = (WorkloadKind::GoHttps, WorkloadKind::Https);
+/// (the grpc-go server, nginx's HTTP/2 over TLS): the same load generator
+/// (h2load over TLS 1.3, h2 by ALPN, traced the same way), the agent's CPU
+/// per request side by side.
+pub const GRPC_GO_PAIR: (WorkloadKind, WorkloadKind) = (WorkloadKind::GrpcGo, WorkloadKind::H2Tls);
 /// A rate counts as reached when hey achieved this fraction of it.
 const RATE_REACHED: f64 = 0.9;
 
@@ -818,9 +822,13 @@ impl Report {
              a connection after its default 1000 requests, which the HTTP/1.1 listeners keep); gRPC: h2load sending unary \
              calls (`content-type: application/grpc`, `te: trailers`, one length-prefixed 17-byte message; {} connections \
              x {} calls in flight) over h2c to a server on Debian's python3-grpcio (generic handler echoing the message, \
-             {} worker threads, up for the whole bench); a call that brings no message back counts as failed. p50/p99 of \
-             h2load come from its per-request log. {} CPU(s), nothing pinned: the servers, the load generators, the agent \
-             and Rotel share them. Kernel {}, load average at start {}.\n\n",
+             {} worker threads, up for the whole bench); gRPC, Go: the same calls (one length-prefixed {}-byte message, \
+             answered with `hello` and the message) over TLS 1.3 (h2 by ALPN) to the end-to-end tests' grpc-go server \
+             (`tests/go/grpcgo`: Debian's grpc-go 1.33 sources, a hand-written service and a bytes codec, built stripped \
+             with Debian's go1.19 in GOPATH mode, same certificate, up for the whole bench, checked first with one call from \
+             its own grpc-go client); a call that brings no message back (a gRPC error: a 200 with the status in the \
+             trailers) counts as failed. p50/p99 of h2load come from its per-request log. {} CPU(s), nothing pinned: the \
+             servers, the load generators, the agent and Rotel share them. Kernel {}, load average at start {}.\n\n",
             super::GUNICORN_WORKERS,
             super::H2_CONNECTIONS,
             super::H2_STREAMS,
@@ -828,6 +836,7 @@ impl Report {
             super::GRPC_CONNECTIONS,
             super::GRPC_STREAMS,
             super::env::GRPC_SERVER_THREADS,
+            super::env::GRPCGO_MESSAGE.len() - 5,
             self.machine.nproc,
             self.machine.kernel,
             self.machine.loadavg
@@ -881,6 +890,7 @@ impl Report {
             WorkloadKind::H2c,
             WorkloadKind::H2Tls,
             WorkloadKind::Grpc,
+            WorkloadKind::GrpcGo,
         ];
         if !rows.iter().any(|w| {
             !matches!(w, WorkloadKind::Http | WorkloadKind::Https)
@@ -948,16 +958,21 @@ impl Report {
             })
             .collect();
         let (go, nginx) = GO_PAIR;
+        let (grpc_go, h2_tls) = GRPC_GO_PAIR;
         m.push_str(&format!(
             "\nPeriscope and floor: req/s (% of none). Agent CPU per request, HTTP/2 over HTTP/1.1: {}; Go's crypto/tls \
-             server over nginx's OpenSSL one (the same wrk load over TLS 1.3), {} / {}: {}. Agent CPU µs / req is all the \
-             agent's threads (event loop + export + other); kernel programs run in the traced processes, on top. Spans per \
-             request should be {} (the server's and the load generator's); fewer means requests it did not see as \
-             requests.\n\n",
+             server over nginx's OpenSSL one (the same wrk load over TLS 1.3), {} / {}: {}; the grpc-go server (grpc-go \
+             and crypto/tls uprobes) over nginx's HTTP/2 one (the same h2load over TLS 1.3), {} / {}: {}. Agent CPU µs / \
+             req is all the agent's threads (event loop + export + other); kernel programs run in the traced processes, on \
+             top. Spans per request should be {} (the server's and the load generator's); fewer means requests it did not \
+             see as requests.\n\n",
             pairs.join(", "),
             go.short(),
             nginx.short(),
             fmt_x(self.agent_cpu_ratio(go, nginx)),
+            grpc_go.short(),
+            h2_tls.short(),
+            fmt_x(self.agent_cpu_ratio(grpc_go, h2_tls)),
             WorkloadKind::H2c.spans_per_request(),
         ));
         m
@@ -1022,7 +1037,7 @@ impl Report {
             "\nrequests = responses the load generator received. Spans exported per request: Periscope's include its \
              phase spans (see Span accounting below); OTel's are those Rotel received (one per request, gunicorn's server \
              span). CPU ms / 1k req = server (nginx workers; gunicorn master and workers, the OTel SDK's export thread \
-             included; the Go server) + load generator + agent, user + system time; the kernel programs' own cost is \
+             included; the Go servers) + load generator + agent, user + system time; the kernel programs' own cost is \
              charged to the traced processes. Agent CPU counts from `periscope ready` + 1 s to when its CPU use settled \
              after the load.\n\n",
         );
@@ -1118,7 +1133,7 @@ impl Report {
         m.push_str(
             "\nKernel programs: the BPF programs' own run time (`run_time_ns` and `run_cnt` of the agent's program fds in \
              /proc/PID/fdinfo, counted while `kernel.bpf_stats_enabled` is 1, which the bench sets for its duration and \
-             restores after). The kernel charges it to the traced processes (nginx, the Go server, wrk, ab, gunicorn: \
+             restores after). The kernel charges it to the traced processes (nginx, the Go servers, wrk, ab, h2load, gunicorn: \
              their CPU above), not to the agent, so it is not part of agent total. For uprobes it counts the BPF program only, not the \
              trap into the kernel and back (nor the uretprobe trampoline), which the traced process pays on top: see the \
              TLS call cost. Counting adds two clock reads to every program run, in every configuration with programs. \
@@ -1743,11 +1758,12 @@ impl Report {
                 .collect::<serde_json::Map<_, _>>()
                 .into(),
         );
-        let (go, nginx) = GO_PAIR;
-        summary.insert(
-            format!("{}_over_{}_agent_cpu_per_request", go.key(), nginx.key()),
-            json!(self.agent_cpu_ratio(go, nginx)),
-        );
+        for (a, b) in [GO_PAIR, GRPC_GO_PAIR] {
+            summary.insert(
+                format!("{}_over_{}_agent_cpu_per_request", a.key(), b.key()),
+                json!(self.agent_cpu_ratio(a, b)),
+            );
+        }
         let p = self.overhead(WorkloadKind::Python, Config::Periscope);
         let o = self.overhead(WorkloadKind::Python, Config::Otel);
         summary.insert(
@@ -2254,6 +2270,64 @@ pub mod tests {
     }
 
     #[test]
+    fn grpc_go_next_to_h2_tls() {
+        let mut r = full_report();
+        // The grpc-go server at 2x nginx's HTTP/2-over-TLS agent CPU per request.
+        for s in r.samples.iter_mut() {
+            if (s.workload, s.config) == (WorkloadKind::GrpcGo, Config::Periscope) {
+                s.agent.as_mut().unwrap().cpu_ms = 200.0;
+            }
+        }
+        let md = r.summary();
+        let table = md
+            .find("## HTTP/2, gRPC and Go HTTPS next to HTTP/1.1")
+            .expect("the HTTP/2, gRPC and Go table");
+        let python = md
+            .find("| gRPC unary | 10000 | 9700 (97.0%) |")
+            .expect("Python gRPC row");
+        let go = md
+            .find("| gRPC unary, Go | 10000 | 9700 (97.0%) | 9900 (99.0%) | 98.0% | +10 us / +4 us | 2.06 | 0.62 | 0.31 | 0.50 | 2.000 | 2.000 | 0 |")
+            .unwrap_or_else(|| panic!("grpc-go row in\n{md}"));
+        assert!(table < python && python < go, "{md}");
+        assert!(md.contains("gRPC unary, Go / HTTP/2 TLS: 2.00x"), "{md}");
+        let j = r.json();
+        let x = j["summary"]["grpc_go_unary_over_h2_tls_keepalive_agent_cpu_per_request"]
+            .as_f64()
+            .unwrap();
+        assert!((x - 2.0).abs() < 1e-9, "{x}");
+        for c in ["none", "periscope", "floor"] {
+            let k = format!("grpc_go_unary_{c}");
+            assert!(
+                j["summary"][&k]["median_requests_per_sec"].is_number(),
+                "{k}"
+            );
+        }
+        let p = &j["summary"]["grpc_go_unary_periscope"];
+        assert_eq!(p["throughput_ratio"], json!(0.97));
+        assert_eq!(p["cpu_us_per_request"]["kernel_programs"], json!(0.5));
+        assert!(j["summary"]["grpc_go_unary_periscope_over_floor"].is_object());
+        assert!(j["summary"]["grpc_go_unary_tls_off"].is_null());
+        // Every table lists it, with its full label where workloads have theirs.
+        let full = r.markdown();
+        assert!(full.contains(
+            "| gRPC unary, grpc-go 1.33 over TLS (h2, stripped go1.19; h2load, 4 conns x 10 streams) | Periscope |"
+        ));
+        assert!(full.contains("| gRPC unary, Go | Periscope | 0.50 | 4.0 |"));
+        assert!(full.contains(
+            "gRPC unary, Go: Periscope's added latency per request (p50) <= 2x the floor's"
+        ));
+        // Only the grpc-go workload besides nginx's HTTP/1.1 ones: the table still shows.
+        r.samples.retain(|s| {
+            matches!(
+                s.workload,
+                WorkloadKind::Http | WorkloadKind::Https | WorkloadKind::GrpcGo
+            )
+        });
+        assert!(r.summary().contains("| gRPC unary, Go | 10000 |"));
+        assert!(!r.summary().contains("| gRPC unary | 10000 |"));
+    }
+
+    #[test]
     fn targets_missed_and_unknown() {
         let mut r = full_report();
         r.scaling = vec![
@@ -2308,6 +2382,9 @@ pub mod tests {
             "## HTTP/2, gRPC and Go HTTPS next to HTTP/1.1 (keep-alive, medians over rounds)",
             "| HTTP keep-alive | 10000 | 9700 (97.0%) | 9900 (99.0%) | 98.0% | +10 us / +4 us | 1.03 | 0.62 | 0.31 | 0.50 | 2.000 | 2.000 | 0 |",
             "| gRPC unary | 10000 | 9700 (97.0%) | 9900 (99.0%) | 98.0% | +10 us / +4 us | 1.03 | 0.62 | 0.31 | 0.50 | 2.000 | 2.000 | 0 |",
+            "| gRPC unary, Go | 10000 | 9700 (97.0%) | 9900 (99.0%) | 98.0% | +10 us / +4 us | 1.03 | 0.62 | 0.31 | 0.50 | 2.000 | 2.000 | 0 |",
+            "over nginx's HTTP/2 one (the same h2load over TLS 1.3), gRPC unary, Go / HTTP/2 TLS: 1.00x.",
+            "over TLS 1.3 (h2 by ALPN) to the end-to-end tests' grpc-go server",
             "HTTP/2 h2c / HTTP keep-alive: 1.00x, HTTP/2 TLS / HTTPS keep-alive: 1.00x; Go's crypto/tls",
             "| Go HTTPS keep-alive | 10000 | 9700 (97.0%) | 9900 (99.0%) | 98.0% | +10 us / +4 us | 1.03 | 0.62 | 0.31 | 0.50 | 2.000 | 2.000 | 0 |",
             "| HTTP/2 h2c | Periscope | 0.50 | 4.0 | 0.62 | 0.31 | 0.10 | 1.03 | 0.00 | tls-discovery |",
