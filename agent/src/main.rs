@@ -157,6 +157,11 @@ fn run(args: RunArgs) -> Result<()> {
     runtime.block_on(async move {
         let stats = Arc::new(Stats::default());
         let probe_settings = ProbeSettings { payload_cap, ring_buffer_bytes: ring_buffer_mib << 20, do_nothing: args.noop_probes };
+        if let Some(effective) = probes::capabilities::effective() {
+            for (name, what) in probes::capabilities::missing(effective) {
+                warn!("running without {name} (needed for {what}): what needs it will say so");
+            }
+        }
         let (mut probes, ring) = Probes::load(&probe_settings)?;
         let (ctl_tx, ctl_rx) = tokio::sync::mpsc::channel(16);
         let control_server = control::server::serve(socket.clone(), ctl_tx.clone())?;

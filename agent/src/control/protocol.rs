@@ -493,6 +493,10 @@ pub struct FeatureStatus {
     pub programs: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Why the feature (or part of it) cannot work here, e.g. a missing
+    /// capability.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -670,6 +674,7 @@ mod tests {
                 available: true,
                 programs: vec!["uprobe:SSL_write".into()],
                 note: None,
+                unavailable: None,
             },
         );
         r.tls_libraries.push(TlsLibraryStatus {

@@ -115,7 +115,8 @@ pub fn spawn(
         log::info!("OTLP metrics are sent over gRPC only; with {} only traces are exported", cfg.protocol.as_str());
         return Ok(None);
     }
-    let channel = Endpoint::from_shared(cfg.url.clone())?.timeout(cfg.timeout).connect_lazy();
+    let endpoint = Endpoint::from_shared(cfg.url.clone())?.timeout(cfg.timeout);
+    let channel = super::tls::grpc_endpoint(endpoint, cfg)?.connect_lazy();
     let mut client = MetricsServiceClient::new(channel);
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default();
     Ok(Some(tokio::spawn(async move {

@@ -104,18 +104,12 @@ pub(crate) struct GrpcExporter {
 impl GrpcExporter {
     /// Needs a tokio runtime (the channel spawns a task).
     pub fn new(cfg: &OtlpConfig) -> anyhow::Result<Self> {
-        let mut endpoint = Endpoint::from_shared(cfg.url.clone())
+        let endpoint = Endpoint::from_shared(cfg.url.clone())
             .with_context(|| format!("invalid OTLP endpoint {:?}", cfg.url))?
             .user_agent(USER_AGENT)?
             .connect_timeout(cfg.timeout)
             .timeout(cfg.timeout);
-        if cfg.url.starts_with("https://") {
-            let pem = super::tls::read_pem_files(&cfg.tls)?;
-            endpoint = endpoint
-                .tls_config(super::tls::grpc_tls_config(&pem)?)
-                .context("OTLP/gRPC TLS settings")?;
-        }
-        let channel = endpoint.connect_lazy();
+        let channel = super::tls::grpc_endpoint(endpoint, cfg)?.connect_lazy();
         let mut metadata = MetadataMap::new();
         for (k, v) in &cfg.headers {
             let key = AsciiMetadataKey::from_bytes(k.as_bytes())

@@ -81,6 +81,19 @@ pub fn http_client_config(pem: &TlsPem) -> anyhow::Result<rustls::ClientConfig> 
     Ok(config)
 }
 
+/// `endpoint` with TLS when `cfg` names an `https://` URL (traces and the
+/// daemon's own metrics go the same way).
+pub fn grpc_endpoint(
+    endpoint: tonic::transport::Endpoint,
+    cfg: &super::config::OtlpConfig,
+) -> anyhow::Result<tonic::transport::Endpoint> {
+    if !cfg.url.starts_with("https://") {
+        return Ok(endpoint);
+    }
+    let pem = read_pem_files(&cfg.tls)?;
+    endpoint.tls_config(grpc_tls_config(&pem)?).context("OTLP/gRPC TLS settings")
+}
+
 /// tonic's TLS settings for OTLP/gRPC (ALPN `h2`, set by tonic).
 pub fn grpc_tls_config(pem: &TlsPem) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
     let mut config = tonic::transport::ClientTlsConfig::new().with_enabled_roots();

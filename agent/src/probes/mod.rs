@@ -1,6 +1,7 @@
 //! Loading the kernel programs, handing them the running kernel's offsets,
 //! attaching them, and reading their loss counters.
 
+pub mod capabilities;
 pub mod kernel_offsets;
 pub mod tracepoint_format;
 
@@ -198,6 +199,9 @@ pub struct Probes {
     resolvers: Vec<String>,
     pub tls: Vec<TlsAttachment>,
     tls_enabled: bool,
+    /// Set when the kernel refused a uprobe for lack of permission: why
+    /// uprobe features are unavailable (further attaches are not tried).
+    uprobes_refused: Option<String>,
     kernel_filter: KernelFilter,
 }
 
@@ -281,6 +285,7 @@ impl Probes {
             resolvers: Vec::new(),
             tls: Vec::new(),
             tls_enabled: true,
+            uprobes_refused: None,
             kernel_filter: KernelFilter::default(),
         };
         Ok((probes, ring))
@@ -321,15 +326,38 @@ impl Probes {
     /// Hooks `getaddrinfo` (at file offset `offset`) in the C library at
     /// `path`, for every process that maps it.
     pub fn attach_resolver(&mut self, path: &std::path::Path, offset: u64) -> Result<()> {
+        if let Some(reason) = &self.uprobes_refused {
+            anyhow::bail!("{}: uprobes unavailable: {reason}", path.display());
+        }
         let (_, entry, ret) = RESOLVER_UPROBE;
         for prog in [ret, entry] {
             let p: &mut UProbe =
                 self.ebpf.program_mut(prog).with_context(|| format!("program {prog} missing"))?.try_into()?;
-            p.attach(UProbeAttachLocation::AbsoluteOffset(offset), path, UProbeScope::AllProcesses)
-                .with_context(|| format!("attaching {prog} to {}", path.display()))?;
+            let attached = p
+                .attach(UProbeAttachLocation::AbsoluteOffset(offset), path, UProbeScope::AllProcesses)
+                .with_context(|| format!("attaching {prog} to {}", path.display()));
+            if let Err(e) = attached {
+                self.note_attach_error(&e);
+                return Err(e);
+            }
         }
         self.resolvers.push(path.display().to_string());
         Ok(())
+    }
+
+    /// A uprobe failed to attach: if the kernel refused permission, uprobes
+    /// are unavailable from now on (said once, and in `status`).
+    fn note_attach_error(&mut self, e: &anyhow::Error) {
+        if self.uprobes_refused.is_none() && capabilities::is_permission_error(e) {
+            let reason = capabilities::uprobes_refused_reason();
+            log::warn!("uprobes unavailable: {reason}");
+            self.uprobes_refused = Some(reason);
+        }
+    }
+
+    /// Why uprobes are unavailable, once the kernel refused one.
+    pub fn uprobes_refused(&self) -> Option<&str> {
+        self.uprobes_refused.as_deref()
     }
 
     /// C libraries whose getaddrinfo is hooked.
@@ -459,6 +487,10 @@ impl Probes {
         let mut links = Vec::new();
         let mut attached_symbols = Vec::new();
         let mut errors = Vec::new();
+        if let Some(reason) = &self.uprobes_refused {
+            errors.push(format!("uprobes unavailable: {reason}"));
+            return UprobeLinks { links, symbols: attached_symbols, errors };
+        }
         for &(symbol, offset) in symbols {
             let Some(&(_, entry, ret)) = TLS_UPROBES.iter().find(|(s, _, _)| *s == symbol) else { continue };
             // Return probe first: an entry without its return would leave
@@ -476,6 +508,7 @@ impl Probes {
                     Ok(link) => links.push((prog, link)),
                     Err(e) => {
                         errors.push(format!("{symbol} ({prog}): {e:#}"));
+                        self.note_attach_error(&e);
                         break;
                     }
                 }
@@ -509,6 +542,10 @@ impl Probes {
         let mut links = Vec::new();
         let mut functions = Vec::new();
         let mut errors = Vec::new();
+        if let Some(reason) = &self.uprobes_refused {
+            errors.push(format!("uprobes unavailable: {reason}"));
+            return (links, functions, errors);
+        }
         for &function in &target.functions {
             let mut hooks: Vec<_> = target.hooks.iter().filter(|h| h.function == function).collect();
             // Return and copy sites before entries: no call is entered whose
@@ -533,6 +570,7 @@ impl Probes {
                     Ok(link) => these.push((hook.program, link)),
                     Err(e) => {
                         failed = Some(format!("{function} at {:#x}: {e:#}", hook.offset));
+                        self.note_attach_error(&e);
                         break;
                     }
                 }
