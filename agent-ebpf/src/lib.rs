@@ -42,6 +42,7 @@ pub mod kind {
     pub const MMAP_EXEC: u8 = 8;
     pub const GETADDRINFO: u8 = 9;
     pub const GRPC_HEADERS: u8 = 10;
+    pub const PROCESS_FORK: u8 = 11;
 }
 
 /// Direction of a data event, seen from the traced process.
@@ -98,7 +99,8 @@ pub mod probe {
     pub const MMAP_EXEC: u32 = 8;
     pub const GETADDRINFO: u32 = 9;
     pub const GRPC_HEADERS: u32 = 10;
-    pub const COUNT: u32 = 11;
+    pub const PROCESS_FORK: u32 = 11;
+    pub const COUNT: u32 = 12;
     pub const NAMES: [&str; COUNT as usize] = [
         "sock_send_length",
         "sock_recv_length",
@@ -111,6 +113,7 @@ pub mod probe {
         "sys_enter_mmap",
         "getaddrinfo",
         "grpc_go_headers",
+        "sched_process_fork",
     ];
 }
 
@@ -225,6 +228,17 @@ pub struct CloseEvent {
 #[derive(Clone, Copy, Debug)]
 pub struct ProcessExitEvent {
     pub header: EventHeader,
+}
+
+/// A process forked a new process (not a thread): until it execs, the child
+/// runs its parent's program (a forking server's per-connection child).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessForkEvent {
+    /// `tgid` is the parent's.
+    pub header: EventHeader,
+    pub child_tgid: u32,
+    pub _pad: u32,
 }
 
 pub const EXEC_FILENAME_MAX: usize = 256;
@@ -435,6 +449,8 @@ pub struct KernelOffsets {
     pub inode_ino: u32,
     pub inode_sb: u32,
     pub sb_dev: u32,
+    /// `task_struct.tgid`
+    pub task_tgid: u32,
     /// Non-zero when `sock_common` starts with daddr, rcv_saddr, hash,
     /// dport, num, family back to back (as on x86_64 since 2.6): the
     /// programs then read all of them with one copy.

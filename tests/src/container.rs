@@ -114,8 +114,15 @@ pub fn build_agent_image(engine: Engine, binary: &Path, tags: &[&str]) -> Result
     let rootfs = dir.join("rootfs");
     let bin_dir = rootfs.join("usr/local/bin");
     std::fs::create_dir_all(&bin_dir)?;
-    std::fs::copy(binary, bin_dir.join("periscope"))
-        .with_context(|| format!("copying {}", binary.display()))?;
+    let agent = bin_dir.join("periscope");
+    std::fs::copy(binary, &agent).with_context(|| format!("copying {}", binary.display()))?;
+    // Debug info is most of a release build's size (the symbols stay, for
+    // backtraces).
+    let mut strip = Command::new("strip");
+    strip.arg("--strip-debug").arg(&agent);
+    run_capture("strip", &mut strip, Duration::from_secs(120))?
+        .ok()
+        .context("strip --strip-debug on the agent (binutils)")?;
     for lib in shared_libraries(binary)? {
         let to = rootfs.join(lib.strip_prefix("/").unwrap_or(&lib));
         std::fs::create_dir_all(to.parent().unwrap_or(&rootfs))?;

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use core::ffi::c_void;
 use periscope_ebpf::{
     AcceptEvent, CloseEvent, ConnectEvent, EXEC_ENV_MAX, EXEC_FILENAME_MAX, EXEC_NAME_MAX, EventHeader,
-    MmapExecEvent, ProcessExitEvent, SockTuple, kind, probe,
+    MmapExecEvent, ProcessExitEvent, ProcessForkEvent, SockTuple, kind, probe,
 };
 
 use super::{
@@ -102,6 +102,34 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
     }
     let ev = ProcessExitEvent { header: header(kind::PROCESS_EXIT, current_tgid(), unsafe { bpf_ktime_get_ns() }) };
     output(&ev, probe::PROCESS_EXIT);
+    0
+}
+
+/// A process forked another (a thread is not a fork): the daemon describes
+/// a child that exits before /proc is read (a forking server's
+/// per-connection process) as its parent, until it execs.
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
+    if super::do_nothing() {
+        return 0;
+    }
+    let child: u64 = ctx.arg(1);
+    let parent_tgid = current_tgid();
+    if parent_tgid == SELF_TGID.load() {
+        return 0;
+    }
+    let off = OFFSETS.load();
+    let Ok(child_tgid) = read_kernel::<i32>(child, off.task_tgid) else { return 0 };
+    let child_tgid = child_tgid as u32;
+    if child_tgid == parent_tgid || child_tgid == 0 {
+        return 0;
+    }
+    let ev = ProcessForkEvent {
+        header: header(kind::PROCESS_FORK, parent_tgid, unsafe { bpf_ktime_get_ns() }),
+        child_tgid,
+        _pad: 0,
+    };
+    output(&ev, probe::PROCESS_FORK);
     0
 }
 

@@ -81,6 +81,7 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     inode_ino: 0,
     inode_sb: 0,
     sb_dev: 0,
+    task_tgid: 0,
     sock_common_packed: 0,
     pt_regs_packed: 0,
 });

@@ -1,6 +1,7 @@
 //! What the daemon knows about traced processes (from /proc), beside the
 //! event flow: the OpenTelemetry resource of each process.
 
+pub mod kubernetes;
 pub mod process;
 pub mod resolver;
 pub mod tls_libraries;

@@ -4,7 +4,7 @@
 
 use periscope_ebpf::{
     AcceptEvent, CloseEvent, ConnectEvent, DataEvent, EventHeader, GRPC_FIELDS, GRPC_NAME_CAP, GRPC_VALUE_CAP,
-    GetaddrinfoEvent, GrpcField, GrpcHeadersEvent, MmapExecEvent, ProcessExecEvent, ProcessExitEvent, TlsHandshakeEvent,
+    GetaddrinfoEvent, GrpcField, GrpcHeadersEvent, MmapExecEvent, ProcessExecEvent, ProcessExitEvent, ProcessForkEvent, TlsHandshakeEvent,
     kind,
 };
 
@@ -21,6 +21,7 @@ pub enum Event<'a> {
     MmapExec(MmapExecEvent),
     Getaddrinfo(Box<GetaddrinfoEvent>),
     GrpcHeaders(GrpcHeaders<'a>),
+    ProcessFork(ProcessForkEvent),
 }
 
 /// A header block grpc-go decoded (see [`GrpcHeadersEvent`]), borrowed
@@ -75,6 +76,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         kind::MMAP_EXEC => read(bytes).map(Event::MmapExec).ok_or_else(short),
         kind::GETADDRINFO => read(bytes).map(|e| Event::Getaddrinfo(Box::new(e))).ok_or_else(short),
         kind::GRPC_HEADERS => grpc_headers(header, bytes).ok_or_else(short),
+        kind::PROCESS_FORK => read(bytes).map(Event::ProcessFork).ok_or_else(short),
         other => Err(DecodeError::UnknownKind(other)),
     }
 }

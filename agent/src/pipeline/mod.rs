@@ -418,6 +418,7 @@ impl Pipeline {
             }
             Event::Getaddrinfo(g) => self.on_getaddrinfo(&g),
             Event::GrpcHeaders(h) => self.on_grpc_headers(&h),
+            Event::ProcessFork(f) => self.processes.on_fork(f.header.tgid, f.child_tgid),
             Event::ProcessExec(e) => {
                 self.processes.on_exec(e.header.tgid, &e);
                 self.tls_scan_requests.push(e.header.tgid);

@@ -63,7 +63,7 @@ mod tests {
 
     #[test]
     fn cap_eff_and_what_is_missing() {
-        let status = "Name:\tperiscope\nCapInh:\t0000000000000000\nCapEff:\t000000c000280004\n";
+        let status = "Name:\tperiscope\nCapInh:\t0000000000000000\nCapEff:\t000000c000080004\n";
         let eff = parse_cap_eff(status).unwrap();
         // BPF, PERFMON, SYS_PTRACE, DAC_READ_SEARCH (and bit 21 clear).
         assert_eq!(missing(eff), vec![("CAP_SYS_ADMIN", NEEDED[2].2)]);

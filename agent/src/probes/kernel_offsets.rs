@@ -49,6 +49,7 @@ pub fn from_btf(btf: &Btf) -> Result<KernelOffsets> {
         inode_ino: field_offset(btf, "inode", "i_ino")?,
         inode_sb: field_offset(btf, "inode", "i_sb")?,
         sb_dev: field_offset(btf, "super_block", "s_dev")?,
+        task_tgid: field_offset(btf, "task_struct", "tgid")?,
         sock_common_packed: 0,
         pt_regs_packed: 0,
     }))

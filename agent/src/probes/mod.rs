@@ -31,6 +31,7 @@ pub const PROGRAMS: &[&str] = &[
     "tcp_destroy_sock",
     "sched_process_exit",
     "sched_process_exec",
+    "sched_process_fork",
     "sock_send_length",
     "sock_recv_length",
 ];
