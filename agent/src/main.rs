@@ -191,6 +191,25 @@ fn run(args: RunArgs) -> Result<()> {
             stats: stats.clone(),
         };
         drop(sink);
+        // What /proc cannot tell about pods (container names, owners, app
+        // labels), from the API server when the agent runs in a pod.
+        let k8s_api_task = match discovery::kubernetes_api::ApiConfig::in_cluster() {
+            None => {
+                info!("Kubernetes API: not used (no KUBERNETES_SERVICE_HOST/PORT); pod metadata from /proc only");
+                None
+            }
+            Some(config) => match config.and_then(discovery::kubernetes_api::ApiClient::new) {
+                Ok(client) => {
+                    let (link, task) = discovery::kubernetes_api::spawn(client, stats.clone());
+                    pipeline.set_kubernetes_api(link);
+                    Some(task)
+                }
+                Err(e) => {
+                    warn!("Kubernetes API: not used ({e:#}); pod metadata from /proc only");
+                    None
+                }
+            },
+        };
         // Settings from the config file, applied like the CLI would.
         for feature in &file.disabled_features {
             let response = control.state.set_feature(*feature, false, &mut probes);
@@ -241,7 +260,7 @@ fn run(args: RunArgs) -> Result<()> {
         }
         let pipeline = pipeline::run(&mut probes, ring, pipeline, tls_watch, control, shutdown_signal()).await?;
         control_server.shutdown().await;
-        for task in metrics_task.into_iter().chain(metrics_export) {
+        for task in metrics_task.into_iter().chain(metrics_export).chain(k8s_api_task) {
             task.abort();
         }
         pipeline.into_sink().shutdown(exporter).await;

@@ -79,6 +79,14 @@ pub struct Stats {
     pub spans_held_expired: AtomicU64,
     /// Pending lookups, resolutions or link entries dropped because a table was full.
     pub correlation_overflow: AtomicU64,
+    /// Pod lookups sent to the Kubernetes API server (first tries and retries).
+    pub k8s_api_lookups: AtomicU64,
+    /// Pod lookups that failed (refused, unreachable, timed out, unexpected
+    /// answer); retried with backoff.
+    pub k8s_api_errors: AtomicU64,
+    /// Pod lookup requests dropped because the lookup queue was full (asked
+    /// again on the next tick).
+    pub k8s_api_dropped: AtomicU64,
 }
 
 impl Stats {

@@ -63,16 +63,23 @@ fn workload(engine: Engine, name: &str) -> anyhow::Result<(Container, u16)> {
     Ok((c, port))
 }
 
+/// The images (from the agent under test), a Rotel, and the agent
+/// container with `caps`, ready.
+fn start_agent(name: &str, caps: &str) -> anyhow::Result<(Engine, Rotel, TempDir, Container)> {
+    let engine = Engine::find()?;
+    build_agent_image(engine, &periscope_tests::agent::binary()?, &[AGENT_TEST_IMAGE])?;
+    build_busybox_image(engine, WORKLOAD_IMAGE)?;
+    let rotel = Rotel::start()?;
+    let socket_dir = TempDir::new("agent-socket")?;
+    let agent = Container::start(engine, name, &refs(&agent_args(caps, socket_dir.path(), &rotel)))?;
+    agent.wait_for_log("periscope ready", Duration::from_secs(60))?;
+    Ok((engine, rotel, socket_dir, agent))
+}
+
 #[test]
 fn agent_image_runs_as_the_daemonset_and_traces_another_container() {
     run_test(LIMIT, || {
-        let engine = Engine::find()?;
-        build_agent_image(engine, &periscope_tests::agent::binary()?, &[AGENT_TEST_IMAGE])?;
-        build_busybox_image(engine, WORKLOAD_IMAGE)?;
-        let rotel = Rotel::start()?;
-        let socket_dir = TempDir::new("agent-socket")?;
-        let agent = Container::start(engine, "periscope-e2e-agent", &refs(&agent_args(CAPS, socket_dir.path(), &rotel)))?;
-        agent.wait_for_log("periscope ready", Duration::from_secs(60))?;
+        let (engine, rotel, socket_dir, agent) = start_agent("periscope-e2e-agent", CAPS)?;
         let (web, port) = workload(engine, "periscope-e2e-web")?;
         // busybox httpd serves each connection in a forked child.
         let served = move |s: &Span| s.kind == SpanKind::Server && s.int_attr("server.port") == Some(i64::from(port));
@@ -116,14 +123,8 @@ fn agent_image_runs_as_the_daemonset_and_traces_another_container() {
 #[test]
 fn without_sys_admin_the_agent_starts_and_says_uprobes_are_unavailable() {
     run_test(LIMIT, || {
-        let engine = Engine::find()?;
-        build_agent_image(engine, &periscope_tests::agent::binary()?, &[AGENT_TEST_IMAGE])?;
-        build_busybox_image(engine, WORKLOAD_IMAGE)?;
-        let rotel = Rotel::start()?;
-        let socket_dir = TempDir::new("agent-socket")?;
-        let caps = CAPS.replace("SYS_ADMIN,", "");
-        let agent = Container::start(engine, "periscope-e2e-agent-noadmin", &refs(&agent_args(&caps, socket_dir.path(), &rotel)))?;
-        agent.wait_for_log("periscope ready", Duration::from_secs(60))?;
+        let (engine, rotel, _socket_dir, agent) =
+            start_agent("periscope-e2e-agent-noadmin", &CAPS.replace("SYS_ADMIN,", ""))?;
         let logs = agent.logs();
         anyhow::ensure!(
             logs.contains("running without CAP_SYS_ADMIN"),

@@ -1024,8 +1024,14 @@ fn rbac_and_service_account_follow_their_switches() -> Result<()> {
         rule("apps", "replicasets") == Some(vec!["get".into()]),
         "{rules:?}"
     );
+    // The Kubernetes API lookup (agent/src/discovery/kubernetes_api.rs)
+    // follows a Job to its CronJob.
     ensure!(
-        rules.len() == 2,
+        rule("batch", "jobs") == Some(vec!["get".into()]),
+        "{rules:?}"
+    );
+    ensure!(
+        rules.len() == 3,
         "more rules than the metadata lookup needs: {rules:?}"
     );
     ensure!(binding["roleRef"]["name"] == role["metadata"]["name"]);

@@ -59,6 +59,9 @@ pub fn counters_from_stats(s: &Stats) -> BTreeMap<String, u64> {
         ("spans_held", &s.spans_held),
         ("spans_held_expired", &s.spans_held_expired),
         ("correlation_overflow", &s.correlation_overflow),
+        ("k8s_api_lookups", &s.k8s_api_lookups),
+        ("k8s_api_errors", &s.k8s_api_errors),
+        ("k8s_api_dropped", &s.k8s_api_dropped),
     ]
     .into_iter()
     .map(|(name, c)| (name.to_string(), Stats::get(c)))
@@ -102,6 +105,9 @@ fn counter_help(name: &str) -> &'static str {
         "spans_held" => "Spans held until their parent's trace was known.",
         "spans_held_expired" => "Spans exported before their parent's trace was known.",
         "correlation_overflow" => "Pending correlation entries dropped because a table was full.",
+        "k8s_api_lookups" => "Pod lookups sent to the Kubernetes API server, retries included.",
+        "k8s_api_errors" => "Pod lookups the Kubernetes API server refused or did not answer usably (retried with backoff).",
+        "k8s_api_dropped" => "Pod lookup requests dropped because the lookup queue was full.",
         _ => "Periscope counter.",
     }
 }

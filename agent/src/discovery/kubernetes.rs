@@ -18,9 +18,11 @@
 //! | `k8s.deployment.name` | inferred from a ReplicaSet-style pod name ([`infer_deployment`]), with `periscope.k8s.owner.inferred=true` |
 //! | `k8s.node.name` | the agent's own `NODE_NAME` (the DaemonSet sets it from `spec.nodeName`) |
 //!
-//! `k8s.container.name` is not produced: the container's name in the pod
-//! spec is known only to the kubelet and the API server (the runtime keeps it
-//! in its own metadata, which we do not query), nothing in /proc carries it.
+//! `k8s.container.name` is not produced here: the container's name in the
+//! pod spec is known only to the kubelet and the API server (the runtime
+//! keeps it in its own metadata, which we do not query), nothing in /proc
+//! carries it. When the agent can reach the API server,
+//! `discovery::kubernetes_api` adds it, with the pod's real owners.
 //! The pod's own name and namespace come from inside the container, so a
 //! workload can make them say something else (a `HOSTNAME` of its own, a
 //! file at the service-account path when no token is mounted); the pod uid

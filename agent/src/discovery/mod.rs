@@ -2,6 +2,7 @@
 //! event flow: the OpenTelemetry resource of each process.
 
 pub mod kubernetes;
+pub mod kubernetes_api;
 pub mod process;
 pub mod resolver;
 pub mod tls_libraries;

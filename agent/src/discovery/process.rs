@@ -9,6 +9,7 @@ use std::sync::Arc;
 use periscope_ebpf::ProcessExecEvent;
 
 use super::kubernetes::{self, CgroupIds, ContainerMeta, PodSources};
+use super::kubernetes_api::{PodInfo, PodRef, PodRequests};
 use crate::spans::model::{Attribute, Resource};
 
 /// Where the kubelet mounts a pod's service-account token (and the pod's
@@ -24,7 +25,23 @@ struct Entry {
     resource: Arc<Resource>,
     /// Shared with the other cached processes of the same container.
     container: Option<Arc<ContainerMeta>>,
+    /// The process's own `OTEL_SERVICE_NAME` (not empty): it wins over what
+    /// the Kubernetes API says.
+    own_service_name: Option<Box<str>>,
 }
+
+/// A pod's lookup in the Kubernetes API (discovery::kubernetes_api).
+enum PodState {
+    /// Asked; no answer yet (or none to come: the pod is gone, the API
+    /// refuses). Its processes keep what /proc gave.
+    Requested,
+    /// The request queue was full: asked again on the next tick.
+    Dropped(PodRef),
+    Known(Arc<PodInfo>),
+}
+
+/// Pods whose lookup is remembered (a node runs at most a few hundred).
+const MAX_PODS: usize = 4096;
 
 pub struct ProcessCache {
     by_pid: HashMap<u32, Entry>,
@@ -44,6 +61,12 @@ pub struct ProcessCache {
     /// before its /proc was read is described as its parent.
     parents: HashMap<u32, u32>,
     proc_root: PathBuf,
+    /// Lookups in the Kubernetes API, when the agent can reach it.
+    api: Option<PodRequests>,
+    /// By pod uid, from a pod's first process met to its last one forgotten.
+    pods: HashMap<String, PodState>,
+    /// Some `pods` are `Dropped`.
+    pods_dropped: bool,
 }
 
 /// Forks remembered at once (each is forgotten at the child's exit or exec).
@@ -73,7 +96,78 @@ impl ProcessCache {
             host_uts,
             parents: HashMap::default(),
             proc_root,
+            api: None,
+            pods: HashMap::default(),
+            pods_dropped: false,
         }
+    }
+
+    /// From now on, a pod's first process met asks the Kubernetes API
+    /// about the pod (never waiting: see [`PodRequests::request`]).
+    pub fn set_kubernetes_api(&mut self, requests: PodRequests) {
+        self.api = Some(requests);
+    }
+
+    /// What the Kubernetes API said about a pod: the cached resources of its
+    /// processes are replaced, and its processes met later get it too.
+    /// Spans already built keep the resource (the `Arc`) they were built
+    /// with; only spans built from now on carry the new attributes.
+    pub fn apply_pod(&mut self, info: Arc<PodInfo>) {
+        // No process of that pod cached any more: nothing to do.
+        let Some(state) = self.pods.get_mut(&info.uid) else { return };
+        *state = PodState::Known(info.clone());
+        for e in self.by_pid.values_mut() {
+            let Some(c) = &e.container else { continue };
+            if c.pod.as_ref().is_some_and(|p| p.uid == info.uid) {
+                e.resource = Arc::new(with_pod_info(&e.resource, e.own_service_name.as_deref(), &c.container_id, &info));
+            }
+        }
+    }
+
+    /// Asks again for the pods whose request found the queue full (once a
+    /// tick); stops at the first that still does not fit.
+    pub fn retry_pod_requests(&mut self) {
+        let Some(api) = &self.api else { return };
+        if !self.pods_dropped {
+            return;
+        }
+        self.pods_dropped = false;
+        for state in self.pods.values_mut() {
+            let PodState::Dropped(pod) = state else { continue };
+            if api.request(pod.clone()) {
+                *state = PodState::Requested;
+            } else {
+                self.pods_dropped = true;
+                return;
+            }
+        }
+    }
+
+    /// The API's answer for the pod of `container` when there is one; asks
+    /// for it on the pod's first process.
+    fn pod_info(&mut self, container: &ContainerMeta) -> Option<Arc<PodInfo>> {
+        let api = self.api.as_ref()?;
+        let pod = container.pod.as_ref()?;
+        match self.pods.get(&pod.uid) {
+            Some(PodState::Known(info)) => return Some(info.clone()),
+            Some(_) => return None,
+            None => {}
+        }
+        // Without its name and namespace (a pod on the host's network, one
+        // without a service-account mount) a pod cannot be asked about.
+        let (Some(name), Some(namespace)) = (&pod.name, &pod.namespace) else { return None };
+        if self.pods.len() >= MAX_PODS {
+            return None;
+        }
+        let request = PodRef { uid: pod.uid.clone(), namespace: namespace.clone(), name: name.clone() };
+        let state = if api.request(request.clone()) {
+            PodState::Requested
+        } else {
+            self.pods_dropped = true;
+            PodState::Dropped(request)
+        };
+        self.pods.insert(pod.uid.clone(), state);
+        None
     }
 
     /// The resource of `pid`, read from /proc on first use. A process that
@@ -127,7 +221,11 @@ impl ProcessCache {
                 *a = Attribute::int("process.pid", i64::from(pid));
             }
         }
-        Some(Entry { resource: Arc::new(Resource { pid, attributes }), container: p.container.clone() })
+        Some(Entry {
+            resource: Arc::new(Resource { pid, attributes }),
+            container: p.container.clone(),
+            own_service_name: p.own_service_name.clone(),
+        })
     }
 
     /// `pid` started a new program: its resource is read again, from /proc if
@@ -183,8 +281,13 @@ impl ProcessCache {
 
     fn entry(&mut self, pid: u32, dir: &Path, mut facts: ProcessFacts) -> Entry {
         let container = facts.cgroup.take().map(|ids| self.container(dir, ids, facts.pod_hostname.as_deref()));
-        let resource = Arc::new(to_resource(pid, facts, container.as_deref(), &self.host_name));
-        Entry { resource, container }
+        let own_service_name = facts.otel_service_name.as_deref().filter(|v| !v.is_empty()).map(Box::from);
+        let info = container.as_deref().and_then(|c| self.pod_info(c));
+        let mut resource = to_resource(pid, facts, container.as_deref(), &self.host_name);
+        if let (Some(info), Some(c)) = (info, &container) {
+            resource = with_pod_info(&resource, own_service_name.as_deref(), &c.container_id, &info);
+        }
+        Entry { resource: Arc::new(resource), container, own_service_name }
     }
 
     /// The container of a process (in `dir`) whose cgroup says `ids`: cached,
@@ -244,6 +347,13 @@ impl ProcessCache {
             && self.containers.get(&c.container_id).is_some_and(|m| Arc::ptr_eq(m, &c))
         {
             self.containers.remove(&c.container_id);
+            // The pod's last container: its lookup is forgotten too (the
+            // lookup task still has the answer, should the pod come back).
+            if let Some(pod) = &c.pod
+                && !self.containers.values().any(|m| m.pod.as_ref().is_some_and(|p| p.uid == pod.uid))
+            {
+                self.pods.remove(&pod.uid);
+            }
         }
     }
 }
@@ -325,6 +435,56 @@ fn to_resource(pid: u32, facts: ProcessFacts, container: Option<&ContainerMeta>,
     Resource { pid, attributes }
 }
 
+/// Attributes the Kubernetes API gives (or, for the inferred Deployment,
+/// takes away): replaced as a whole on each answer.
+const FROM_API: [&str; 9] = [
+    "service.version",
+    "k8s.container.name",
+    "k8s.replicaset.name",
+    "k8s.deployment.name",
+    "k8s.statefulset.name",
+    "k8s.daemonset.name",
+    "k8s.job.name",
+    "k8s.cronjob.name",
+    "periscope.k8s.owner.inferred",
+];
+
+/// A process's resource with what the Kubernetes API said about its pod:
+/// `k8s.container.name` (by its container id), the owners found instead of
+/// the inferred Deployment, and `service.name` by the OpenTelemetry
+/// precedence: the process's own `OTEL_SERVICE_NAME`, then the pod's
+/// `resource.opentelemetry.io/service.name` annotation, then its
+/// `app.kubernetes.io/name` label, then its workload's name, then the
+/// executable's. `service.version` from `app.kubernetes.io/version`, unless
+/// the process named its service itself (the label may not describe it).
+fn with_pod_info(old: &Resource, own_service_name: Option<&str>, container_id: &str, info: &PodInfo) -> Resource {
+    let service_name = own_service_name
+        .or(info.service_name_annotation.as_deref())
+        .or(info.app_name.as_deref())
+        .or(info.owner_name())
+        .or(old.str_attr("process.executable.name"))
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("unknown_service:pid{}", old.pid));
+    let mut attributes: Vec<Attribute> = Vec::with_capacity(old.attributes.len() + 4);
+    for a in &old.attributes {
+        if a.key == "service.name" {
+            attributes.push(Attribute::str("service.name", service_name.as_str()));
+            if let Some(v) = info.app_version.as_deref().filter(|_| own_service_name.is_none()) {
+                attributes.push(Attribute::str("service.version", v));
+            }
+        } else if !FROM_API.contains(&&*a.key) {
+            attributes.push(a.clone());
+        }
+    }
+    if let Some(name) = info.container_name(container_id) {
+        attributes.push(Attribute::str("k8s.container.name", name));
+    }
+    for (key, name) in &info.owners {
+        attributes.push(Attribute::str(*key, name.as_str()));
+    }
+    Resource { pid: old.pid, attributes }
+}
+
 /// The value of `key` in a NUL-separated environment block.
 pub fn env_value(environ: &[u8], key: &[u8]) -> Option<String> {
     environ.split(|&b| b == 0).find_map(|entry| {
@@ -399,6 +559,7 @@ fn read_small_file_in_root(root: &Path, path: &str, max: u64) -> std::io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::Stats;
 
     #[test]
     fn env_value_finds_exact_key() {
@@ -685,5 +846,161 @@ mod tests {
         assert_eq!(cache.containers.len(), 1);
         cache.forget(13);
         assert!(cache.containers.is_empty());
+    }
+
+    fn pod_cgroup_of(uid: &str, cid: &str) -> String {
+        format!(
+            "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{cid}.scope\n",
+            uid.replace('-', "_")
+        )
+    }
+
+    fn api_requests(capacity: usize) -> (PodRequests, tokio::sync::mpsc::Receiver<PodRef>, Arc<crate::stats::Stats>) {
+        let stats = Arc::new(crate::stats::Stats::default());
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+        (PodRequests::new(tx, stats.clone()), rx, stats)
+    }
+
+    /// The whole path: a pod's first process asks, the lookup task asks the
+    /// (fake) API server, its answer rewrites the cached resources.
+    #[tokio::test]
+    async fn pod_resources_from_the_kubernetes_api() {
+        use super::super::kubernetes_api::{self as api, tests as fake};
+        let proc = FakeProc::new("k8s-api");
+        proc.process(4242, "/usr/local/bin/server", &pod_cgroup(CID), b"HOSTNAME=web-7d9f8b6c5d-x2x4z\0", Some("uts:[4026532999]"));
+        proc.service_account(4242, "shop");
+        proc.process(4243, "/bin/sh", &pod_cgroup(CID), b"OTEL_SERVICE_NAME=checkout\0", Some("uts:[4026532999]"));
+        let (addr, seen) = fake::serve(fake::deployment_routes()).await;
+        let stats = Arc::new(crate::stats::Stats::default());
+        let (mut link, task) = api::spawn(fake::client(addr, None), stats.clone());
+        let mut cache = ProcessCache::with_proc_root(&proc.0).with_node_name(Some("node-1"));
+        cache.set_kubernetes_api(link.requests.clone());
+
+        // Until the answer: what /proc says.
+        let before = cache.resource(4242);
+        assert_eq!(before.service_name(), "web");
+        assert_eq!(before.str_attr("k8s.deployment.name"), Some("web"));
+        let before_sh = cache.resource(4243);
+        let info = tokio::time::timeout(std::time::Duration::from_secs(10), link.results.recv()).await.unwrap().unwrap();
+        cache.apply_pod(info);
+
+        let r = cache.resource(4242);
+        assert_eq!(r.service_name(), "storefront", "from app.kubernetes.io/name");
+        assert_eq!(r.str_attr("service.version"), Some("1.4.2"));
+        assert_eq!(r.str_attr("k8s.container.name"), Some("server"));
+        assert_eq!(r.str_attr("k8s.replicaset.name"), Some("web-7d9f8b6c5d"));
+        assert_eq!(r.str_attr("k8s.deployment.name"), Some("web"));
+        assert!(!keys(&r).contains(&"periscope.k8s.owner.inferred"));
+        assert_eq!(r.str_attr("k8s.pod.name"), Some("web-7d9f8b6c5d-x2x4z"));
+        assert_eq!(r.str_attr("k8s.node.name"), Some("node-1"));
+        assert_eq!(keys(&r).iter().filter(|k| **k == "k8s.deployment.name").count(), 1);
+        // Its own OTEL_SERVICE_NAME still wins, and the label's version is
+        // not claimed for it.
+        let sh = cache.resource(4243);
+        assert_eq!(sh.service_name(), "checkout");
+        assert_eq!(sh.str_attr("service.version"), None);
+        assert_eq!(sh.str_attr("k8s.container.name"), Some("server"));
+        // What was handed out before (spans built) is unchanged.
+        assert_eq!(before.service_name(), "web");
+        assert!(before.attributes.contains(&Attribute::bool("periscope.k8s.owner.inferred", true)));
+        assert_eq!(before_sh.str_attr("k8s.container.name"), None);
+
+        // A process of the pod met later gets it at once, without a request.
+        proc.process(4244, "/usr/local/bin/worker", &pod_cgroup(CID), b"", Some("uts:[4026532999]"));
+        assert_eq!(cache.resource(4244).service_name(), "storefront");
+        assert_eq!(Stats::get(&stats.k8s_api_lookups), 1);
+        assert_eq!(seen.lock().unwrap().len(), 2, "pod and ReplicaSet, once");
+        assert_eq!(Stats::get(&stats.k8s_api_dropped), 0);
+        // The pod is forgotten with its last process.
+        for pid in [4242, 4243, 4244] {
+            cache.forget(pid);
+        }
+        assert!(cache.pods.is_empty());
+        task.abort();
+    }
+
+    #[test]
+    fn service_name_precedence_and_owners_from_the_api() {
+        let proc = FakeProc::new("k8s-precedence");
+        proc.process(20, "/usr/local/bin/server", &pod_cgroup(CID), b"HOSTNAME=web-7d9f8b6c5d-x2x4z\0", Some("uts:[4026532999]"));
+        proc.service_account(20, "shop");
+        let (requests, mut rx, _) = api_requests(8);
+        let mut cache = ProcessCache::with_proc_root(&proc.0).with_node_name(None);
+        cache.set_kubernetes_api(requests);
+        cache.resource(20);
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            PodRef { uid: POD_UID.into(), namespace: "shop".into(), name: "web-7d9f8b6c5d-x2x4z".into() }
+        );
+        let base = PodInfo { uid: POD_UID.into(), containers: vec![(CID.into(), "server".into())], ..Default::default() };
+        // No label: the owner's name; the inferred Deployment gives way to
+        // what the API says (a StatefulSet here).
+        cache.apply_pod(Arc::new(PodInfo { owners: vec![("k8s.statefulset.name", "db".into())], ..base.clone() }));
+        let r = cache.resource(20);
+        assert_eq!(r.service_name(), "db");
+        assert_eq!(r.str_attr("k8s.statefulset.name"), Some("db"));
+        assert_eq!(r.str_attr("k8s.deployment.name"), None);
+        assert!(!keys(&r).contains(&"periscope.k8s.owner.inferred"));
+        // The OpenTelemetry annotation before the label.
+        cache.apply_pod(Arc::new(PodInfo {
+            service_name_annotation: Some("annotated".into()),
+            app_name: Some("labelled".into()),
+            ..base.clone()
+        }));
+        assert_eq!(cache.resource(20).service_name(), "annotated");
+        // Nothing but the container: the executable's name; an answer
+        // applied again replaces the previous one rather than adding to it.
+        cache.apply_pod(Arc::new(base.clone()));
+        let r = cache.resource(20);
+        assert_eq!(r.service_name(), "server");
+        assert_eq!(r.str_attr("k8s.statefulset.name"), None);
+        assert_eq!(keys(&r).iter().filter(|k| **k == "k8s.container.name").count(), 1);
+        // Another pod's answer changes nothing here.
+        cache.apply_pod(Arc::new(PodInfo { uid: "00000000-0000-0000-0000-000000000000".into(), app_name: Some("x".into()), ..base }));
+        assert_eq!(cache.resource(20).service_name(), "server");
+    }
+
+    /// The event path never waits for the lookup task: a full queue is
+    /// counted, and what did not fit is asked again on a later tick.
+    #[test]
+    fn a_full_request_queue_never_blocks() {
+        let proc = FakeProc::new("k8s-full");
+        let uids = ["1a2b3c4d-5e6f-7a8b-9c0d-000000000001", "1a2b3c4d-5e6f-7a8b-9c0d-000000000002", "1a2b3c4d-5e6f-7a8b-9c0d-000000000003"];
+        for (i, uid) in uids.iter().enumerate() {
+            let pid = 30 + i as u32;
+            let cid = format!("{i}").repeat(64);
+            proc.process(pid, "/app/server", &pod_cgroup_of(uid, &cid), format!("HOSTNAME=api-{i}\0").as_bytes(), Some("uts:[4026532999]"));
+            proc.service_account(pid, "shop");
+        }
+        // Not in a pod's container (nothing to ask), and a pod on the host's
+        // network (no name to ask with).
+        proc.process(40, "/usr/bin/curl", "0::/user.slice\n", b"", None);
+        proc.process(41, "/usr/bin/kube-proxy", &pod_cgroup_of("1a2b3c4d-5e6f-7a8b-9c0d-000000000004", &"9".repeat(64)), b"HOSTNAME=node-1\0", Some("uts:[4026531838]"));
+        let (requests, mut rx, stats) = api_requests(1);
+        let mut cache = ProcessCache::with_proc_root(&proc.0).with_node_name(None);
+        cache.set_kubernetes_api(requests);
+        let start = std::time::Instant::now();
+        for pid in [30, 31, 32, 40, 41] {
+            cache.resource(pid);
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        assert_eq!(Stats::get(&stats.k8s_api_dropped), 2);
+        assert_eq!(rx.try_recv().unwrap().name, "api-0");
+        assert!(rx.try_recv().is_err());
+        // A tick later: one more fits, the other is dropped again.
+        cache.retry_pod_requests();
+        assert_eq!(Stats::get(&stats.k8s_api_dropped), 3);
+        assert!(rx.try_recv().unwrap().name.starts_with("api-"));
+        cache.retry_pod_requests();
+        assert!(rx.try_recv().unwrap().name.starts_with("api-"));
+        cache.retry_pod_requests();
+        assert!(rx.try_recv().is_err());
+        assert_eq!(Stats::get(&stats.k8s_api_dropped), 3);
+        // The task gone (channel closed): still no wait, only counts.
+        drop(rx);
+        proc.process(33, "/app/server", &pod_cgroup(CID), b"HOSTNAME=web-7d9f8b6c5d-x2x4z\0", Some("uts:[4026532999]"));
+        proc.service_account(33, "shop");
+        cache.resource(33);
+        assert_eq!(Stats::get(&stats.k8s_api_dropped), 4);
     }
 }

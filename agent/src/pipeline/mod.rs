@@ -110,6 +110,9 @@ pub struct Pipeline {
     dns_errors_logged: bool,
     /// Latest kernel timestamp seen (the clock for hold and link deadlines).
     now_ns: u64,
+    /// Answers of the Kubernetes API lookup task (discovery::kubernetes_api),
+    /// when the agent can reach the API server; drained each tick.
+    k8s_results: Option<tokio::sync::mpsc::Receiver<Arc<crate::discovery::kubernetes_api::PodInfo>>>,
 }
 
 /// A connection parsed as HTTP/1 is checked for HTTP/2 frames in its first
@@ -210,7 +213,15 @@ impl Pipeline {
             finished_lookups: Vec::new(),
             dns_errors_logged: false,
             now_ns: 0,
+            k8s_results: None,
         }
+    }
+
+    /// Pods are looked up in the Kubernetes API from now on: requests go
+    /// out without waiting, answers are applied on each tick.
+    pub fn set_kubernetes_api(&mut self, link: crate::discovery::kubernetes_api::ApiLink) {
+        self.processes.set_kubernetes_api(link.requests);
+        self.k8s_results = Some(link.results);
     }
 
     pub fn handle_record(&mut self, record: &[u8]) {
@@ -767,6 +778,14 @@ impl Pipeline {
         let connections = &self.connections;
         self.links.expire(now, |sock, seq, id| connections.serving_request(sock, seq, id));
         self.release_held(now);
+        if let Some(results) = &mut self.k8s_results {
+            // Bounded by the channel; each answer rewrites the resources of
+            // that pod's cached processes (new Arcs, spans keep theirs).
+            while let Ok(info) = results.try_recv() {
+                self.processes.apply_pod(info);
+            }
+            self.processes.retry_pod_requests();
+        }
     }
 
     pub fn into_sink(self) -> SpanSink {

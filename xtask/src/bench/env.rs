@@ -70,18 +70,7 @@ pub fn ensure_apt_tools() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("bench: installing {}", missing.join(" "));
-    run_cmd(
-        Command::new("apt-get")
-            .arg("update")
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    run_cmd(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
+    apt_install(&missing)?;
     for (bin, pkg) in BENCH_APT.iter().chain(H2_APT) {
         if which(bin).is_none() {
             bail!("installed {pkg} but `{bin}` is still missing");
@@ -350,18 +339,7 @@ pub fn ensure_grpcgo_deps() -> Result<periscope_tests::go::InstalledGo> {
     };
     let absent = missing();
     if !absent.is_empty() {
-        eprintln!("bench: installing {}", absent.join(" "));
-        run_cmd(
-            Command::new("apt-get")
-                .arg("update")
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
-        run_cmd(
-            Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(&absent)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
+        apt_install(&absent)?;
         let still = missing();
         if !still.is_empty() {
             bail!(
@@ -932,4 +910,21 @@ mod tests {
         assert!(which("/no/such/program").is_none());
         assert!(which("no-such-program-periscope").is_none());
     }
+}
+
+/// `apt-get update` and `apt-get install` of `packages`.
+fn apt_install<S: AsRef<std::ffi::OsStr>>(packages: &[S]) -> Result<()> {
+    let names: Vec<String> = packages.iter().map(|p| p.as_ref().to_string_lossy().into_owned()).collect();
+    eprintln!("bench: installing {}", names.join(" "));
+    run_cmd(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
