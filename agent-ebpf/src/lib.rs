@@ -43,6 +43,7 @@ pub mod kind {
     pub const GETADDRINFO: u8 = 9;
     pub const GRPC_HEADERS: u8 = 10;
     pub const PROCESS_FORK: u8 = 11;
+    pub const RESET: u8 = 12;
 }
 
 /// Direction of a data event, seen from the traced process.
@@ -199,8 +200,27 @@ pub struct ConnectEvent {
     pub syn_sent_ns: u64,
     /// 0 when established, 1 when the connect failed.
     pub failed: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// A failed connect's `sk_err` at the failure: ECONNREFUSED (a RST to
+    /// the SYN), ETIMEDOUT (SYN retries exhausted), EHOSTUNREACH...; 0 when
+    /// the program closed the socket before an answer (its own timeout).
+    pub error: i32,
+    /// The thread that called connect().
+    pub tid: u32,
+    pub _pad2: u32,
     pub tuple: SockTuple,
+}
+
+/// An established connection ended with an error the peer caused (a RST
+/// received: `error` ECONNRESET), seen by the process owning `sock`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ResetEvent {
+    /// `tgid` is 0 (raised in softirq): the connection's owner is known.
+    pub header: EventHeader,
+    pub sock: u64,
+    pub error: i32,
+    pub _pad: u32,
 }
 
 /// A passively opened connection reached ESTABLISHED (server side).
@@ -451,6 +471,8 @@ pub struct KernelOffsets {
     pub sb_dev: u32,
     /// `task_struct.tgid`
     pub task_tgid: u32,
+    /// `sock.sk_err`
+    pub sk_err: u32,
     /// Non-zero when `sock_common` starts with daddr, rcv_saddr, hash,
     /// dport, num, family back to back (as on x86_64 since 2.6): the
     /// programs then read all of them with one copy.

@@ -23,6 +23,11 @@ pub struct Stats {
     pub grpc_go_header_blocks: AtomicU64,
     /// Such blocks whose connection or stream was not found.
     pub grpc_go_header_blocks_unmatched: AtomicU64,
+    /// Failed connects (refused, timed out...) turned into spans.
+    pub failed_connect_spans: AtomicU64,
+    /// Failed connects folded into the previous span of the same process
+    /// and destination (rate limit: a port scan does not flood the exporter).
+    pub failed_connects_folded: AtomicU64,
     /// HTTP/2 streams not tracked because a connection had too many open.
     pub http2_streams_dropped: AtomicU64,
     /// HTTP/2 header block bytes beyond the per-block cap, not decoded.

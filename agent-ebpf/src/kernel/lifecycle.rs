@@ -9,7 +9,7 @@ use aya_ebpf::{
 use core::ffi::c_void;
 use periscope_ebpf::{
     AcceptEvent, CloseEvent, ConnectEvent, EXEC_ENV_MAX, EXEC_FILENAME_MAX, EXEC_NAME_MAX, EventHeader,
-    MmapExecEvent, ProcessExitEvent, ProcessForkEvent, SockTuple, kind, probe,
+    MmapExecEvent, ProcessExitEvent, ProcessForkEvent, ResetEvent, SockTuple, kind, probe,
 };
 
 use super::{
@@ -20,7 +20,10 @@ use super::{
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
 const TCP_SYN_RECV: i32 = 3;
+const TCP_FIN_WAIT1: i32 = 4;
+const TCP_FIN_WAIT2: i32 = 5;
 const TCP_CLOSE: i32 = 7;
+const TCP_CLOSE_WAIT: i32 = 8;
 
 fn header(kind: u8, tgid: u32, ts_ns: u64) -> EventHeader {
     EventHeader { kind, _pad: [0; 3], tgid, ts_ns }
@@ -40,9 +43,12 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     match (old, new) {
         (TCP_CLOSE, TCP_SYN_SENT) => {
             // connect() runs in the owner's context: this pid is right.
-            let tgid = current_tgid();
-            if tgid != SELF_TGID.load() {
-                let start = ConnectStart { tgid, _pad: 0, ts_ns: now };
+            let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+            let tgid = (pid_tgid >> 32) as u32;
+            // Only processes the filters trace: a failed connect of any
+            // other (or of the daemon) makes no span.
+            if tgid != SELF_TGID.load() && super::filter::process_traced(tgid) {
+                let start = ConnectStart { tgid, tid: pid_tgid as u32, ts_ns: now };
                 let _ = CONNECTING.insert(&sk, &start, 0);
             }
         }
@@ -50,16 +56,32 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
             // May run in softirq: the pid comes from the SYN_SENT record.
             let Some(start) = (unsafe { CONNECTING.get(&sk) }).copied() else { return 0 };
             let _ = CONNECTING.remove(&sk);
+            let failed = new == TCP_CLOSE;
             let mut ev = ConnectEvent {
                 header: header(kind::CONNECT, start.tgid, now),
                 sock: sk,
                 syn_sent_ns: start.ts_ns,
-                failed: (new == TCP_CLOSE) as u8,
-                _pad: [0; 7],
+                failed: failed as u8,
+                _pad: [0; 3],
+                error: if failed { read_kernel::<i32>(sk, off.sk_err).unwrap_or(0) } else { 0 },
+                tid: start.tid,
+                _pad2: 0,
                 tuple: SockTuple::default(),
             };
             read_tuple(sk, family, &off, &mut ev.tuple);
+            if failed && !super::filter::ports_traced(ev.tuple.src_port, ev.tuple.dst_port) {
+                return 0;
+            }
             output(&ev, probe::STATE_CHANGE);
+        }
+        (TCP_ESTABLISHED | TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSE_WAIT, TCP_CLOSE) => {
+            // A RST received sets sk_err before the state changes; a close
+            // of our own leaves it 0 (nothing sent).
+            let error = read_kernel::<i32>(sk, off.sk_err).unwrap_or(0);
+            if error != 0 {
+                let ev = ResetEvent { header: header(kind::RESET, 0, now), sock: sk, error, _pad: 0 };
+                output(&ev, probe::STATE_CHANGE);
+            }
         }
         (TCP_SYN_RECV, TCP_ESTABLISHED) => {
             let mut ev = AcceptEvent { header: header(kind::ACCEPT, 0, now), sock: sk, tuple: SockTuple::default() };

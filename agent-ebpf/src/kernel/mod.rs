@@ -82,6 +82,7 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     inode_sb: 0,
     sb_dev: 0,
     task_tgid: 0,
+    sk_err: 0,
     sock_common_packed: 0,
     pt_regs_packed: 0,
 });
@@ -117,7 +118,7 @@ static EXEC_SCRATCH: PerCpuArray<periscope_ebpf::ProcessExecEvent> = PerCpuArray
 #[derive(Clone, Copy)]
 pub struct ConnectStart {
     pub tgid: u32,
-    pub _pad: u32,
+    pub tid: u32,
     pub ts_ns: u64,
 }
 

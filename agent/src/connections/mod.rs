@@ -125,6 +125,9 @@ pub struct Connection {
     pub first_exchange_done: bool,
     /// Some of its data events were lost in the kernel: which request is
     /// which may be off by some, so it takes part in no trace links.
+    /// The peer reset the connection (`sk_err`, ECONNRESET): what was
+    /// open on it failed.
+    pub reset_error: Option<i32>,
     pub out_of_step: bool,
 }
 
@@ -141,6 +144,7 @@ impl Connection {
             last_seen_ns: now_ns,
             socket_chunks: 0,
             tls: None,
+            reset_error: None,
             requests: VecDeque::new(),
             resolution: None,
             first_exchange_done: false,

@@ -4,7 +4,7 @@
 
 use periscope_ebpf::{
     AcceptEvent, CloseEvent, ConnectEvent, DataEvent, EventHeader, GRPC_FIELDS, GRPC_NAME_CAP, GRPC_VALUE_CAP,
-    GetaddrinfoEvent, GrpcField, GrpcHeadersEvent, MmapExecEvent, ProcessExecEvent, ProcessExitEvent, ProcessForkEvent, TlsHandshakeEvent,
+    GetaddrinfoEvent, GrpcField, GrpcHeadersEvent, MmapExecEvent, ProcessExecEvent, ProcessExitEvent, ProcessForkEvent, ResetEvent, TlsHandshakeEvent,
     kind,
 };
 
@@ -22,6 +22,7 @@ pub enum Event<'a> {
     Getaddrinfo(Box<GetaddrinfoEvent>),
     GrpcHeaders(GrpcHeaders<'a>),
     ProcessFork(ProcessForkEvent),
+    Reset(ResetEvent),
 }
 
 /// A header block grpc-go decoded (see [`GrpcHeadersEvent`]), borrowed
@@ -77,6 +78,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         kind::GETADDRINFO => read(bytes).map(|e| Event::Getaddrinfo(Box::new(e))).ok_or_else(short),
         kind::GRPC_HEADERS => grpc_headers(header, bytes).ok_or_else(short),
         kind::PROCESS_FORK => read(bytes).map(Event::ProcessFork).ok_or_else(short),
+        kind::RESET => read(bytes).map(Event::Reset).ok_or_else(short),
         other => Err(DecodeError::UnknownKind(other)),
     }
 }

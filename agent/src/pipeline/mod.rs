@@ -9,6 +9,7 @@
 //! spans, `dns` follows lookups and resolutions, `event_loop` drives it all.
 
 
+mod failed_calls;
 mod grpc_go;
 mod lookups;
 mod event_loop;
@@ -73,6 +74,8 @@ pub struct Pipeline {
     /// Processes running Go: their threads say nothing about which request
     /// a goroutine serves, so only goroutine-keyed events link in-process.
     go_processes: std::collections::HashSet<u32>,
+    /// Failed connects made spans of, per (process, destination).
+    failed_connects: failed_calls::FailedConnects,
     /// grpc-go's decoded header blocks and the goroutines they came from.
     grpc_go: grpc_go::GrpcGoBlocks,
     /// Go programs whose TLS cannot be seen: (path, Go version, reason).
@@ -191,6 +194,7 @@ impl Pipeline {
             exited: Vec::new(),
             go_processes: Default::default(),
             grpc_go: Default::default(),
+            failed_connects: failed_calls::FailedConnects::new(),
             go_not_visible: Vec::new(),
             ignore_requests: Vec::new(),
             ignore_batch: Vec::new(),
@@ -394,6 +398,9 @@ impl Pipeline {
             Event::MmapExec(m) => self.tls_scan_requests.push(m.header.tgid),
             Event::Connect(c) => {
                 self.now_ns = self.now_ns.max(c.header.ts_ns);
+                if c.failed != 0 {
+                    self.on_failed_connect(&c);
+                }
                 if c.failed == 0 {
                     let timing = ConnectTiming { syn_sent_ns: c.syn_sent_ns, established_ns: c.header.ts_ns };
                     let (_, peer) = socket_addrs(&c.tuple);
@@ -430,6 +437,11 @@ impl Pipeline {
             Event::Getaddrinfo(g) => self.on_getaddrinfo(&g),
             Event::GrpcHeaders(h) => self.on_grpc_headers(&h),
             Event::ProcessFork(f) => self.processes.on_fork(f.header.tgid, f.child_tgid),
+            Event::Reset(r) => {
+                if let Some(conn) = self.connections.get_mut(r.sock) {
+                    conn.reset_error = Some(r.error);
+                }
+            }
             Event::ProcessExec(e) => {
                 self.processes.on_exec(e.header.tgid, &e);
                 self.tls_scan_requests.push(e.header.tgid);
@@ -447,6 +459,7 @@ impl Pipeline {
                 self.exited.push(e.header.tgid);
                 self.go_processes.remove(&e.header.tgid);
                 self.grpc_go.forget_process(e.header.tgid);
+                self.failed_connects.forget_process(e.header.tgid);
             }
         }
     }

@@ -3,7 +3,7 @@
 //! resolution that led to its connection; then it waits for its trace or
 //! goes to export.
 
-use super::Pipeline;
+use super::{Pipeline, failed_calls};
 use crate::connections::{Connection, ConnectionTable};
 use crate::spans::clock::Clock;
 use crate::spans::context::Identity;
@@ -109,6 +109,9 @@ impl Pipeline {
             };
             if ex.incomplete.is_some() {
                 Stats::inc(&self.stats.spans_incomplete);
+            }
+            if let Some(failure) = failed_calls::transport_failure(&ex, conn.reset_error) {
+                failed_calls::mark_failed(&mut span, failure);
             }
             let failed = ex.incomplete.is_some() || matches!(span.status, SpanStatus::Error { .. });
             let waterfall = self.phases_enabled

@@ -50,6 +50,7 @@ pub fn from_btf(btf: &Btf) -> Result<KernelOffsets> {
         inode_sb: field_offset(btf, "inode", "i_sb")?,
         sb_dev: field_offset(btf, "super_block", "s_dev")?,
         task_tgid: field_offset(btf, "task_struct", "tgid")?,
+        sk_err: field_offset(btf, "sock", "sk_err")?,
         sock_common_packed: 0,
         pt_regs_packed: 0,
     }))

@@ -234,6 +234,17 @@ impl TraceLinks {
         self.ends.insert(key, entry);
     }
 
+    /// The request thread `tid` is serving, for a call of its own that is
+    /// not on any connection (a failed connect): exactly one, or none.
+    pub fn in_process_parent(
+        &mut self,
+        tid: u64,
+        is_open: impl Fn(u64, u64, &IdentityRef) -> bool,
+        outcome: &mut LinkOutcome,
+    ) -> Option<IdentityRef> {
+        self.serving_parent(tid, is_open, outcome)
+    }
+
     /// The one server request thread `tid` is serving, if exactly one.
     fn serving_parent(
         &mut self,
