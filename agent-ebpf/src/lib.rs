@@ -406,8 +406,21 @@ pub struct TlsHandshakeEvent {
     /// When the first handshake call for this TLS session started.
     pub start_ns: u64,
     pub library: u8,
-    pub _pad: [u8; 7],
+    /// [`handshake_result`].
+    pub result: u8,
+    pub _pad: [u8; 6],
     pub tuple: SockTuple,
+}
+
+/// How a handshake call ended.
+pub mod handshake_result {
+    /// The handshake completed.
+    pub const DONE: u8 = 0;
+    /// The call returned without completing: call again (non-blocking) or
+    /// failure, which only the library knows (OpenSSL's `<= 0`).
+    pub const NOT_DONE: u8 = 1;
+    /// The library said it failed (GnuTLS fatal error, Go's error).
+    pub const FAILED: u8 = 2;
 }
 
 /// A process mapped a file executable (a library being loaded, possibly by

@@ -25,6 +25,9 @@ pub struct Stats {
     pub grpc_go_header_blocks_unmatched: AtomicU64,
     /// Failed connects (refused, timed out...) turned into spans.
     pub failed_connect_spans: AtomicU64,
+    /// Connections that closed after a TLS handshake that never completed,
+    /// turned into spans.
+    pub failed_handshake_spans: AtomicU64,
     /// Failed connects folded into the previous span of the same process
     /// and destination (rate limit: a port scan does not flood the exporter).
     pub failed_connects_folded: AtomicU64,

@@ -255,3 +255,55 @@ fn a_failed_connect_while_serving_is_the_requests_child() {
         e.finish(&spans)
     });
 }
+
+/// curl verifying the certificate of an nginx HTTPS server it does not
+/// trust: the handshake fails on both ends, and each end has a
+/// `tls.handshake` error span.
+#[test]
+fn an_untrusted_certificate_fails_the_handshake_on_both_ends() {
+    run_test(LIMIT, || {
+        let rotel = Rotel::start()?;
+        let _agent = Agent::start(&rotel.endpoint())?;
+        let cert = periscope_tests::certs::TestCert::generate()?;
+        let nginx = periscope_tests::Nginx::start_with(periscope_tests::NginxOptions {
+            tls: Some(periscope_tests::NginxTls::only(
+                cert.cert(),
+                cert.key(),
+                periscope_tests::tls::TlsVersion::Tls13,
+            )),
+            ..Default::default()
+        })?;
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "5", &nginx.url("/")]);
+        let run = run_capture("curl", &mut cmd, Duration::from_secs(20))?;
+        anyhow::ensure!(run.status.code() == Some(60), "curl should refuse the certificate (exit 60): {:?} {}", run.status, run.stderr);
+        let worker = nginx.worker_pid()?;
+        let handshake = |pid: u32| move |s: &Span| s.pid() == Some(pid) && s.name == "tls.handshake";
+        rotel.try_wait_for_spans(handshake(run.pid), 1, SPAN_WAIT)?;
+        rotel.try_wait_for_spans(handshake(worker), 1, SPAN_WAIT)?;
+        // A handshake that succeeds (curl -k) makes no such span on either end.
+        let mut ok = Command::new("curl");
+        ok.args(["-sS", "-k", "-o", "/dev/null", &nginx.url("/")]);
+        let trusting = run_capture("curl -k", &mut ok, Duration::from_secs(20))?.ok()?;
+        rotel.try_wait_for_spans(|s| s.pid() == Some(trusting.pid) && s.kind == SpanKind::Client, 1, SPAN_WAIT)?;
+        std::thread::sleep(Duration::from_secs(2));
+        let spans = rotel.spans();
+        let mut e = Expect::new();
+        e.that(!spans.iter().any(|s| handshake(trusting.pid)(s)), || "curl -k has a failed-handshake span".into());
+        for (pid, kind) in [(run.pid, SpanKind::Client), (worker, SpanKind::Server)] {
+            let mine: Vec<&Span> = spans.iter().filter(|s| handshake(pid)(s)).collect();
+            e.that(mine.len() == 1, || format!("pid {pid}: {} tls.handshake spans", mine.len()));
+            for s in mine {
+                e.that(s.kind == kind, || format!("pid {pid}: kind {:?}, want {kind:?}", s.kind));
+                e.attr_str(s, "error.type", "tls_handshake_failed");
+                e.attr_int(s, "server.port", i64::from(nginx.port()));
+                e.status(s, true);
+            }
+        }
+        // The refusing curl sent no request: no HTTP span.
+        e.that(!spans.iter().any(|s| s.pid() == Some(run.pid) && s.attr("http.request.method").is_some()), || {
+            "the refusing curl has an HTTP span after its failed handshake".into()
+        });
+        e.finish(&spans)
+    });
+}

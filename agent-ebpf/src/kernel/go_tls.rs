@@ -33,7 +33,7 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use periscope_ebpf::{
-    GoBinaryKey, GoProcess, KernelOffsets, control::FEATURE_TLS, data_flags, direction, kernel_counter, probe,
+    GoBinaryKey, GoProcess, KernelOffsets, control::FEATURE_TLS, data_flags, direction, handshake_result, kernel_counter, probe,
     source, tls_library,
 };
 
@@ -456,12 +456,11 @@ pub fn go_tls_handshake_ret(ctx: ProbeContext) -> u32 {
     let Some((tgid, go, r, call)) = end_call(&GO_HANDSHAKES, &ctx) else {
         return 0;
     };
-    if r.rax != 0 {
-        return 0;
-    }
     let sock = conn_socket(call.conn, &go).unwrap_or(0);
     let now = unsafe { bpf_ktime_get_ns() };
-    super::tls::send_handshake(tgid, sock, call.start_ns, now, tls_library::GO);
+    // RAX: the error's type word, 0 for nil.
+    let result = if r.rax == 0 { handshake_result::DONE } else { handshake_result::FAILED };
+    super::tls::send_handshake(tgid, sock, call.start_ns, now, tls_library::GO, result);
     0
 }
 

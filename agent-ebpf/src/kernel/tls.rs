@@ -19,7 +19,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap},
     programs::{ProbeContext, RetProbeContext},
 };
-use periscope_ebpf::{EventHeader, SockTuple, TlsHandshakeEvent, direction, kind, probe, source, tls_library};
+use periscope_ebpf::{EventHeader, SockTuple, TlsHandshakeEvent, direction, handshake_result, kind, probe, source, tls_library};
 
 use super::filter::{feature_enabled, ports_traced, process_traced};
 use super::socket_io::{copy_flat_call, finish_data_event, start_data_event};
@@ -297,32 +297,37 @@ fn finish_handshake(ok: bool, failed: bool) -> u32 {
     let _ = TLS_CALLS.remove(&pid_tgid);
     let tgid = (pid_tgid >> 32) as u32;
     let key = SessionKey { tgid, _pad: 0, session: call.ssl };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let start = unsafe { HANDSHAKE_STARTS.get(&key) }.copied().unwrap_or(now);
+    let sock = linked_socket(&call, &key, pid_tgid);
     if failed {
         let _ = HANDSHAKE_STARTS.remove(&key);
+        send_handshake(tgid, sock, start, now, call.library, handshake_result::FAILED);
         return 0;
     }
     if !ok {
+        // Said so the daemon can tell a handshake that never completed
+        // (the connection closes first) from one it never saw.
+        send_handshake(tgid, sock, start, now, call.library, handshake_result::NOT_DONE);
         return 0;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
-    let start = unsafe { HANDSHAKE_STARTS.get(&key) }.copied().unwrap_or(now);
     let _ = HANDSHAKE_STARTS.remove(&key);
     let _ = ESTABLISHED.insert(&key, &1, 0);
-    let sock = linked_socket(&call, &key, pid_tgid);
-    send_handshake(tgid, sock, start, now, call.library);
+    send_handshake(tgid, sock, start, now, call.library, handshake_result::DONE);
     0
 }
 
 /// A handshake of `library` on `sock` (0: not linked) ran from `start_ns`
 /// to `end_ns`.
 #[inline(always)]
-pub(super) fn send_handshake(tgid: u32, sock: u64, start_ns: u64, end_ns: u64, library: u8) {
+pub(super) fn send_handshake(tgid: u32, sock: u64, start_ns: u64, end_ns: u64, library: u8, result: u8) {
     let mut ev = TlsHandshakeEvent {
         header: EventHeader { kind: kind::TLS_HANDSHAKE, _pad: [0; 3], tgid, ts_ns: end_ns },
         sock,
         start_ns,
         library,
-        _pad: [0; 7],
+        result,
+        _pad: [0; 6],
         tuple: SockTuple::default(),
     };
     if sock != 0 {

@@ -29,6 +29,11 @@ pub struct TlsState {
     /// first request's phases use it.
     pub handshake: Option<(u64, u64)>,
     pub handshake_seen: bool,
+    /// A handshake function returned without completing (first such call's
+    /// start), or said it failed: a connection that ends before a completed
+    /// handshake had a failed one.
+    pub handshake_attempt_ns: Option<u64>,
+    pub handshake_failed: bool,
     /// Seen in the ciphertext: when this side sent its first handshake
     /// record (a client's ClientHello), and when the version became known
     /// (the ServerHello arrived). The handshake's span for programs that

@@ -141,6 +141,50 @@ pub(super) fn mark_failed(span: &mut Span, error_type: &'static str) {
 }
 
 impl Pipeline {
+    /// A connection closed after a TLS handshake that never completed: a
+    /// span in the process that attempted it (client or server).
+    pub(super) fn on_failed_handshake(&mut self, conn: &crate::connections::Connection, start_ns: u64, end_ns: u64) {
+        let tgid = conn.tgid;
+        if tgid == 0 || self.failed_connects.admit(tgid, conn.peer, end_ns).is_none() {
+            Stats::inc(&self.stats.failed_connects_folded);
+            return;
+        }
+        Stats::inc(&self.stats.failed_handshake_spans);
+        let resource = self.processes.resource(tgid);
+        let (kind, server) = match conn.side {
+            Some(Side::Server) => (SpanKind::Server, conn.local),
+            _ => (SpanKind::Client, conn.peer),
+        };
+        let mut attributes = vec![
+            Attribute::str("server.address", server.ip().to_string()),
+            Attribute::int("server.port", i64::from(server.port())),
+            Attribute::str("network.peer.address", conn.peer_ip_text.clone()),
+            Attribute::int("network.peer.port", i64::from(conn.peer.port())),
+            Attribute::str("tls.protocol.name", "tls"),
+        ];
+        if let Some(v) = conn.tls.as_ref().and_then(|t| t.version) {
+            attributes.push(Attribute::str("tls.protocol.version", v));
+        }
+        let mut span = Span {
+            trace_id: [0; 16],
+            span_id: [0; 8],
+            parent_span_id: None,
+            name: "tls.handshake".into(),
+            kind,
+            start_unix_nano: self.clock.to_unix_nanos(start_ns),
+            end_unix_nano: self.clock.to_unix_nanos(end_ns.max(start_ns)),
+            attributes,
+            status: SpanStatus::Unset,
+            resource,
+        };
+        mark_failed(&mut span, "tls_handshake_failed");
+        let identity = Identity::root(&mut self.rng, true);
+        let mut bundle = std::mem::take(&mut self.bundle);
+        bundle.push(span);
+        self.submit(&mut bundle, identity);
+        self.bundle = bundle;
+    }
+
     /// A connect of a traced process failed: its span (rate-limited).
     pub(super) fn on_failed_connect(&mut self, c: &ConnectEvent) {
         let tgid = c.header.tgid;

@@ -390,9 +390,15 @@ impl Pipeline {
                 }
                 if let Admit::Tracked(conn) = self.connections.admit(h.sock, h.header.tgid, &h.tuple, h.header.ts_ns) {
                     let tls = conn.tls.get_or_insert_with(TlsState::new);
-                    tls.handshake_seen = true;
-                    tls.handshake_ns = Some(h.header.ts_ns.saturating_sub(h.start_ns));
-                    tls.handshake = Some((h.start_ns, h.header.ts_ns));
+                    if h.result == periscope_ebpf::handshake_result::DONE {
+                        tls.handshake_seen = true;
+                        tls.handshake_ns = Some(h.header.ts_ns.saturating_sub(h.start_ns));
+                        tls.handshake = Some((h.start_ns, h.header.ts_ns));
+                    } else {
+                        let start = tls.handshake_attempt_ns.map_or(h.start_ns, |s| s.min(h.start_ns));
+                        tls.handshake_attempt_ns = Some(start);
+                        tls.handshake_failed |= h.result == periscope_ebpf::handshake_result::FAILED;
+                    }
                 }
             }
             Event::MmapExec(m) => self.tls_scan_requests.push(m.header.tgid),
@@ -648,6 +654,13 @@ impl Pipeline {
 
     /// A connection ended: flush what its parser still holds.
     fn finish(&mut self, mut conn: Connection, ts_ns: u64) {
+        if let Some(tls) = &conn.tls
+            && let Some(start_ns) = tls.handshake_attempt_ns
+            && !tls.handshake_seen
+            && !tls.plaintext_seen
+        {
+            self.on_failed_handshake(&conn, start_ns, ts_ns);
+        }
         if let ProtocolState::Stream(parser) = &mut conn.protocol {
             let before = parser.counts();
             parser.close(ts_ns, &mut self.exchanges);
