@@ -234,6 +234,17 @@ impl Container {
         out.trim().parse().with_context(|| format!("pid of {}: {out:?}", self.name))
     }
 
+    /// `ENGINE stop -t GRACE NAME` (SIGTERM, SIGKILL after `grace`): the
+    /// container's exit code and how long the stop took.
+    pub fn stop(&self, grace: Duration) -> Result<(i32, Duration)> {
+        let t0 = std::time::Instant::now();
+        self.engine.ok(&["stop", "-t", &grace.as_secs().to_string(), &self.name], grace + Duration::from_secs(60))?;
+        let took = t0.elapsed();
+        let code = self.engine.ok(&["inspect", "--format", "{{.State.ExitCode}}", &self.name], Duration::from_secs(30))?;
+        let code = code.trim().parse().with_context(|| format!("exit code of {}: {code:?}", self.name))?;
+        Ok((code, took))
+    }
+
     /// `ENGINE exec NAME ARGS...`: (exit code, stdout, stderr).
     pub fn exec(&self, args: &[&str]) -> Result<(i32, String, String)> {
         let mut cmd = self.engine.command();

@@ -116,6 +116,18 @@ fn agent_image_runs_as_the_daemonset_and_traces_another_container() {
         });
         // The control socket is on the host too (the hostPath in the DaemonSet).
         e.that(socket_dir.join("control.sock").exists(), || "no control socket in the host directory".into());
+        // Shutdown as Kubernetes does it: SIGTERM, then SIGKILL after the
+        // grace period (30 s in the DaemonSet). A request made just before
+        // still reaches the collector, and the agent exits 0, in time.
+        let (_, last) = curl1(&format!("http://127.0.0.1:{port}/index.html?last"), &[])?;
+        e.that(last.http_code == 200, || format!("last curl: {}", last.http_code));
+        let (code, took) = agent.stop(Duration::from_secs(30))?;
+        e.that(code == 0, || format!("the agent exited {code} on SIGTERM; logs:\n{}", agent.logs()));
+        e.that(took < Duration::from_secs(20), || format!("stopping the agent took {took:?}"));
+        let last_port = i64::from(last.local_port);
+        // Rotel prints what it received in batches of up to 200 ms.
+        let arrived = rotel.try_wait_for_spans(|s| served(s) && s.int_attr("network.peer.port") == Some(last_port), 1, Duration::from_secs(5));
+        e.that(arrived.is_ok(), || "the request made just before the stop never reached Rotel".into());
         e.finish(&rotel.spans())
     });
 }

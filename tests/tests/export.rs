@@ -4,7 +4,8 @@
 //! Rotel), over OTLP/gRPC and OTLP/HTTP, with the CA and the client
 //! certificate given the standard way (`OTEL_EXPORTER_OTLP_CERTIFICATE`,
 //! `..._CLIENT_CERTIFICATE`, `..._CLIENT_KEY`). Without the CA the
-//! collector's certificate is refused and `status` says why.
+//! collector's certificate is refused and `status` says why. Bodies are
+//! gzip-compressed (`OTEL_EXPORTER_OTLP_COMPRESSION=gzip`).
 
 use periscope_tests::agent::AgentOptions;
 use periscope_tests::certs::TestCa;
@@ -68,6 +69,8 @@ fn spans_reach_a_collector_over_tls_with_a_client_certificate() {
             let mut opts = socket.agent_options();
             opts.args.extend(["--otlp-protocol".to_string(), protocol.to_string()]);
             opts.env.extend(tls_env(&ca, true));
+            // Compressed, as hosted backends prefer.
+            opts.env.push(("OTEL_EXPORTER_OTLP_COMPRESSION".into(), "gzip".into()));
             let endpoint = format!("https://localhost:{}", collector.port());
             let mut agent = Agent::start_with(&endpoint, opts)?;
             let path = format!("/?over-tls-{}", protocol.replace('/', "-"));

@@ -100,6 +100,8 @@ pub struct OtlpConfig {
     pub timeout: Duration,
     /// Certificates for an `https://` endpoint.
     pub tls: TlsFiles,
+    /// gzip request bodies (`OTEL_EXPORTER_OTLP_COMPRESSION=gzip`).
+    pub gzip: bool,
 }
 
 /// PEM files for TLS to the collector (`OTEL_EXPORTER_OTLP_CERTIFICATE`,
@@ -123,6 +125,7 @@ impl fmt::Debug for OtlpConfig {
             .field("headers", &names)
             .field("timeout", &self.timeout)
             .field("tls", &self.tls)
+            .field("gzip", &self.gzip)
             .finish()
     }
 }
@@ -229,12 +232,19 @@ impl ExportConfig {
                 if tls != TlsFiles::default() && !url.starts_with("https://") {
                     log::warn!("OTLP certificates are set but the endpoint {url} is not https://: they are not used");
                 }
+                let gzip = match first(&["OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION"]) {
+                    None => false,
+                    Some((_, v)) if v.trim().eq_ignore_ascii_case("gzip") => true,
+                    Some((_, v)) if v.trim().eq_ignore_ascii_case("none") => false,
+                    Some((k, v)) => bail!("{k}={v:?}: only gzip and none are supported"),
+                };
                 Destination::Otlp(OtlpConfig {
                     protocol,
                     url,
                     headers,
                     timeout,
                     tls,
+                    gzip,
                 })
             }
         };
@@ -438,6 +448,10 @@ mod tests {
         let half = cfg(None, None, &env[..4]).unwrap_err();
         assert!(format!("{half:#}").contains("go together"), "{half:#}");
         assert_eq!(otlp(&cfg(Some("http://c:4317"), None, &[]).unwrap()).tls, TlsFiles::default());
+        let gz = |v: &str| cfg(Some("http://c:4317"), None, &[("OTEL_EXPORTER_OTLP_COMPRESSION", v)]).map(|c| otlp(&c).gzip);
+        assert!(gz("gzip").unwrap());
+        assert!(!gz("none").unwrap());
+        assert!(gz("zstd").is_err());
     }
 
     fn cfg(

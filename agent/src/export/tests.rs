@@ -76,6 +76,7 @@ fn grpc_dest(addr: SocketAddr) -> Destination {
         headers: vec![("x-tenant".into(), "t 1".into())],
         timeout: Duration::from_secs(2),
         tls: Default::default(),
+        gzip: false,
     })
 }
 
@@ -86,6 +87,7 @@ fn http_dest(addr: SocketAddr) -> Destination {
         headers: vec![("x-tenant".into(), "t 1".into())],
         timeout: Duration::from_secs(2),
         tls: Default::default(),
+        gzip: false,
     })
 }
 

@@ -432,6 +432,22 @@ impl Probes {
         self.detach_links(links);
     }
 
+    /// Detaches every TLS and Go uprobe (at exit); returns how many. The
+    /// kernel waits for a grace period for each uprobe it removes, under a
+    /// lock, so this takes about 0.1 s per link here (50 in 5.5 s) whatever
+    /// the order or the number of threads closing them.
+    pub fn detach_uprobes(&mut self) -> usize {
+        let links: Vec<(&'static str, UProbeLinkId)> = self
+            .tls
+            .iter_mut()
+            .flat_map(|t| std::mem::take(&mut t.links))
+            .chain(self.go.iter_mut().flat_map(|g| std::mem::take(&mut g.links)))
+            .collect();
+        let n = links.len();
+        self.detach_links(links);
+        n
+    }
+
     fn detach_links(&mut self, links: Vec<(&'static str, UProbeLinkId)>) {
         for (prog, link) in links {
             if let Some(Ok(p)) = self.ebpf.program_mut(prog).map(<&mut UProbe>::try_from) {
