@@ -6,8 +6,10 @@ mod discovery;
 mod events;
 mod export;
 mod pipeline;
+mod local_view;
 mod probes;
 mod protocols;
+mod red;
 mod spans;
 mod stats;
 
@@ -86,6 +88,13 @@ struct RunArgs {
     /// request [default: 100ms].
     #[arg(long, value_parser = humantime::parse_duration)]
     phase_spans_min_duration: Option<Duration>,
+    /// Traces kept for `periscope traces` (0: none) [default: 200].
+    #[arg(long)]
+    traces_kept: Option<usize>,
+    /// Distinct routes (and RPC methods, DNS names, servers) each service
+    /// keeps in the RED metrics; the rest are folded into `_OTHER` [default: 100].
+    #[arg(long)]
+    max_routes: Option<usize>,
     /// Benchmark floor: load and attach every kernel program, but make each
     /// return at once (no events, no spans).
     #[arg(long, hide = true)]
@@ -145,6 +154,21 @@ fn run(args: RunArgs) -> Result<()> {
     let metrics_address = args.metrics_address.or(file.metrics_address);
     let payload_cap = args.payload_cap.or(file.payload_cap).unwrap_or(periscope_ebpf::DEFAULT_PAYLOAD_CAP);
     let max_connections = args.max_connections.or(file.max_connections).unwrap_or(65_536);
+    let traces_kept = args.traces_kept.or(file.traces_kept).unwrap_or(200);
+    let max_routes = args.max_routes.or(file.max_routes).unwrap_or(100);
+    let temporality = match std::env::var("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE") {
+        Ok(v) if !v.trim().is_empty() => red::otlp::Temporality::from_env_value(&v)
+            .map_err(|e| anyhow::anyhow!("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE: {e}"))?,
+        _ => red::otlp::Temporality::Cumulative,
+    };
+    // The OpenTelemetry SDKs' variable (milliseconds), 15 s by default here.
+    let metrics_interval = match std::env::var("OTEL_METRIC_EXPORT_INTERVAL") {
+        Ok(v) if !v.trim().is_empty() => match v.trim().parse::<u64>() {
+            Ok(ms) if ms > 0 => Duration::from_millis(ms),
+            _ => anyhow::bail!("OTEL_METRIC_EXPORT_INTERVAL {v:?}: expected milliseconds, more than 0"),
+        },
+        _ => Duration::from_secs(15),
+    };
     // The event loop runs on the main thread (`block_on`); the workers
     // carry export, control and metrics. Their name lets the benchmark
     // split the agent's CPU between the two.
@@ -154,7 +178,7 @@ fn run(args: RunArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let stats = Arc::new(Stats::default());
         let probe_settings = ProbeSettings { payload_cap, ring_buffer_bytes: ring_buffer_mib << 20, do_nothing: args.noop_probes };
         if let Some(effective) = probes::capabilities::effective() {
@@ -173,17 +197,18 @@ fn run(args: RunArgs) -> Result<()> {
             }
             None => None,
         };
-        let metrics_export = match &export_config.destination {
+        let mut metrics_export = match &export_config.destination {
             export::config::Destination::Otlp(otlp) => export::metrics::spawn(
                 otlp,
                 export_config.resource_attributes.clone(),
                 ctl_tx.clone(),
-                Duration::from_secs(15),
+                metrics_interval,
+                temporality,
             )?,
             _ => None,
         };
         let (sink, exporter) = export::spawn(export_config, stats.clone());
-        let mut pipeline = Pipeline::new(PipelineSettings { max_connections, ..Default::default() }, sink.clone(), stats.clone());
+        let mut pipeline = Pipeline::new(PipelineSettings { max_connections, traces_kept, max_routes, ..Default::default() }, sink.clone(), stats.clone());
         let mut control = pipeline::Control {
             state: control::daemon::ControlState::new(),
             calls: ctl_rx,
@@ -258,12 +283,21 @@ fn run(args: RunArgs) -> Result<()> {
             libmimalloc_sys::mi_collect(true);
             libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_RUNNING_MS);
         }
-        let pipeline = pipeline::run(&mut probes, ring, pipeline, tls_watch, control, shutdown_signal()).await?;
+        let mut pipeline = pipeline::run(&mut probes, ring, pipeline, tls_watch, control, shutdown_signal()).await?;
         control_server.shutdown().await;
-        for task in metrics_task.into_iter().chain(metrics_export).chain(k8s_api_task) {
+        // Spans and metrics go out first: detaching takes the kernel a
+        // grace period per uprobe, seconds with many libraries hooked.
+        let metrics_last = pipeline.red.snapshot();
+        if let Some(export) = metrics_export.take() {
+            export.finish(metrics_last, Duration::from_secs(2)).await;
+        }
+        for task in metrics_task.into_iter().chain(k8s_api_task) {
             task.abort();
         }
         pipeline.into_sink().shutdown(exporter).await;
+        let detach_started = std::time::Instant::now();
+        let detached = tokio::task::block_in_place(|| probes.detach_uprobes());
+        info!("{detached} uprobes detached in {:.1?}", detach_started.elapsed());
         let lost: u64 = probes.lost_events().iter().map(|(_, n)| n).sum();
         info!("counters: {:?}; kernel losses per program: {:?}", stats, probes.lost_events());
         info!(
@@ -276,7 +310,12 @@ fn run(args: RunArgs) -> Result<()> {
             Stats::get(&stats.request_spans_built)
         );
         Ok(())
-    })
+    });
+    // Dropping the runtime would wait for every blocking task, and the
+    // discovery threads block on /proc and inotify for as long as they
+    // like: everything that matters (spans, metrics) was flushed above.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    result
 }
 
 async fn shutdown_signal() {

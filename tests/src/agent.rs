@@ -79,6 +79,16 @@ impl Agent {
     }
 
     pub fn start_with(otlp_endpoint: &str, opts: AgentOptions) -> Result<Agent> {
+        Self::start_inner(Some(otlp_endpoint), opts)
+    }
+
+    /// Start `periscope run` with no OTLP endpoint: spans are printed on
+    /// its stdout (see [`Agent::log`]).
+    pub fn start_stdout(opts: AgentOptions) -> Result<Agent> {
+        Self::start_inner(None, opts)
+    }
+
+    fn start_inner(otlp_endpoint: Option<&str>, opts: AgentOptions) -> Result<Agent> {
         if unsafe { libc::geteuid() } != 0 {
             bail!(
                 "the agent loads eBPF programs and must run as root; run the end-to-end tests as root (`cargo xtask test`)"
@@ -86,7 +96,11 @@ impl Agent {
         }
         let bin = binary()?;
         let mut cmd = Command::new(&bin);
-        cmd.args(["run", "--otlp-endpoint", otlp_endpoint]).args(&opts.args);
+        cmd.arg("run");
+        if let Some(endpoint) = otlp_endpoint {
+            cmd.args(["--otlp-endpoint", endpoint]);
+        }
+        cmd.args(&opts.args);
         // A test that picks the socket (flag or config file) keeps it.
         let chosen = |a: &String| a == "--socket" || a.starts_with("--socket=") || a == "--config";
         let socket_dir = if opts.args.iter().any(chosen) {

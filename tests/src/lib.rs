@@ -32,6 +32,7 @@ pub mod expect;
 pub mod go;
 pub mod grpc;
 pub mod http2;
+pub mod metrics;
 pub mod nginx;
 pub mod node;
 pub mod proc;

@@ -2,6 +2,7 @@
 //! the spans it prints are parsed back into [`Span`]s (see [`crate::span`]).
 
 use crate::proc::{Proc, StopWith, Stream, TempDir, free_port, wait_for_port};
+use crate::metrics::{HistogramPoint, MetricsLogParser};
 use crate::span::{DebugLogParser, Span, dump};
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
@@ -18,6 +19,8 @@ pub struct Rotel {
     proc: Proc,
     /// Incremental parse of the output: the parser and how many lines it has read.
     parsed: Mutex<(DebugLogParser, usize)>,
+    /// The same for the metrics Rotel printed.
+    metrics: Mutex<(MetricsLogParser, usize)>,
     grpc_port: u16,
     http_port: u16,
     _dir: TempDir,
@@ -64,7 +67,7 @@ impl Rotel {
             .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc_port}")])
             .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http_port}")])
             .args(["--exporter", "blackhole"])
-            .args(["--debug-log", "traces", "--debug-log-verbosity", "detailed"])
+            .args(["--debug-log", "traces", "--debug-log", "metrics", "--debug-log-verbosity", "detailed"])
             // JSON log lines are easy to tell apart from the span dump.
             .args(["--log-format", "json"])
             .arg("--pid-file")
@@ -93,6 +96,7 @@ impl Rotel {
         Ok(Rotel {
             proc,
             parsed: Mutex::new((DebugLogParser::new(), 0)),
+            metrics: Mutex::new((MetricsLogParser::default(), 0)),
             grpc_port,
             http_port,
             _dir: dir,
@@ -135,6 +139,19 @@ impl Rotel {
             parser.feed(l);
         }
         parser.spans(quiet_for.is_none_or(|q| q >= QUIET))
+    }
+
+    /// Every histogram data point received so far (metrics are printed in
+    /// one go per request; a point still being read is left for later).
+    pub fn histogram_points(&self) -> Vec<HistogramPoint> {
+        let mut g = self.metrics.lock().unwrap();
+        let (parser, consumed) = &mut *g;
+        let (lines, now_consumed, _) = self.proc.output().since(Stream::Stdout, *consumed);
+        *consumed = now_consumed;
+        for l in &lines {
+            parser.feed(l);
+        }
+        parser.points()
     }
 
     /// Wait until at least `min_count` received spans satisfy `pred`, and

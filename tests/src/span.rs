@@ -316,6 +316,8 @@ pub struct DebugLogParser {
     current: Option<Span>,
     section: Option<Section>,
     pending: Option<(Target, String, String)>,
+    /// Inside a metrics dump (`ResourceMetrics #`), until the next spans.
+    in_metrics: bool,
 }
 
 impl DebugLogParser {
@@ -356,11 +358,20 @@ impl DebugLogParser {
         if line.starts_with("{\"v\":") || line.starts_with("\u{1b}[") || is_text_log_line(line) {
             return;
         }
+        if line.starts_with("ResourceMetrics #") || line.starts_with("ResourceLogs #") {
+            self.finish_span();
+            self.in_metrics = true;
+            return;
+        }
         if line.starts_with("ResourceSpans #") {
+            self.in_metrics = false;
             self.finish_span();
             self.resource.clear();
             self.scope.clear();
             self.section = Some(Section::None);
+            return;
+        }
+        if self.in_metrics {
             return;
         }
         if line.starts_with("Resource SchemaURL:") || line.starts_with("ScopeSpans SchemaURL:") {

@@ -101,6 +101,9 @@ pub const PIP_PACKAGES: &[(&str, &str)] = &[
     // gRPC over TLS with a statically linked BoringSSL: the TLS the agent
     // cannot see by symbol (tests/tests/tls.rs).
     ("grpc", "grpcio"),
+    // tests/tests/metrics.rs: the Prometheus project's own parsers check
+    // the /metrics answer in both formats.
+    ("prometheus_client", "prometheus-client"),
     // tests/tests/deploy.rs: the Kubernetes API's schemas, strictly. Its
     // import loads PyYAML (a dependency), which the tests read YAML with.
     (

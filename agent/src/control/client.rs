@@ -1,4 +1,4 @@
-//! `periscope status|enable|disable|filter|sample`: the client side of the
+//! `periscope status|enable|disable|filter|sample|traces|map`: the client side of the
 //! control socket (blocking I/O, no runtime needed).
 
 use std::fmt::Write as _;
@@ -7,6 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::views::{MapArgs, TracesArgs};
 use super::protocol::{
     ErrorKind, Feature, FeatureChange, Filter, FilterChange, Request, Response, SampleChange, StatusReport, TlsState,
 };
@@ -70,6 +71,10 @@ pub enum ControlCommand {
         #[command(flatten)]
         conn: SocketArg,
     },
+    /// Recent traces as a time-aligned waterfall (or an SVG file).
+    Traces(TracesArgs),
+    /// The service map seen on this node: caller -> callee with rate, errors, p50 and p99.
+    Map(MapArgs),
 }
 
 #[derive(clap::Args, Clone, Debug, PartialEq)]
@@ -118,7 +123,9 @@ impl ControlCommand {
             | ControlCommand::Enable { conn, .. }
             | ControlCommand::Disable { conn, .. }
             | ControlCommand::Sample { conn, .. }
-            | ControlCommand::Filter(FilterArgs { conn, .. }) => &conn.socket,
+            | ControlCommand::Filter(FilterArgs { conn, .. })
+            | ControlCommand::Traces(TracesArgs { conn, .. })
+            | ControlCommand::Map(MapArgs { conn, .. }) => &conn.socket,
         }
     }
 
@@ -128,6 +135,8 @@ impl ControlCommand {
             ControlCommand::Enable { feature, .. } => Request::Enable { feature: *feature },
             ControlCommand::Disable { feature, .. } => Request::Disable { feature: *feature },
             ControlCommand::Sample { ratio, .. } => Request::Sample { ratio: *ratio },
+            ControlCommand::Traces(a) => a.request(None, None),
+            ControlCommand::Map(_) => Request::Map,
             ControlCommand::Filter(a) => {
                 let filter = Filter {
                     include_pids: a.pids.clone(),
@@ -158,6 +167,9 @@ impl ControlCommand {
 
 /// Runs `cmd` against the daemon at `socket`, prints the outcome, returns the exit code.
 pub fn run_client(socket: &Path, cmd: &ControlCommand) -> i32 {
+    if let ControlCommand::Traces(a @ TracesArgs { follow: true, .. }) = cmd {
+        return super::views::follow(a);
+    }
     let response = match exchange(socket, &cmd.request()) {
         Ok(r) => r,
         Err((code, message)) => {
@@ -199,6 +211,8 @@ pub fn render(cmd: &ControlCommand, response: Response) -> Result<String, (Error
         }
         ControlCommand::Filter(_) => response.into_result::<FilterChange>()?.message,
         ControlCommand::Sample { .. } => response.into_result::<SampleChange>()?.message,
+        ControlCommand::Traces(a) => super::views::render_traces(a, response, super::views::color_for_stdout())?,
+        ControlCommand::Map(a) => super::views::render_map(a, response, super::views::color_for_stdout())?,
     })
 }
 

@@ -14,6 +14,8 @@
 //! disabled_features = ["tls"]
 //! sample_ratio = 0.25
 //! phase_spans_min_duration = "100ms"
+//! traces_kept = 200                 # for `periscope traces`
+//! max_routes = 100                  # per service, in the RED metrics
 //!
 //! [filter]
 //! exclude_exes = ["sshd"]
@@ -46,6 +48,10 @@ pub struct ConfigFile {
     pub sample_ratio: Option<f64>,
     /// `--phase-spans-min-duration`, as humantime text ("100ms", "0s").
     pub phase_spans_min_duration: Option<String>,
+    /// `--traces-kept`.
+    pub traces_kept: Option<usize>,
+    /// `--max-routes`.
+    pub max_routes: Option<usize>,
 }
 
 /// Reads and checks a config file; errors name the file and, for syntax
@@ -88,6 +94,9 @@ impl ConfigFile {
         }
         if self.max_connections == Some(0) {
             bail!("max_connections must be at least 1");
+        }
+        if self.max_routes == Some(0) {
+            bail!("max_routes must be at least 1");
         }
         if let Some(r) = self.sample_ratio
             && !(0.0..=1.0).contains(&r)

@@ -17,7 +17,7 @@ use periscope_ebpf::control::{
 use super::metrics::counters_from_stats;
 use super::protocol::{
     ExporterStatus, Feature, FeatureChange, FeatureStatus, Filter, FilterChange, KernelFeature, ProcessStatus,
-    GoProgramStatus, Request, Response, SampleChange, StatusReport, TlsLibraryStatus, TlsState,
+    GoProgramStatus, Request, Response, SampleChange, StatusReport, TlsLibraryStatus, TlsState, TracesResult,
 };
 use crate::export::{ExporterHealth, SpanSink};
 use crate::pipeline::{Pipeline, Sampler};
@@ -72,6 +72,20 @@ impl ControlState {
                 pipeline.set_sampler(Sampler::new(ratio));
                 Response::ok(&SampleChange::new(pipeline.sampler().ratio(), previous))
             }
+            Request::Traces(q) => {
+                let query = crate::local_view::recent::TraceQuery {
+                    last: q.last.unwrap_or(20),
+                    service: q.service,
+                    min_duration_ns: q.min_duration_ms.map_or(0, |ms| (ms * 1e6) as u64),
+                    errors: q.errors,
+                    after_seq: q.after_seq.unwrap_or(0),
+                    quiet: std::time::Duration::from_millis(q.quiet_ms.unwrap_or(0)),
+                };
+                let traces = pipeline.recent.query(&query, Instant::now());
+                Response::ok(&TracesResult { kept: pipeline.recent.capacity(), traces })
+            }
+            Request::Map => Response::ok(&pipeline.red.service_map()),
+            Request::Metrics => Response::ok(&pipeline.red.snapshot()),
         }
     }
 
@@ -195,6 +209,10 @@ impl ControlState {
                 ),
                 Feature::Dns => Some("UDP/TCP port 53 payloads and libc getaddrinfo uprobes".to_string()),
                 Feature::Phases => Some("latency-breakdown child spans (daemon only)".to_string()),
+                Feature::Metrics => Some(format!(
+                    "RED duration histograms from every span, before sampling (daemon only): {} series",
+                    pipeline.red.series_count()
+                )),
                 Feature::Tls => Some(format!(
                     "uprobes on those of these functions a library has: {}",
                     TLS_UPROBES.iter().map(|(s, _, _)| *s).collect::<Vec<_>>().join(", ")
@@ -319,6 +337,9 @@ impl ControlState {
                 use periscope_ebpf::kernel_counter::{GO_NO_OFFSETS, GO_NO_SOCKET};
                 c.insert("go_tls_calls_without_offsets".into(), probes.kernel_counter(GO_NO_OFFSETS));
                 c.insert("go_tls_calls_without_socket".into(), probes.kernel_counter(GO_NO_SOCKET));
+                c.insert("red_routes_folded".into(), pipeline.red.routes_folded());
+                c.insert("red_series_overflow".into(), pipeline.red.series_overflow());
+                c.insert("recent_trace_spans_dropped".into(), pipeline.recent.spans_dropped());
                 c
             },
             lost_per_probe: probes.lost_events().into_iter().map(|(n, v)| (n.to_string(), v)).collect(),

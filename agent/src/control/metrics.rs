@@ -1,5 +1,6 @@
 //! Optional Prometheus endpoint (`--metrics-address`): `GET /metrics`
-//! renders the same [`StatusReport`] `periscope status` shows.
+//! renders the same [`StatusReport`] `periscope status` shows, and the RED
+//! histograms; in OpenMetrics (with exemplars) when the scraper asks for it.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -19,6 +20,8 @@ use tokio::task::JoinHandle;
 
 use super::protocol::{Feature, Request, StatusReport};
 use super::server::{ControlCall, call};
+use crate::red::prometheus;
+use crate::red::snapshot::RedSnapshot;
 use crate::stats::Stats;
 
 /// The daemon's counters by name, for [`StatusReport::counters`].
@@ -114,6 +117,9 @@ fn counter_help(name: &str) -> &'static str {
         "k8s_api_lookups" => "Pod lookups sent to the Kubernetes API server, retries included.",
         "k8s_api_errors" => "Pod lookups the Kubernetes API server refused or did not answer usably (retried with backoff).",
         "k8s_api_dropped" => "Pod lookup requests dropped because the lookup queue was full.",
+        "red_routes_folded" => "Requests counted under _OTHER because their service had --max-routes routes (or RPC methods, DNS names, servers).",
+        "red_series_overflow" => "Requests not counted in the RED metrics because the series table was full.",
+        "recent_trace_spans_dropped" => "Spans left out of the local view's traces (more than 256 in one trace).",
         _ => "Periscope counter.",
     }
 }
@@ -139,20 +145,28 @@ fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display
     let _ = writeln!(out, "{name} {value}");
 }
 
-/// Prometheus text exposition format (0.0.4) of a status report.
-pub fn prometheus_text(r: &StatusReport) -> String {
+/// A counter's HELP and TYPE: the Prometheus text format names the family
+/// as its samples (`x_total`), OpenMetrics without the suffix.
+fn counter_family(out: &mut String, sample_name: &str, help: &str, openmetrics: bool) {
+    let name = if openmetrics { sample_name.strip_suffix("_total").unwrap_or(sample_name) } else { sample_name };
+    family(out, name, "counter", help);
+}
+
+/// The Prometheus text exposition format (0.0.4) of a status report, or
+/// the same in OpenMetrics' form (without its `# EOF`).
+pub fn prometheus_text(r: &StatusReport, openmetrics: bool) -> String {
     let mut o = String::new();
     for (name, value) in &r.counters {
         let base = sanitize(name);
         let metric = format!("periscope_{}_total", base.strip_suffix("_total").unwrap_or(&base));
-        family(&mut o, &metric, "counter", counter_help(name));
+        counter_family(&mut o, &metric, counter_help(name), openmetrics);
         let _ = writeln!(o, "{metric} {value}");
     }
-    family(
+    counter_family(
         &mut o,
         "periscope_events_lost_total",
-        "counter",
         "Events the kernel could not write to the ring buffer, per program.",
+        openmetrics,
     );
     for (probe, n) in &r.lost_per_probe {
         let _ = writeln!(
@@ -239,15 +253,32 @@ async fn respond(
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text_response(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "use GET\n".into()));
     }
+    let openmetrics = req
+        .headers()
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(prometheus::wants_openmetrics);
     let response = call(&handler, Request::Status, Duration::from_secs(5)).await;
-    Ok(match response.into_result::<StatusReport>() {
-        Ok(report) => text_response(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            prometheus_text(&report),
-        ),
-        Err((_, message)) => text_response(StatusCode::SERVICE_UNAVAILABLE, PLAIN, format!("{message}\n")),
-    })
+    let report = match response.into_result::<StatusReport>() {
+        Ok(report) => report,
+        Err((_, message)) => return Ok(text_response(StatusCode::SERVICE_UNAVAILABLE, PLAIN, format!("{message}\n"))),
+    };
+    let mut body = prometheus_text(&report, openmetrics);
+    // The RED histograms; the daemon's counters are worth serving without them.
+    let red = call(&handler, Request::Metrics, Duration::from_secs(5)).await;
+    if let Ok(snapshot) = red.into_result::<RedSnapshot>() {
+        prometheus::render(&snapshot, openmetrics, &mut body);
+    }
+    let content_type = if openmetrics {
+        if !body.ends_with("# EOF\n") {
+            body.push_str("# EOF\n");
+        }
+        prometheus::OPENMETRICS_CONTENT_TYPE
+    } else {
+        prometheus::TEXT_CONTENT_TYPE
+    };
+    Ok(text_response(StatusCode::OK, content_type, body))
 }
 
 /// Serves `GET /metrics` on `addr` (HTTP/1), answering from the same
@@ -380,7 +411,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let text = prometheus_text(&r);
+        let text = prometheus_text(&r, false);
         let (types, samples) = parse(&text);
         let get = |s: &str| samples.iter().find(|(n, _)| n == s).map(|(_, v)| *v);
         assert_eq!(types["periscope_spans_exported_total"], "counter");

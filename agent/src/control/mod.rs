@@ -1,5 +1,5 @@
 //! Steering a running daemon: the root-only control socket (server side),
-//! the `periscope status|enable|disable|filter|sample` client, the
+//! the `periscope status|enable|disable|filter|sample|traces|map` client, the
 //! optional Prometheus endpoint and the `--config` file.
 //!
 //! The wire protocol is documented in [`protocol`].
@@ -10,6 +10,7 @@ pub mod config_file;
 pub mod metrics;
 pub mod protocol;
 pub mod server;
+pub mod views;
 
 #[allow(unused_imports)] // conveniences for the daemon; which ones it needs varies
 pub use protocol::{Feature, Filter, Request, Response, StatusReport};

@@ -21,13 +21,17 @@
 //!
 //! ```text
 //! {"cmd":"status"}                               full StatusReport
-//! {"cmd":"enable","feature":"tls"}               feature: http | tls | dns | grpc | phases
+//! {"cmd":"enable","feature":"tls"}               feature: http | tls | dns | grpc | phases | metrics
 //! {"cmd":"disable","feature":"tls"}
 //! {"cmd":"filter"}                               show the current filter
 //! {"cmd":"filter","set":{"include_pids":[42],"exclude_ports":[22]}}
 //!                                                replace the whole filter (missing lists = empty)
 //! {"cmd":"filter","clear":true}                  remove every filter: trace everything
 //! {"cmd":"sample","ratio":0.1}                   head sampling ratio, 0.0..=1.0
+//! {"cmd":"traces","last":20,"service":"nginx","min_duration_ms":5,"errors":true,"after_seq":0,"quiet_ms":1000}
+//!                                                recent traces (every field optional)
+//! {"cmd":"map"}                                  the service map seen on this node
+//! {"cmd":"metrics"}                              the RED metrics' series
 //! ```
 //!
 //! Filter lists: `include_pids`, `exclude_pids` (u32), `include_exes`,
@@ -51,7 +55,9 @@
 //!
 //! Results: `status` → [`StatusReport`]; `enable`/`disable` →
 //! [`FeatureChange`]; `filter` → [`FilterChange`]; `sample` →
-//! [`SampleChange`]. Every change result carries a human readable `message`.
+//! [`SampleChange`]; `traces` → [`TracesResult`]; `map` →
+//! [`crate::local_view::model::ServiceMap`]; `metrics` →
+//! [`crate::red::snapshot::RedSnapshot`]. Every change result carries a human readable `message`.
 //! `grpc` is accepted and recorded but reported with
 //! `"available":false` ("not yet available").
 
@@ -77,10 +83,13 @@ pub enum Feature {
     Grpc,
     /// Latency-breakdown child spans (dns, connect, tls.handshake, ...).
     Phases,
+    /// RED metrics (duration histograms) computed from the spans.
+    Metrics,
 }
 
 impl Feature {
-    pub const ALL: [Feature; 5] = [Feature::Http, Feature::Tls, Feature::Dns, Feature::Grpc, Feature::Phases];
+    pub const ALL: [Feature; 6] =
+        [Feature::Http, Feature::Tls, Feature::Dns, Feature::Grpc, Feature::Phases, Feature::Metrics];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -89,6 +98,7 @@ impl Feature {
             Feature::Dns => "dns",
             Feature::Grpc => "grpc",
             Feature::Phases => "phases",
+            Feature::Metrics => "metrics",
         }
     }
 
@@ -111,7 +121,7 @@ impl FromStr for Feature {
         Feature::ALL
             .into_iter()
             .find(|f| f.as_str() == lower)
-            .ok_or_else(|| format!("unknown feature {s:?} (known: http, tls, dns, grpc, phases)"))
+            .ok_or_else(|| format!("unknown feature {s:?} (known: http, tls, dns, grpc, phases, metrics)"))
     }
 }
 
@@ -228,6 +238,39 @@ pub enum Request {
     Sample {
         ratio: f64,
     },
+    Traces(TracesQuery),
+    Map,
+    Metrics,
+}
+
+/// `traces`: which recent traces to return (all optional).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracesQuery {
+    /// The newest this many (default 20).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_duration_ms: Option<f64>,
+    #[serde(skip_serializing_if = "is_false")]
+    pub errors: bool,
+    /// Only traces updated after this sequence number (see `updated_seq`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after_seq: Option<u64>,
+    /// Only traces that got no new span for this long.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quiet_ms: Option<u64>,
+}
+
+/// Result of `traces`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TracesResult {
+    /// How many traces the daemon keeps (0: the local view is off).
+    pub kept: usize,
+    /// Oldest first.
+    pub traces: Vec<crate::local_view::model::TraceView>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -247,6 +290,9 @@ impl Request {
         match self {
             Request::Sample { ratio } if !(0.0..=1.0).contains(ratio) => {
                 Err(format!("sampling ratio {ratio} is outside 0.0..=1.0"))
+            }
+            Request::Traces(q) if q.min_duration_ms.is_some_and(|d| !(d >= 0.0)) => {
+                Err("min_duration_ms must be a number >= 0".into())
             }
             Request::Filter {
                 set: Some(_),

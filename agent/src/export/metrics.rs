@@ -1,7 +1,8 @@
-//! The daemon's own counters as OTLP metrics, when an OTLP/gRPC endpoint is
-//! set: every `interval`, the same snapshot `periscope status` shows is
-//! sent as cumulative sums (counters, kernel losses per program) and gauges
-//! (open connections, export queue).
+//! The daemon's own counters and the RED metrics as OTLP metrics, when an
+//! OTLP endpoint is set (gRPC or HTTP), every `interval` and at shutdown:
+//! the snapshot `periscope status` shows as cumulative sums (counters,
+//! kernel losses per program) and gauges (open connections, export queue),
+//! and the RED histograms of every traced process (see [`crate::red`]).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -19,6 +20,8 @@ use tokio::task::JoinHandle;
 use tonic::transport::Endpoint;
 
 use super::config::{OtlpConfig, Protocol};
+use crate::red::otlp::{DeltaState, Temporality};
+use crate::red::snapshot::RedSnapshot;
 use crate::control::protocol::{Request, Response, StatusReport};
 use crate::control::server::ControlCall;
 use crate::spans::model::{AttrValue, Attribute};
@@ -102,50 +105,154 @@ pub fn to_request(report: &StatusReport, host: &str, extra: &[Attribute], now: u
     }
 }
 
-/// Sends the daemon's metrics every `interval` (OTLP/gRPC only). Failures
-/// are logged once per failing period; the span exporter reports the
-/// endpoint's health.
+/// Where metrics go: OTLP/gRPC's metrics service, or OTLP/HTTP's
+/// `/v1/metrics`.
+enum Transport {
+    Grpc(MetricsServiceClient<tonic::transport::Channel>),
+    Http(super::otlp::HttpExporter),
+}
+
+impl Transport {
+    async fn export(&mut self, request: ExportMetricsServiceRequest) -> Result<(), String> {
+        match self {
+            Transport::Grpc(client) => client.export(request).await.map(|_| ()).map_err(|e| e.message().to_string()),
+            Transport::Http(http) => {
+                let body = bytes::Bytes::from(prost::Message::encode_to_vec(&request));
+                http.export(body).await.map(|_| ()).map_err(|e| e.message)
+            }
+        }
+    }
+}
+
+/// The URL OTLP/HTTP metrics go to: `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`
+/// as given, else the traces URL with `/v1/metrics` for `/v1/traces`, else
+/// the generic endpoint's `/v1/metrics`.
+pub fn metrics_http_url(traces_url: &str, env: impl Fn(&str) -> Option<String>) -> Option<String> {
+    if let Some(url) = env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT").filter(|u| !u.trim().is_empty()) {
+        return Some(url.trim().to_string());
+    }
+    if let Some(base) = traces_url.strip_suffix("/v1/traces") {
+        return Some(format!("{base}/v1/metrics"));
+    }
+    let generic = env("OTEL_EXPORTER_OTLP_ENDPOINT").filter(|u| !u.trim().is_empty())?;
+    super::config::otlp_url(&generic, Protocol::HttpProtobuf, false)
+        .ok()
+        .and_then(|u| u.strip_suffix("/v1/traces").map(|b| format!("{b}/v1/metrics")))
+}
+
+/// The running metrics exporter; [`MetricsExport::finish`] sends the last
+/// RED snapshot at shutdown.
+pub struct MetricsExport {
+    task: JoinHandle<()>,
+    last: oneshot::Sender<RedSnapshot>,
+}
+
+impl MetricsExport {
+    /// Sends `last` (taken after the event loop stopped) and waits for it,
+    /// at most `deadline`.
+    pub async fn finish(self, last: RedSnapshot, deadline: Duration) {
+        if self.last.send(last).is_ok() {
+            let mut task = self.task;
+            if tokio::time::timeout(deadline, &mut task).await.is_err() {
+                log::warn!("OTLP metrics: the last export did not finish within {deadline:?}");
+                task.abort();
+            }
+        } else {
+            self.task.abort();
+        }
+    }
+}
+
+/// Sends the daemon's own counters and the RED metrics every `interval`
+/// and once at shutdown. Failures are logged once per failing period; the
+/// span exporter reports the endpoint's health.
 pub fn spawn(
     cfg: &OtlpConfig,
     extra: Vec<Attribute>,
     calls: mpsc::Sender<ControlCall>,
     interval: Duration,
-) -> anyhow::Result<Option<JoinHandle<()>>> {
-    if cfg.protocol != Protocol::Grpc {
-        log::info!("OTLP metrics are sent over gRPC only; with {} only traces are exported", cfg.protocol.as_str());
-        return Ok(None);
-    }
-    let endpoint = Endpoint::from_shared(cfg.url.clone())?.timeout(cfg.timeout);
-    let channel = super::tls::grpc_endpoint(endpoint, cfg)?.connect_lazy();
-    let mut client = MetricsServiceClient::new(channel);
+    temporality: Temporality,
+) -> anyhow::Result<Option<MetricsExport>> {
+    let mut transport = match cfg.protocol {
+        Protocol::Grpc => {
+            let endpoint = Endpoint::from_shared(cfg.url.clone())?.timeout(cfg.timeout);
+            let channel = super::tls::grpc_endpoint(endpoint, cfg)?.connect_lazy();
+            let mut client = MetricsServiceClient::new(channel);
+            if cfg.gzip {
+                client = client.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+            }
+            Transport::Grpc(client)
+        }
+        Protocol::HttpProtobuf => {
+            let Some(url) = metrics_http_url(&cfg.url, |k| std::env::var(k).ok()) else {
+                log::info!(
+                    "OTLP metrics: no URL for them (set OTEL_EXPORTER_OTLP_METRICS_ENDPOINT); only traces are exported"
+                );
+                return Ok(None);
+            };
+            let metrics_cfg = OtlpConfig { url, ..cfg.clone() };
+            Transport::Http(super::otlp::HttpExporter::new(&metrics_cfg)?)
+        }
+    };
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default();
-    Ok(Some(tokio::spawn(async move {
+    let (last_tx, mut last_rx) = oneshot::channel::<RedSnapshot>();
+    let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.tick().await;
         let mut failing = false;
+        let mut delta = DeltaState::default();
         loop {
-            tick.tick().await;
-            let (reply, answer) = oneshot::channel();
-            if calls.send(ControlCall { request: Request::Status, reply }).await.is_err() {
+            let (report, red, finishing) = tokio::select! {
+                _ = tick.tick() => {
+                    let report = ask::<StatusReport>(&calls, Request::Status).await;
+                    let red = ask::<RedSnapshot>(&calls, Request::Metrics).await;
+                    if report.is_none() && red.is_none() {
+                        continue;
+                    }
+                    (report, red, false)
+                }
+                last = &mut last_rx => match last {
+                    Ok(red) => (None, Some(red), true),
+                    Err(_) => return,
+                },
+            };
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+            let mut request = match &report {
+                Some(report) => to_request(report, &host, &extra, now),
+                None => ExportMetricsServiceRequest::default(),
+            };
+            if let Some(red) = red.filter(|r| r.enabled) {
+                let mut red_request = crate::red::otlp::to_request(&red, temporality, &mut delta);
+                request.resource_metrics.append(&mut red_request.resource_metrics);
+            }
+            if !request.resource_metrics.is_empty() {
+                match transport.export(request).await {
+                    Ok(()) if failing => {
+                        failing = false;
+                        log::info!("OTLP metrics export works again");
+                    }
+                    Ok(()) => {}
+                    Err(e) if !failing => {
+                        failing = true;
+                        log::warn!("OTLP metrics export failed: {e}; will keep trying");
+                    }
+                    Err(_) => {}
+                }
+            }
+            if finishing {
                 return;
             }
-            let Ok(Response { ok: true, result: Some(value), .. }) = answer.await else { continue };
-            let Ok(report) = serde_json::from_value::<StatusReport>(value) else { continue };
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-            match client.export(to_request(&report, &host, &extra, now)).await {
-                Ok(_) if failing => {
-                    failing = false;
-                    log::info!("OTLP metrics export works again");
-                }
-                Ok(_) => {}
-                Err(e) if !failing => {
-                    failing = true;
-                    log::warn!("OTLP metrics export failed: {}; will keep trying", e.message());
-                }
-                Err(_) => {}
-            }
         }
-    })))
+    });
+    Ok(Some(MetricsExport { task, last: last_tx }))
+}
+
+/// One request to the event loop, its answer decoded; None if it did not answer.
+async fn ask<T: serde::de::DeserializeOwned>(calls: &mpsc::Sender<ControlCall>, request: Request) -> Option<T> {
+    let (reply, answer) = oneshot::channel();
+    calls.send(ControlCall { request, reply }).await.ok()?;
+    let Ok(Response { ok: true, result: Some(value), .. }) = answer.await else { return None };
+    serde_json::from_value(value).ok()
 }
 
 #[cfg(test)]

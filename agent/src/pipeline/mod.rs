@@ -40,15 +40,21 @@ use crate::spans::resolutions::Resolutions;
 use crate::spans::{clock::Clock, http};
 use crate::stats::Stats;
 
+#[derive(Clone, Copy, Debug)]
 pub struct PipelineSettings {
     pub max_connections: usize,
     /// Connections with no traffic for this long are forgotten.
     pub idle_timeout: Duration,
+    /// Traces kept for `periscope traces`.
+    pub traces_kept: usize,
+    /// Distinct routes (and RPC methods, DNS names, servers) per service
+    /// in the RED metrics before the rest fold into `_OTHER`.
+    pub max_routes: usize,
 }
 
 impl Default for PipelineSettings {
     fn default() -> Self {
-        Self { max_connections: 65_536, idle_timeout: Duration::from_secs(300) }
+        Self { max_connections: 65_536, idle_timeout: Duration::from_secs(300), traces_kept: 200, max_routes: 100 }
     }
 }
 
@@ -116,6 +122,10 @@ pub struct Pipeline {
     /// Answers of the Kubernetes API lookup task (discovery::kubernetes_api),
     /// when the agent can reach the API server; drained each tick.
     k8s_results: Option<tokio::sync::mpsc::Receiver<Arc<crate::discovery::kubernetes_api::PodInfo>>>,
+    /// RED metrics of every request span, before sampling.
+    pub red: crate::red::aggregator::RedAggregator,
+    /// The last traces exported, for `periscope traces`.
+    pub recent: crate::local_view::recent::RecentTraces,
 }
 
 /// A connection parsed as HTTP/1 is checked for HTTP/2 frames in its first
@@ -218,6 +228,8 @@ impl Pipeline {
             dns_errors_logged: false,
             now_ns: 0,
             k8s_results: None,
+            red: crate::red::aggregator::RedAggregator::new(settings.max_routes),
+            recent: crate::local_view::recent::RecentTraces::new(settings.traces_kept),
         }
     }
 
@@ -591,10 +603,22 @@ impl Pipeline {
         }
         crate::spans::context::stamp(spans, identity);
         identity.mark_exported();
-        if !self.sampler.keep(&spans[0].trace_id) {
+        let keep = self.sampler.keep(&spans[0].trace_id);
+        if self.red.enabled() {
+            for span in spans.iter() {
+                self.red.record(span, keep);
+            }
+        }
+        if !keep {
             Stats::add(&self.stats.spans_sampled_out, spans.len() as u64);
             spans.clear();
             return;
+        }
+        if self.recent.capacity() > 0 {
+            let now = std::time::Instant::now();
+            for span in spans.iter() {
+                self.recent.add(span, now);
+            }
         }
         self.outbox.append(spans);
     }
@@ -636,6 +660,7 @@ impl Pipeline {
         self.dns_enabled = control.enabled(Feature::Dns);
         self.grpc_enabled = control.enabled(Feature::Grpc);
         self.phases_enabled = control.enabled(Feature::Phases);
+        self.red.set_enabled(control.enabled(Feature::Metrics));
     }
 
     /// Whether TLS uprobes are on (a TLS connection they miss is then worth

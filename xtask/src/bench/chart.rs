@@ -42,6 +42,7 @@ fn color(c: Config) -> RGBColor {
         Config::Periscope => RGBColor(31, 119, 180),
         Config::Floor => RGBColor(127, 127, 127),
         Config::TlsOff => RGBColor(44, 160, 44),
+        Config::MetricsOff => RGBColor(148, 103, 189),
         Config::Otel => RGBColor(214, 39, 40),
     }
 }
@@ -374,7 +375,7 @@ mod tests {
 
     #[test]
     fn bars_stay_in_their_group() {
-        for n in 1..=4 {
+        for n in 1..=super::CONFIGS.len() - 1 {
             let mut last = 0.0;
             for c in 0..n {
                 let (x0, x1) = bar_x(2, c, n);

@@ -43,6 +43,9 @@
 //!   these hooks pays;
 //! - `tls off` (HTTPS keep-alive only): the agent with the `tls` feature
 //!   disabled from a config file: what a switched-off feature still costs;
+//! - `metrics off` (HTTP keep-alive only): the agent with the `metrics`
+//!   feature (RED metrics from every span) disabled from a config file: what
+//!   the metrics cost;
 //! - `otel` (the Python service only): gunicorn under `opentelemetry-instrument`
 //!   with the Flask instrumentation, exporting to the same Rotel.
 //!
@@ -343,6 +346,12 @@ impl WorkloadKind {
                 Config::Floor,
                 Config::TlsOff,
             ],
+            WorkloadKind::Http => &[
+                Config::None,
+                Config::Periscope,
+                Config::Floor,
+                Config::MetricsOff,
+            ],
             WorkloadKind::Python => &[Config::None, Config::Periscope, Config::Floor, Config::Otel],
             _ => &[Config::None, Config::Periscope, Config::Floor],
         }
@@ -362,15 +371,17 @@ pub enum Config {
     Periscope,
     Floor,
     TlsOff,
+    MetricsOff,
     Otel,
 }
 
 /// Every configuration, in report order.
-pub const CONFIGS: [Config; 5] = [
+pub const CONFIGS: [Config; 6] = [
     Config::None,
     Config::Periscope,
     Config::Floor,
     Config::TlsOff,
+    Config::MetricsOff,
     Config::Otel,
 ];
 
@@ -381,6 +392,7 @@ impl Config {
             Config::Periscope => "periscope",
             Config::Floor => "floor",
             Config::TlsOff => "tls_off",
+            Config::MetricsOff => "metrics_off",
             Config::Otel => "otel",
         }
     }
@@ -391,13 +403,17 @@ impl Config {
             Config::Periscope => "Periscope",
             Config::Floor => "floor (no-op probes)",
             Config::TlsOff => "Periscope, tls disabled",
+            Config::MetricsOff => "Periscope, metrics disabled",
             Config::Otel => "OTel auto-instrumentation",
         }
     }
 
     /// Runs the Periscope agent.
     pub fn is_agent(self) -> bool {
-        matches!(self, Config::Periscope | Config::Floor | Config::TlsOff)
+        matches!(
+            self,
+            Config::Periscope | Config::Floor | Config::TlsOff | Config::MetricsOff
+        )
     }
 }
 
@@ -923,6 +939,7 @@ struct Bench {
     /// The agent takes `--noop-probes`.
     floor: bool,
     tls_off_config: PathBuf,
+    metrics_off_config: PathBuf,
     nginx_pid: u32,
     http_url: String,
     https_url: String,
@@ -945,6 +962,10 @@ impl Bench {
         match c {
             Config::Floor => vec!["--noop-probes".into()],
             Config::TlsOff => vec!["--config".into(), self.tls_off_config.display().to_string()],
+            Config::MetricsOff => vec![
+                "--config".into(),
+                self.metrics_off_config.display().to_string(),
+            ],
             _ => Vec::new(),
         }
     }
@@ -1401,6 +1422,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let tls_off_config = out_dir.join("tls-off.toml");
     std::fs::write(&tls_off_config, "disabled_features = [\"tls\"]\n")?;
+    let metrics_off_config = out_dir.join("metrics-off.toml");
+    std::fs::write(&metrics_off_config, "disabled_features = [\"metrics\"]\n")?;
     let app_dir = env::write_flask_app(tmp.path())?;
     let mut b = Bench {
         agent: AgentCmd {
@@ -1416,6 +1439,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         plan,
         floor,
         tls_off_config,
+        metrics_off_config,
         nginx_pid: nginx.proc.pid(),
         http_url: format!("http://127.0.0.1:{}/", nginx.port),
         https_url: format!("https://127.0.0.1:{}/", nginx.https_port),
@@ -1860,6 +1884,10 @@ fn bench_commands(b: &Bench) -> Vec<(String, String)> {
             "agent, tls disabled".into(),
             b.agent.shown(&b.agent_extra(Config::TlsOff)),
         ),
+        (
+            "agent, metrics disabled".into(),
+            b.agent.shown(&b.agent_extra(Config::MetricsOff)),
+        ),
         ("gunicorn".into(), show(&b.python.command(false))),
         ("gRPC server".into(), b.grpc.shown.clone()),
         (
@@ -2066,6 +2094,30 @@ mod tests {
         assert!(!WorkloadKind::Http.configs().contains(&Config::Otel));
     }
 
+    /// The agent with the RED metrics disabled runs on nginx's HTTP
+    /// keep-alive workload only, after TlsOff in report order.
+    #[test]
+    fn metrics_off_on_http_keepalive() {
+        let c = Config::MetricsOff;
+        assert_eq!(c.key(), "metrics_off");
+        assert_eq!(c.label(), "Periscope, metrics disabled");
+        assert!(c.is_agent());
+        for w in WORKLOADS {
+            assert_eq!(w.configs().contains(&c), w == WorkloadKind::Http, "{w:?}");
+        }
+        assert_eq!(
+            WorkloadKind::Http.configs(),
+            &[
+                Config::None,
+                Config::Periscope,
+                Config::Floor,
+                Config::MetricsOff
+            ]
+        );
+        let at = |c| CONFIGS.iter().position(|x| *x == c).unwrap();
+        assert_eq!(at(c), at(Config::TlsOff) + 1);
+    }
+
     #[test]
     fn workload_keys_are_unique() {
         let mut keys: Vec<&str> = WORKLOADS.iter().map(|w| w.key()).collect();
@@ -2145,11 +2197,43 @@ mod tests {
     fn rotation() {
         use Config::*;
         let w = WorkloadKind::Http;
-        assert_eq!(run_order(w, 1, true), vec![None, Periscope, Floor]);
-        assert_eq!(run_order(w, 2, true), vec![Periscope, Floor, None]);
-        assert_eq!(run_order(w, 3, true), vec![Floor, None, Periscope]);
-        assert_eq!(run_order(w, 4, true), vec![None, Periscope, Floor]);
-        assert_eq!(run_order(w, 2, false), vec![Periscope, None]);
+        assert_eq!(
+            run_order(w, 1, true),
+            vec![None, Periscope, Floor, MetricsOff]
+        );
+        assert_eq!(
+            run_order(w, 2, true),
+            vec![Periscope, Floor, MetricsOff, None]
+        );
+        assert_eq!(
+            run_order(w, 3, true),
+            vec![Floor, MetricsOff, None, Periscope]
+        );
+        assert_eq!(
+            run_order(w, 4, true),
+            vec![MetricsOff, None, Periscope, Floor]
+        );
+        assert_eq!(
+            run_order(w, 5, true),
+            vec![None, Periscope, Floor, MetricsOff]
+        );
+        assert_eq!(run_order(w, 2, false), vec![Periscope, MetricsOff, None]);
+        assert_eq!(
+            run_order(WorkloadKind::Https, 1, true),
+            vec![None, Periscope, Floor, TlsOff]
+        );
+        // Every configuration runs first once in as many rounds as there are.
+        for w in WORKLOADS {
+            for floor in [true, false] {
+                let n = run_order(w, 1, floor).len();
+                let first: Vec<Config> = (1..=n).map(|r| run_order(w, r, floor)[0]).collect();
+                for c in w.configs() {
+                    let times = first.iter().filter(|x| *x == c).count();
+                    let want = usize::from(floor || *c != Floor);
+                    assert_eq!(times, want, "{w:?} {c:?}");
+                }
+            }
+        }
         assert_eq!(
             run_order(WorkloadKind::Python, 1, true),
             vec![None, Periscope, Floor, Otel]

@@ -458,6 +458,36 @@ impl Report {
         t
     }
 
+    /// What the RED metrics cost on HTTP keep-alive: the agent's CPU per
+    /// request (all its threads, median µs) with every feature on, with the
+    /// `metrics` feature disabled, and the difference; None unless both ran.
+    pub fn metrics_cost(&self) -> Option<(Option<f64>, Option<f64>, Option<f64>)> {
+        let w = WorkloadKind::Http;
+        let (on, off) = (
+            self.agg(w, Config::Periscope),
+            self.agg(w, Config::MetricsOff),
+        );
+        if on.runs == 0 || off.runs == 0 {
+            return None;
+        }
+        let diff = on.agent_cpu_1k.zip(off.agent_cpu_1k).map(|(a, b)| a - b);
+        Some((diff, on.agent_cpu_1k, off.agent_cpu_1k))
+    }
+
+    fn metrics_cost_markdown(&self) -> String {
+        let Some((diff, on, off)) = self.metrics_cost() else {
+            return String::new();
+        };
+        format!(
+            "RED metrics cost ({}, agent CPU, all its threads, median): {} µs/request (Periscope {} µs vs metrics \
+             disabled {} µs).\n\n",
+            WorkloadKind::Http.short(),
+            fmt_f(diff, 2),
+            fmt_f(on, 2),
+            fmt_f(off, 2)
+        )
+    }
+
     /// HTTP keep-alive against none, HTTPS keep-alive against the floor.
     fn throughput_targets(&self) -> Vec<Target> {
         let http = self
@@ -726,6 +756,7 @@ impl Report {
             return String::new();
         }
         let mut m = self.targets_markdown();
+        m.push_str(&self.metrics_cost_markdown());
         m.push_str(&self.protocols_markdown());
         m.push_str(&self.results_markdown());
         m.push_str(&self.cpu_split_markdown());
@@ -813,7 +844,8 @@ impl Report {
              loaded by wrk over TLS as nginx is. The agent exports OTLP/gRPC to Rotel (blackhole exporter), which runs for \
              the whole bench. Configurations: `none` (no agent), `Periscope` (every feature on), `floor` (`periscope run \
              --noop-probes`: the same kernel programs attached, each returning at once), `Periscope, tls disabled` \
-             (HTTPS keep-alive only), and for the Python service `OTel` (gunicorn under `opentelemetry-instrument` with the \
+             (HTTPS keep-alive only), `Periscope, metrics disabled` (HTTP keep-alive only: the RED metrics off), and \
+             for the Python service `OTel` (gunicorn under `opentelemetry-instrument` with the \
              Flask instrumentation, exporting to the same Rotel). They are interleaved per round (the order rotates each \
              round); figures are medians over rounds, every ratio and difference is against `none` of this run. HTTP/2: \
              h2load ({} connections x {} streams in flight, {} s per run, no warm-up: every request counts, as with wrk) \
@@ -1081,8 +1113,9 @@ impl Report {
         m.push_str(&format!(
             "\nEvery request should give {} request spans with Periscope (the server's SERVER span and the load generator's \
              CLIENT span: both sides are traced), a few more for requests in flight when the load generator stopped; \
-             phase spans (INTERNAL: connect, request.send, handler, ...) come on top. The floor and `tls disabled` (on \
-             HTTPS) build none. \"Rotel received\" counts the spans the receiver logged between the start of the run and \
+             phase spans (INTERNAL: connect, request.send, handler, ...) come on top; `metrics disabled` builds the \
+             same. The floor and `tls disabled` (on HTTPS) build none. \"Rotel received\" counts the spans the \
+             receiver logged between the start of the run and \
              the end of the agent's (or gunicorn's) flush; OTel's exclude the {} warm-up requests it also traced. Spans \
              dropped are counted by the agent (export queue full), never silent.\n\n",
             WorkloadKind::Http.spans_per_request(),
@@ -1372,7 +1405,8 @@ impl Report {
                             c.label()
                         ));
                     }
-                    let want = if c == Config::Periscope {
+                    let builds = matches!(c, Config::Periscope | Config::MetricsOff);
+                    let want = if builds {
                         w.spans_per_request() * a.requests
                     } else {
                         0
@@ -1387,7 +1421,7 @@ impl Report {
                             c.label(),
                             a.requests,
                             if a.requests > 0 { r as f64 / a.requests as f64 } else { 0.0 },
-                            if c == Config::Periscope { w.spans_per_request() } else { 0 },
+                            if builds { w.spans_per_request() } else { 0 },
                         ));
                     }
                     if let (Some(e), Some(r)) = (a.exported, a.rotel_spans)
@@ -1774,6 +1808,16 @@ impl Report {
                 "added_cpu": ratio(p.added_cpu_1k, o.added_cpu_1k),
             }),
         );
+        if let Some((diff, on, off)) = self.metrics_cost() {
+            summary.insert(
+                "http_keepalive_red_metrics_cost".into(),
+                json!({
+                    "agent_cpu_us_per_request": diff,
+                    "periscope_agent_cpu_us_per_request": on,
+                    "metrics_off_agent_cpu_us_per_request": off,
+                }),
+            );
+        }
         let scaling: Vec<Value> = SCALING
             .iter()
             .filter_map(|(rate, workers)| {
@@ -1921,6 +1965,8 @@ pub mod tests {
         cpu_ms: f64,
     ) -> Sample {
         let requests = (rps * 10.0) as u64;
+        // The metrics feature off builds and exports the same spans.
+        let spans = matches!(c, Config::Periscope | Config::MetricsOff);
         Sample {
             round,
             workload: w,
@@ -1955,24 +2001,16 @@ pub mod tests {
                 stop: Some(StopLine {
                     events: requests * 4,
                     spans_built: requests * 2,
-                    exported: if c == Config::Periscope {
-                        requests * 2
-                    } else {
-                        0
-                    },
+                    exported: if spans { requests * 2 } else { 0 },
                     dropped: 0,
                     lost: 0,
-                    request_spans: Some(if c == Config::Periscope {
-                        requests * 2
-                    } else {
-                        0
-                    }),
+                    request_spans: Some(if spans { requests * 2 } else { 0 }),
                 }),
                 exit: "exit status: 0".into(),
                 ..Default::default()
             }),
             rotel_spans: Some(match c {
-                Config::Periscope => requests * 2,
+                Config::Periscope | Config::MetricsOff => requests * 2,
                 Config::Otel => requests + 50,
                 _ => 0,
             }),
@@ -2060,7 +2098,8 @@ pub mod tests {
     }
 
     /// Every workload: none 10000 req/s p50 100 us; Periscope 9700 / 110 us;
-    /// floor 9900 / 104 us; tls off 9900 / 101 us; OTel (Python) 6000 / 200 us.
+    /// floor 9900 / 104 us; tls off 9900 / 101 us; metrics off (HTTP) 9750 /
+    /// 108 us; OTel (Python) 6000 / 200 us.
     pub fn full_report() -> Report {
         let mut samples = Vec::new();
         for w in WORKLOADS {
@@ -2070,6 +2109,7 @@ pub mod tests {
                     Config::Periscope => (9700.0, 110.0, 1100.0),
                     Config::Floor => (9900.0, 104.0, 1000.0),
                     Config::TlsOff => (9900.0, 101.0, 1000.0),
+                    Config::MetricsOff => (9750.0, 108.0, 1080.0),
                     Config::Otel => (6000.0, 200.0, 1500.0),
                 };
                 samples.push(sample(w, *c, 1, rps, p50, cpu));
@@ -2267,6 +2307,51 @@ pub mod tests {
         assert!(full.contains("| Go HTTPS keep-alive | Periscope | 0.50 | 4.0 |"));
         assert!(r.json()["summary"]["go_https_keepalive_floor"].is_object());
         assert_eq!(r.agg(WorkloadKind::GoHttps, Config::TlsOff).runs, 0);
+    }
+
+    /// HTTP keep-alive with the metrics feature disabled: the agent's CPU per
+    /// request with and without the RED metrics, and the difference.
+    #[test]
+    fn red_metrics_cost() {
+        let mut r = full_report();
+        // 100 ms over 97000 requests with the metrics, 80 ms over 97500 without.
+        for s in r.samples.iter_mut() {
+            if (s.workload, s.config) == (WorkloadKind::Http, Config::MetricsOff) {
+                s.agent.as_mut().unwrap().cpu_ms = 80.0;
+            }
+        }
+        let (diff, on, off) = r.metrics_cost().unwrap();
+        assert!((on.unwrap() - 100_000.0 / 97_000.0).abs() < 1e-9, "{on:?}");
+        assert!((off.unwrap() - 80_000.0 / 97_500.0).abs() < 1e-9, "{off:?}");
+        assert!((diff.unwrap() - (on.unwrap() - off.unwrap())).abs() < 1e-9);
+        let line = "RED metrics cost (HTTP keep-alive, agent CPU, all its threads, median): 0.21 µs/request \
+                    (Periscope 1.03 µs vs metrics disabled 0.82 µs).";
+        let md = r.markdown();
+        assert!(md.contains(line), "{md}");
+        assert!(r.summary().contains(line));
+        // Right after the targets.
+        assert!(md.find("## Targets").unwrap() < md.find(line).unwrap());
+        assert!(md.find(line).unwrap() < md.find("## Results").unwrap());
+        assert!(md.contains(
+            "| nginx HTTP/1.1 keep-alive (wrk, 16 conns) | Periscope, metrics disabled | 9750 |"
+        ));
+        assert!(md.contains("| HTTP keep-alive | Periscope, metrics disabled | 0.50 |"));
+        // It builds and exports the spans Periscope does: no note.
+        assert!(!md.contains("request spans built"), "{md}");
+        let j = r.json();
+        let cost = &j["summary"]["http_keepalive_red_metrics_cost"];
+        let d = cost["agent_cpu_us_per_request"].as_f64().unwrap();
+        assert!((d - diff.unwrap()).abs() < 1e-9, "{d}");
+        assert!(
+            j["summary"]["http_keepalive_metrics_off"]["median_requests_per_sec"].is_number()
+        );
+        assert!(j["summary"]["https_keepalive_metrics_off"].is_null());
+        assert_eq!(r.agg(WorkloadKind::Https, Config::MetricsOff).runs, 0);
+        // Without the metrics-off runs: no line.
+        r.samples.retain(|s| s.config != Config::MetricsOff);
+        assert_eq!(r.metrics_cost(), None);
+        assert!(!r.markdown().contains("RED metrics cost"));
+        assert!(r.json()["summary"]["http_keepalive_red_metrics_cost"].is_null());
     }
 
     #[test]
