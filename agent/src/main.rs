@@ -295,9 +295,6 @@ fn run(args: RunArgs) -> Result<()> {
             task.abort();
         }
         pipeline.into_sink().shutdown(exporter).await;
-        let detach_started = std::time::Instant::now();
-        let detached = tokio::task::block_in_place(|| probes.detach_uprobes());
-        info!("{detached} uprobes detached in {:.1?}", detach_started.elapsed());
         let lost: u64 = probes.lost_events().iter().map(|(_, n)| n).sum();
         info!("counters: {:?}; kernel losses per program: {:?}", stats, probes.lost_events());
         info!(
@@ -309,6 +306,9 @@ fn run(args: RunArgs) -> Result<()> {
             lost,
             Stats::get(&stats.request_spans_built)
         );
+        let detach_started = std::time::Instant::now();
+        let detached = tokio::task::block_in_place(|| probes.detach_uprobes());
+        info!("{detached} uprobes detached in {:.1?}", detach_started.elapsed());
         Ok(())
     });
     // Dropping the runtime would wait for every blocking task, and the

@@ -7,6 +7,7 @@
 //! [`ServiceMap`] through the control channel.
 
 use std::collections::VecDeque;
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use compact_str::{CompactString, ToCompactString};
@@ -83,7 +84,7 @@ struct EdgeKey {
     /// The address and port the caller connected to (network.peer.*).
     peer: (CompactString, u16),
     /// `server.address:server.port`, shown when the callee is not known.
-    server: CompactString,
+    server: (CompactString, u16),
 }
 
 #[derive(Debug)]
@@ -337,8 +338,11 @@ impl RedAggregator {
                 push("rpc.system", s("rpc.system"));
                 let service_method = (str_attr(span, "rpc.service"), str_attr(span, "rpc.method"));
                 if let (Some(rpc_service), Some(method)) = service_method {
-                    let full = format!("{rpc_service}/{method}");
+                    let mut full = std::mem::take(&mut self.route_buf);
+                    full.clear();
+                    let _ = write!(full, "{rpc_service}/{method}");
                     let kept = self.bounded(&service, "rpc.method", &full);
+                    self.route_buf = full;
                     if kept == OTHER {
                         push("rpc.service", Some(Value::Str(OTHER.into())));
                         push("rpc.method", Some(Value::Str(OTHER.into())));
@@ -371,11 +375,15 @@ impl RedAggregator {
             return (None, None);
         };
         let port = int_attr(span, "server.port");
-        let joined = match port {
-            Some(p) => format!("{address}:{p}"),
-            None => address.to_string(),
-        };
-        if self.bounded(service, "server", &joined) == OTHER {
+        let mut joined = std::mem::take(&mut self.route_buf);
+        joined.clear();
+        joined.push_str(address);
+        if let Some(p) = port {
+            let _ = write!(joined, ":{p}");
+        }
+        let kept = self.bounded(service, "server", &joined);
+        self.route_buf = joined;
+        if kept == OTHER {
             return (Some(Value::Str(OTHER.into())), None);
         }
         (Some(Value::Str(address.into())), port.map(Value::Int))
@@ -386,14 +394,10 @@ impl RedAggregator {
             return;
         };
         let peer_port = int_attr(span, "network.peer.port").unwrap_or(0) as u16;
-        let server = match (
-            str_attr(span, "server.address"),
-            int_attr(span, "server.port"),
-        ) {
-            (Some(a), Some(p)) => format!("{a}:{p}"),
-            (Some(a), None) => a.to_string(),
-            (None, _) => format!("{peer_address}:{peer_port}"),
-        };
+        let server = (
+            CompactString::from(str_attr(span, "server.address").unwrap_or(peer_address)),
+            int_attr(span, "server.port").map_or(peer_port, |p| p as u16),
+        );
         let peer = (CompactString::from(peer_address), peer_port);
         if let Some(callee) = self.recent_servers.remove(&span.span_id) {
             self.learn_answering(peer.clone(), callee);
@@ -408,7 +412,7 @@ impl RedAggregator {
         let key = EdgeKey {
             caller: span.resource.service_name().into(),
             peer,
-            server: server.into(),
+            server,
         };
         let now = span.end_unix_nano;
         if let Some(edge) = self.edges.get_mut(&key) {
@@ -483,11 +487,9 @@ impl RedAggregator {
         let mut merged: FxHashMap<(CompactString, CompactString), (EdgeState, f64)> =
             FxHashMap::default();
         for (key, edge) in &self.edges {
-            let callee = self
-                .answering
-                .get(&key.peer)
-                .cloned()
-                .unwrap_or_else(|| key.server.clone());
+            let callee = self.answering.get(&key.peer).cloned().unwrap_or_else(|| {
+                compact_str::format_compact!("{}:{}", key.server.0, key.server.1)
+            });
             let rate = edge.rate_per_s(now);
             let entry = merged
                 .entry((key.caller.clone(), callee))
