@@ -166,7 +166,7 @@ impl RecentTraces {
         let entry = match self.index.get(&span.trace_id) {
             Some(&seq) => {
                 let first = self.traces.front().map_or(seq, |e| e.seq);
-                self.traces.get_mut((seq - first) as usize)
+                seq.checked_sub(first).and_then(|i| self.traces.get_mut(i as usize))
             }
             None => None,
         };
