@@ -256,9 +256,75 @@ fn a_failed_connect_while_serving_is_the_requests_child() {
     });
 }
 
+/// Handshakes that fail with a plaintext alert: curl refusing an untrusted
+/// certificate over TLS 1.2 (it sends `unknown_ca`), and nginx refusing a
+/// client that offers only TLS 1.2 when it speaks only 1.3 (it answers the
+/// ClientHello with `protocol_version`). Both ends name the alert and who
+/// sent it.
+#[test]
+fn plaintext_alerts_are_named_on_both_ends() {
+    run_test(LIMIT, || {
+        let rotel = Rotel::start()?;
+        let _agent = Agent::start(&rotel.endpoint())?;
+        let cert = periscope_tests::certs::TestCert::generate()?;
+        use periscope_tests::tls::TlsVersion;
+        // (server's only version, curl's extra arguments, curl's exit code,
+        // alert, its sender, the version the spans carry)
+        let cases: [(TlsVersion, &[&str], i32, &str, &str, Option<&str>); 2] = [
+            (TlsVersion::Tls12, &[], 60, "unknown_ca", "client", Some("1.2")),
+            (TlsVersion::Tls13, &["--tls-max", "1.2"], 35, "protocol_version", "server", None),
+        ];
+        let mut e = Expect::new();
+        for (server_version, extra, exit, alert, sender, version) in cases {
+            let nginx = periscope_tests::Nginx::start_with(periscope_tests::NginxOptions {
+                tls: Some(periscope_tests::NginxTls::only(cert.cert(), cert.key(), server_version)),
+                ..Default::default()
+            })?;
+            let mut cmd = Command::new("curl");
+            // By name, so the ClientHello carries it (SNI): the spans'
+            // server.address.
+            let resolve = format!("localhost:{}:127.0.0.1", nginx.port());
+            cmd.args(["-sS", "--max-time", "5", "--resolve", &resolve]).args(extra);
+            cmd.arg(format!("https://localhost:{}/", nginx.port()));
+            let run = run_capture("curl", &mut cmd, Duration::from_secs(20))?;
+            anyhow::ensure!(run.status.code() == Some(exit), "curl {extra:?}: want exit {exit}: {:?} {}", run.status, run.stderr);
+            let worker = nginx.worker_pid()?;
+            let handshake = |pid: u32| move |s: &Span| s.pid() == Some(pid) && s.name == "tls.handshake";
+            rotel.try_wait_for_spans(handshake(run.pid), 1, SPAN_WAIT)?;
+            rotel.try_wait_for_spans(handshake(worker), 1, SPAN_WAIT)?;
+            let spans = rotel.spans();
+            for (pid, kind) in [(run.pid, SpanKind::Client), (worker, SpanKind::Server)] {
+                let mine: Vec<&Span> = spans.iter().filter(|s| handshake(pid)(s)).collect();
+                e.that(mine.len() == 1, || format!("{alert}: pid {pid}: {} tls.handshake spans", mine.len()));
+                for s in mine {
+                    e.that(s.kind == kind, || format!("{alert}: pid {pid}: kind {:?}, want {kind:?}", s.kind));
+                    e.attr_str(s, "error.type", "tls_handshake_failed");
+                    e.attr_str(s, "periscope.tls.alert", alert);
+                    e.attr_str(s, "periscope.tls.alert.sender", sender);
+                    e.attr_str(s, "server.address", "localhost");
+                    e.status(s, true);
+                    let message = format!("tls handshake failed: {alert} alert from the {sender}");
+                    e.that(s.status.message == message, || {
+                        format!("{alert}: pid {pid}: status message {:?}, want {message:?}", s.status.message)
+                    });
+                    match version {
+                        Some(v) => e.attr_str(s, "tls.protocol.version", v),
+                        None => {
+                            e.that(s.attr("tls.protocol.version").is_none(), || {
+                                format!("{alert}: pid {pid}: a version without a ServerHello: {s:?}")
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        e.finish(&rotel.spans())
+    });
+}
+
 /// curl verifying the certificate of an nginx HTTPS server it does not
 /// trust: the handshake fails on both ends, and each end has a
-/// `tls.handshake` error span.
+/// `tls.handshake` error span naming curl's `unknown_ca` alert.
 #[test]
 fn an_untrusted_certificate_fails_the_handshake_on_both_ends() {
     run_test(LIMIT, || {
@@ -298,6 +364,11 @@ fn an_untrusted_certificate_fails_the_handshake_on_both_ends() {
                 e.attr_str(s, "error.type", "tls_handshake_failed");
                 e.attr_int(s, "server.port", i64::from(nginx.port()));
                 e.status(s, true);
+                // Even over TLS 1.3 the refusing client's alert is
+                // plaintext: it goes out before the client's keys change.
+                e.attr_str(s, "periscope.tls.alert", "unknown_ca");
+                e.attr_str(s, "periscope.tls.alert.sender", "client");
+                e.attr_str(s, "tls.protocol.version", "1.3");
             }
         }
         // The refusing curl sent no request: no HTTP span.

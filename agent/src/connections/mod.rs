@@ -14,7 +14,7 @@ use periscope_ebpf::{AF_INET, SockTuple};
 use crate::protocols::dns::TcpFramer;
 use crate::protocols::StreamParser;
 use crate::protocols::exchange::Side;
-use crate::protocols::tls_records::HandshakeObserver;
+use crate::protocols::tls_records::{HandshakeObserver, TlsAlert};
 use crate::spans::context::IdentityRef;
 use crate::spans::resolutions::Resolution;
 
@@ -42,6 +42,11 @@ pub struct TlsState {
     pub hello_sent_ns: Option<u64>,
     pub version_seen_ns: Option<u64>,
     pub version: Option<&'static str>,
+    /// An alert seen in plaintext during the handshake (TLS 1.2 and older,
+    /// or a server refusing the ClientHello).
+    pub alert: Option<TlsAlert>,
+    /// The ClientHello's server name, kept from the observer when it is done.
+    pub sni: Option<String>,
     /// Reads the handshake records in the ciphertext (version, SNI).
     pub observer: Option<Box<HandshakeObserver>>,
 }
@@ -64,6 +69,11 @@ impl TlsState {
         }
     }
 
+    /// The server name the client asked for (SNI), if its hello was seen.
+    pub fn server_name(&self) -> Option<&str> {
+        self.sni.as_deref().or_else(|| self.observer.as_ref().and_then(|o| o.sni()))
+    }
+
     /// Ciphertext seen on the socket (`start_ns`: when the call began,
     /// `ts_ns`: when it completed): only the handshake is of interest.
     pub fn observe_ciphertext(&mut self, egress: bool, bytes: &[u8], start_ns: u64, ts_ns: u64) {
@@ -78,7 +88,9 @@ impl TlsState {
                 }
                 self.version = Some(v.as_str());
             }
+            self.alert = observer.alert();
             if observer.done() {
+                self.sni = observer.take_sni();
                 self.observer = None;
             }
         }

@@ -155,8 +155,13 @@ impl Pipeline {
             Some(Side::Server) => (SpanKind::Server, conn.local),
             _ => (SpanKind::Client, conn.peer),
         };
+        // The name the client asked for (SNI) when its hello was seen.
+        let server_address = match conn.tls.as_ref().and_then(|t| t.server_name()) {
+            Some(name) => name.to_owned(),
+            None => server.ip().to_string(),
+        };
         let mut attributes = vec![
-            Attribute::str("server.address", server.ip().to_string()),
+            Attribute::str("server.address", server_address),
             Attribute::int("server.port", i64::from(server.port())),
             Attribute::str("network.peer.address", conn.peer_ip_text.clone()),
             Attribute::int("network.peer.port", i64::from(conn.peer.port())),
@@ -165,6 +170,16 @@ impl Pipeline {
         if let Some(v) = conn.tls.as_ref().and_then(|t| t.version) {
             attributes.push(Attribute::str("tls.protocol.version", v));
         }
+        let alert = conn.tls.as_ref().and_then(|t| t.alert).map(|alert| {
+            let sender = match (conn.side, alert.sent) {
+                (Some(Side::Server), true) | (Some(Side::Client) | None, false) => "server",
+                _ => "client",
+            };
+            let name = alert.description_name();
+            attributes.push(Attribute::str("periscope.tls.alert", name.clone()));
+            attributes.push(Attribute::str("periscope.tls.alert.sender", sender));
+            (name, sender)
+        });
         let mut span = Span {
             trace_id: [0; 16],
             span_id: [0; 8],
@@ -178,6 +193,9 @@ impl Pipeline {
             resource,
         };
         mark_failed(&mut span, "tls_handshake_failed");
+        if let Some((name, sender)) = alert {
+            span.status = SpanStatus::Error { message: format!("tls handshake failed: {name} alert from the {sender}") };
+        }
         let identity = Identity::root(&mut self.rng, true);
         let mut bundle = std::mem::take(&mut self.bundle);
         bundle.push(span);

@@ -5,13 +5,16 @@
 //! the ClientHello and the ServerHello, the first handshake message in each
 //! direction, and reads from them the server name (SNI) and the negotiated
 //! protocol version. Records and handshake messages are reassembled across
-//! pieces and records; the content is decoded by `tls-parser`. Everything
-//! else (certificates, encrypted records, application data) is ignored.
-//! Buffering is bounded per direction; garbage, SSLv2-style hellos or a
-//! handshake that does not fit make it give up, never panic.
+//! pieces and records; the content is decoded by `tls-parser`. After its
+//! hello, each direction is watched for a plaintext alert (what a TLS 1.2
+//! peer sends when it refuses a certificate, or a server refusing the
+//! ClientHello's versions) until it turns to encrypted records; the bodies
+//! of other records (certificates) are skipped, not buffered. Buffering is
+//! bounded per direction; garbage, SSLv2-style hellos or a handshake that
+//! does not fit make it give up, never panic.
 
 use tls_parser::{
-    SNIType, TlsExtension, TlsMessage, TlsMessageHandshake, TlsRecordType,
+    SNIType, TlsAlertDescription, TlsExtension, TlsMessage, TlsMessageHandshake, TlsRecordType,
     parse_tls_client_hello_extensions, parse_tls_message_handshake, parse_tls_raw_record,
     parse_tls_server_hello_extensions,
 };
@@ -20,7 +23,12 @@ use tls_parser::{
 pub const MAX_BUFFERED_PER_DIRECTION: usize = 16 * 1024;
 
 /// Record type, version and handshake type of a ClientHello's first record.
+const RECORD_CHANGE_CIPHER_SPEC: u8 = 0x14;
+const RECORD_ALERT: u8 = 0x15;
 const RECORD_HANDSHAKE: u8 = 0x16;
+#[cfg(test)]
+const RECORD_APPLICATION_DATA: u8 = 0x17;
+const ALERT_LEVEL_FATAL: u8 = 2;
 const HANDSHAKE_CLIENT_HELLO: u8 = 1;
 const HANDSHAKE_SERVER_HELLO: u8 = 2;
 
@@ -77,16 +85,66 @@ pub fn looks_like_tls_client_hello(first_bytes: &[u8]) -> bool {
     )
 }
 
+/// A TLS alert seen in plaintext.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsAlert {
+    pub level: u8,
+    pub description: u8,
+    /// Sent by this process (egress), or received from its peer.
+    pub sent: bool,
+}
+
+impl TlsAlert {
+    pub fn fatal(&self) -> bool {
+        self.level == ALERT_LEVEL_FATAL
+    }
+
+    /// The description as RFC 8446 section 6 names it (`unknown_ca`), from
+    /// `tls-parser`'s names; unknown codes as `alert_<code>`.
+    pub fn description_name(&self) -> String {
+        let code = TlsAlertDescription(self.description);
+        let camel = format!("{code}");
+        if camel.starts_with("TlsAlertDescription") {
+            return format!("alert_{}", self.description);
+        }
+        let mut name = String::with_capacity(camel.len() + 4);
+        for (i, c) in camel.chars().enumerate() {
+            if c.is_ascii_uppercase() {
+                if i > 0 {
+                    name.push('_');
+                }
+                name.push(c.to_ascii_lowercase());
+            } else {
+                name.push(c);
+            }
+        }
+        name
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reassembling the direction's first handshake message.
+    #[default]
+    Hello,
+    /// Past the hello, records still in plaintext: watched for an alert.
+    Plaintext,
+    /// Encrypted records, a fatal alert, or this side gave up: further
+    /// bytes are ignored.
+    Finished,
+}
+
 /// Reassembly state of one direction.
 #[derive(Debug, Default)]
 struct Direction {
-    /// Bytes received and not yet cut into whole records.
+    /// Bytes received and not yet cut into whole records (in the plaintext
+    /// phase: at most a record header and an alert's two bytes).
     records: Vec<u8>,
     /// Payload of the handshake records seen so far, in order.
     handshake: Vec<u8>,
-    /// The first handshake message was handled (or this side gave up):
-    /// further bytes are ignored.
-    finished: bool,
+    /// Bytes of the current record's body still to skip (plaintext phase).
+    skip: usize,
+    phase: Phase,
 }
 
 /// Per-connection observer of the TLS handshake: feed it the bytes seen in
@@ -99,6 +157,7 @@ pub struct HandshakeObserver {
     sni: Option<String>,
     client_hello_seen: bool,
     server_hello_seen: bool,
+    alert: Option<TlsAlert>,
     failed: Option<&'static str>,
 }
 
@@ -115,8 +174,10 @@ impl HandshakeObserver {
             return;
         }
         let index = usize::from(egress);
-        if self.directions[index].finished {
-            return;
+        match self.directions[index].phase {
+            Phase::Finished => return,
+            Phase::Plaintext => return self.scan_plaintext(index, bytes),
+            Phase::Hello => {}
         }
         let direction = &mut self.directions[index];
         if direction.records.len() + direction.handshake.len() + bytes.len()
@@ -138,14 +199,27 @@ impl HandshakeObserver {
     }
 
     /// The server_name the ClientHello asked for, if seen.
-    #[allow(dead_code)] // for `server.address` on TLS spans; used by the tests so far
     pub fn sni(&self) -> Option<&str> {
         self.sni.as_deref()
     }
 
-    /// Nothing more to learn: both hellos were seen, or the observer gave up.
+    pub fn take_sni(&mut self) -> Option<String> {
+        self.sni.take()
+    }
+
+    /// The first fatal alert seen in plaintext (else the first warning).
+    pub fn alert(&self) -> Option<TlsAlert> {
+        self.alert
+    }
+
+    /// Nothing more to learn: both directions turned to encrypted records
+    /// after their hellos, a fatal alert was seen, or the observer gave up.
     pub fn done(&self) -> bool {
-        self.failed.is_some() || (self.client_hello_seen && self.server_hello_seen)
+        self.failed.is_some()
+            || self.alert.is_some_and(|a| a.fatal())
+            || (self.client_hello_seen
+                && self.server_hello_seen
+                && self.directions.iter().all(|d| d.phase == Phase::Finished))
     }
 
     /// Why the observer gave up (not TLS, malformed, too big), if it did.
@@ -155,11 +229,77 @@ impl HandshakeObserver {
     }
 
     fn give_up(&mut self, index: usize, reason: &'static str) {
+        self.finish(index);
+        self.failed.get_or_insert(reason);
+    }
+
+    fn finish(&mut self, index: usize) {
         let direction = &mut self.directions[index];
-        direction.finished = true;
+        direction.phase = Phase::Finished;
         direction.records = Vec::new();
         direction.handshake = Vec::new();
-        self.failed.get_or_insert(reason);
+    }
+
+    fn note_alert(&mut self, index: usize, level: u8, description: u8) {
+        let alert = TlsAlert { level, description, sent: index == 1 };
+        match self.alert {
+            Some(seen) if seen.fatal() || !alert.fatal() => {}
+            _ => self.alert = Some(alert),
+        }
+        if alert.fatal() {
+            self.finish(index);
+        }
+    }
+
+    /// Past the hello: skips record bodies, notes plaintext alerts, and
+    /// stops at the first encrypted record (application data, or for TLS
+    /// 1.2 and older a ChangeCipherSpec; TLS 1.3's is only a formality).
+    fn scan_plaintext(&mut self, index: usize, mut bytes: &[u8]) {
+        while self.directions[index].phase == Phase::Plaintext {
+            let direction = &mut self.directions[index];
+            if direction.skip > 0 {
+                let n = direction.skip.min(bytes.len());
+                direction.skip -= n;
+                bytes = &bytes[n..];
+            }
+            if bytes.is_empty() {
+                return;
+            }
+            let have = direction.records.len();
+            let want = match direction.records.first() {
+                Some(&RECORD_ALERT) if direction.records.get(3..5) == Some(&[0, 2]) => 7,
+                _ => 5,
+            };
+            let take = (want - have.min(want)).min(bytes.len());
+            direction.records.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if direction.records.len() < want {
+                continue;
+            }
+            if let Err(reason) = check_record_header(&direction.records) {
+                return self.give_up(index, reason);
+            }
+            let header = std::mem::take(&mut direction.records);
+            let length = usize::from(u16::from_be_bytes([header[3], header[4]]));
+            match header[0] {
+                RECORD_ALERT if length == 2 && header.len() == 7 => {
+                    self.note_alert(index, header[5], header[6]);
+                }
+                // A 2-byte alert waits for its body; longer ones are encrypted.
+                RECORD_ALERT if length == 2 => {
+                    self.directions[index].records = header;
+                }
+                RECORD_ALERT | RECORD_HANDSHAKE => self.directions[index].skip = length,
+                RECORD_CHANGE_CIPHER_SPEC
+                    if self.version.is_some_and(|v| v != TlsVersion::Tls13) =>
+                {
+                    self.finish(index)
+                }
+                RECORD_CHANGE_CIPHER_SPEC => self.directions[index].skip = length,
+                // Application data (0x17) or heartbeat: encrypted from here.
+                _ => self.finish(index),
+            }
+        }
     }
 
     /// Cuts whole records off the direction's buffer and handles its first
@@ -182,17 +322,30 @@ impl HandshakeObserver {
                 Err(_) => return Err("malformed TLS record"),
             };
             consumed += 5 + record.data.len();
+            if record.hdr.record_type == TlsRecordType::Alert
+                && direction.handshake.is_empty()
+                && let [level, description] = *record.data
+            {
+                // A peer refusing the other side's hello answers with an
+                // alert instead of its own.
+                self.note_alert(index, level, description);
+                self.finish(index);
+                return Ok(());
+            }
             if record.hdr.record_type != TlsRecordType::Handshake {
-                // ChangeCipherSpec, alert or application data before this
-                // side's hello: nothing to learn here.
+                // ChangeCipherSpec or application data before this side's
+                // hello: nothing to learn here.
                 return Err("no hello before a non-handshake record");
             }
             direction.handshake.extend_from_slice(record.data);
             if let Some(length) = complete_message_len(&direction.handshake)? {
                 let message = std::mem::take(&mut direction.handshake);
-                direction.records = Vec::new();
-                direction.finished = true;
-                return self.on_first_message(&message[..length]);
+                let mut rest = std::mem::take(&mut direction.records);
+                rest.drain(..consumed);
+                direction.phase = Phase::Plaintext;
+                self.on_first_message(&message[..length])?;
+                self.scan_plaintext(index, &rest);
+                return Ok(());
             }
         }
         direction.records.drain(..consumed);
@@ -486,13 +639,97 @@ mod tests {
     }
 
     #[test]
-    fn gives_up_when_the_server_answers_with_an_alert() {
+    fn a_server_answering_the_client_hello_with_an_alert() {
         let mut o = HandshakeObserver::new();
         o.feed(true, TLS13.0);
-        o.feed(false, &[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]);
+        o.feed(false, &[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x46]);
         assert!(o.done());
+        assert_eq!(o.gave_up(), None);
         assert_eq!(o.version(), None);
         assert_eq!(o.sni(), Some("example.test"));
+        let alert = o.alert().expect("the alert");
+        assert_eq!((alert.fatal(), alert.sent), (true, false));
+        assert_eq!(alert.description_name(), "protocol_version");
+    }
+
+    /// Bytes of the stream up to (not including) its first record of
+    /// `record_type` after the first record.
+    fn up_to_record(stream: &[u8], record_type: u8) -> &[u8] {
+        let mut at = 0;
+        while at + 5 <= stream.len() {
+            if at > 0 && stream[at] == record_type {
+                return &stream[..at];
+            }
+            at += 5 + usize::from(u16::from_be_bytes([stream[at + 3], stream[at + 4]]));
+        }
+        stream
+    }
+
+    #[test]
+    fn tls12_client_refusing_the_certificate() {
+        // The server's whole first flight (hello, certificate, ...), then
+        // the client's answer: a plaintext fatal unknown_ca alert.
+        let server_flight = up_to_record(TLS12.1, RECORD_CHANGE_CIPHER_SPEC);
+        let client_hello = up_to_record(TLS12.0, RECORD_HANDSHAKE);
+        let alert = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x30];
+        for cut in [1, 3, 5, 6, 7] {
+            // Client side: the alert is egress; server side: ingress.
+            for client_is_egress in [true, false] {
+                let mut o = HandshakeObserver::new();
+                o.feed(client_is_egress, client_hello);
+                for piece in server_flight.chunks(100) {
+                    o.feed(!client_is_egress, piece);
+                }
+                assert_eq!(o.version(), Some(TlsVersion::Tls12));
+                assert!(!o.done(), "still in plaintext both ways");
+                o.feed(client_is_egress, &alert[..cut]);
+                o.feed(client_is_egress, &alert[cut..]);
+                let seen = o.alert().expect("the alert");
+                assert_eq!(seen.description_name(), "unknown_ca");
+                assert_eq!(seen.sent, client_is_egress);
+                assert!(o.done());
+            }
+        }
+    }
+
+    #[test]
+    fn encrypted_alerts_and_warnings_are_not_fatal_plaintext_alerts() {
+        let client_hello = up_to_record(TLS12.0, RECORD_HANDSHAKE);
+        let mut o = HandshakeObserver::new();
+        o.feed(true, client_hello);
+        o.feed(false, up_to_record(TLS12.1, RECORD_CHANGE_CIPHER_SPEC));
+        // An encrypted alert is longer than two bytes: skipped.
+        o.feed(true, &[0x15, 0x03, 0x03, 0x00, 0x1a]);
+        o.feed(true, &[0xaa; 0x1a]);
+        assert_eq!(o.alert(), None);
+        // A warning is kept, but a later fatal alert replaces it.
+        o.feed(true, &[0x15, 0x03, 0x03, 0x00, 0x02, 0x01, 0x70]);
+        assert_eq!(o.alert().map(|a| a.description_name()), Some("unrecognized_name".into()));
+        assert!(!o.done());
+        o.feed(false, &[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x2a]);
+        assert_eq!(o.alert().map(|a| (a.description_name(), a.sent)), Some(("bad_certificate".into(), false)));
+        assert_eq!(TlsAlert { level: 2, description: 0xfe, sent: true }.description_name(), "alert_254");
+    }
+
+    #[test]
+    fn tls13_ends_at_the_first_encrypted_record_and_ignores_what_follows() {
+        // After the hellos and the first application-data record, an alert-
+        // shaped record is ignored: it would be encrypted.
+        let mut o = observe_client_side(TLS13);
+        assert!(o.done());
+        o.feed(true, &[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x30]);
+        assert_eq!(o.alert(), None);
+        // The dummy ChangeCipherSpec of 1.3 does not end the plaintext.
+        let mut o = HandshakeObserver::new();
+        o.feed(true, up_to_record(TLS13.0, RECORD_CHANGE_CIPHER_SPEC));
+        o.feed(false, up_to_record(TLS13.1, RECORD_APPLICATION_DATA));
+        assert!(!o.done());
+        o.feed(false, &[0x17, 0x03, 0x03, 0x00, 0x01, 0x00]);
+        o.feed(true, &[0x14, 0x03, 0x03, 0x00, 0x01, 0x01]);
+        assert!(!o.done(), "client: only the dummy ChangeCipherSpec so far");
+        o.feed(true, &[0x17, 0x03, 0x03, 0x00, 0x01, 0x00]);
+        assert!(o.done());
+        assert_eq!(o.alert(), None);
     }
 
     #[test]
@@ -584,6 +821,30 @@ mod tests {
             o.feed(false, &record[..cut]);
             o.feed(false, &record[cut..]);
             let _ = (o.version(), o.sni(), o.done());
+        }
+
+        #[test]
+        fn anything_after_the_hellos_never_panics_and_keeps_them(
+            feeds in proptest::collection::vec((any::<bool>(), prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..300),
+                (prop_oneof![Just(0x14u8), Just(0x15), Just(0x16), Just(0x17)], 0u16..40, proptest::collection::vec(any::<u8>(), 0..40))
+                    .prop_map(|(kind, len, body)| {
+                        let mut r = vec![kind, 0x03, 0x03];
+                        r.extend_from_slice(&len.to_be_bytes());
+                        r.extend_from_slice(&body);
+                        r
+                    }),
+            ]), 0..10)
+        ) {
+            let mut o = HandshakeObserver::new();
+            o.feed(true, up_to_record(TLS12.0, RECORD_HANDSHAKE));
+            o.feed(false, up_to_record(TLS12.1, RECORD_CHANGE_CIPHER_SPEC));
+            for (egress, bytes) in &feeds {
+                o.feed(*egress, bytes);
+                let _ = (o.alert().map(|a| a.description_name()), o.done());
+            }
+            prop_assert_eq!(o.version(), Some(TlsVersion::Tls12));
+            prop_assert_eq!(o.sni(), Some("api.example.test"));
         }
 
         #[test]
