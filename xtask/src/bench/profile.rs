@@ -70,7 +70,19 @@ pub struct FoldedStats {
     pub top: Vec<TopFn>,
 }
 
-/// Record the agent under the HTTP keep-alive load; write the SVG and the
+/// The load profiled: HTTP/1.1 keep-alive, or what
+/// `PERISCOPE_BENCH_PROFILE_LOAD` names (`http`, `https`, `h2c`, `h2tls`).
+fn profile_workload() -> Result<WorkloadKind> {
+    Ok(match std::env::var("PERISCOPE_BENCH_PROFILE_LOAD").as_deref() {
+        Err(_) | Ok("http") => WorkloadKind::Http,
+        Ok("https") => WorkloadKind::Https,
+        Ok("h2c") => WorkloadKind::H2c,
+        Ok("h2tls") => WorkloadKind::H2Tls,
+        Ok(other) => bail!("PERISCOPE_BENCH_PROFILE_LOAD={other}: want http, https, h2c or h2tls"),
+    })
+}
+
+/// Record the agent under the chosen load; write the SVG and the
 /// collapsed stacks into `b.out_dir`.
 pub fn record(b: &mut Bench) -> Result<Profile> {
     wait_for_other_agents(Duration::from_secs(180))?;
@@ -85,15 +97,22 @@ pub fn record(b: &mut Bench) -> Result<Profile> {
         "bench: {} profile: {perf_command}",
         super::sys::since_start()
     );
-    let (program, args, _) = b.load_command(WorkloadKind::Http, PROFILE_SECS, "profile");
-    let run = run_load(program, &args, None, PROFILE_SECS, &out, "profile");
+    let kind = profile_workload()?;
+    let (program, args, log) = b.load_command(kind, PROFILE_SECS, "profile");
+    let run = run_load(program, &args, log.as_deref(), PROFILE_SECS, &out, "profile");
     let samples = stop_perf(perf, &out);
     let agent_run = finish_agent(agent, startup, &before, b.clk, &agent_log);
     let (_, _, load) = run?;
     let folded = collapse(&data)?;
     std::fs::write(out.join(FOLDED), &folded)?;
     let title = format!(
-        "periscope under wrk, HTTP/1.1 keep-alive ({:.0} req/s), {PROFILE_SECS} s, agent only",
+        "periscope under {} ({:.0} req/s), {PROFILE_SECS} s, agent only",
+        match kind {
+            WorkloadKind::H2c => "h2load, HTTP/2 h2c",
+            WorkloadKind::H2Tls => "h2load, HTTP/2 over TLS",
+            WorkloadKind::Https => "wrk, HTTPS keep-alive",
+            _ => "wrk, HTTP/1.1 keep-alive",
+        },
         load.rps
     );
     flame_graph(&folded, &title, &out.join(SVG))?;

@@ -12,9 +12,10 @@
 //!   block is decoded again leniently from a fresh table. Lenient mode makes
 //!   an index into the part of the peer's table we never saw one unknown
 //!   field instead of failing the block;
-//! * decodes Huffman-coded strings with the crate's `HuffmanDecoder`, kept
-//!   once per thread, and feeds the literal with plain strings: the crate
-//!   would build its Huffman table anew for every string (about 20 us each);
+//! * decodes Huffman-coded strings with `httlib-huffman` (a flattened table
+//!   read 4 bits at a time) and feeds the literal with plain strings: the
+//!   crate would build its Huffman table anew for every string (about 20 us
+//!   each), and even a kept one walks the code bit by bit through hash maps;
 //! * keeps the crate from panicking: `Decoder::set_max_table_size` asserts
 //!   against the allowed maximum, so it is never called; the allowed maximum
 //!   is set with `set_max_allowed_table_size` and table size updates from the
@@ -36,7 +37,6 @@ use std::cell::RefCell;
 
 use loona_hpack::Decoder;
 use loona_hpack::decoder::DecoderError;
-use loona_hpack::huffman::HuffmanDecoder;
 
 /// Name of the placeholder entries the lenient layer inserts. A NUL byte is
 /// not allowed in an HTTP/2 field name (RFC 9113 §8.2.1), so no legal peer
@@ -175,10 +175,10 @@ impl HpackDecoder {
     /// the block was malformed (the table was then reset). `complete`: the
     /// block is whole, so a truncated representation is an error.
     ///
-    /// Huffman-coded strings are decoded here with the crate's decoder, one
-    /// per thread, and the representation is fed with plain strings: the
-    /// crate builds its Huffman table anew for every string it decodes
-    /// (about 20 us each), most of a request's cost otherwise.
+    /// Huffman-coded strings are decoded here (`httlib-huffman`), and the
+    /// representation is fed with plain strings: the crate builds its
+    /// Huffman table anew for every string it decodes (about 20 us each),
+    /// most of a request's cost otherwise.
     fn walk(
         &mut self,
         block: &[u8],
@@ -363,8 +363,8 @@ impl HpackDecoder {
 }
 
 thread_local! {
-    /// The crate's Huffman decoder, built once per thread.
-    static HUFFMAN: RefCell<Option<HuffmanDecoder>> = const { RefCell::new(None) };
+    /// A Huffman string's decoded bytes, before their length is known.
+    static HUFFMAN_OUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Appends the string literal `s` (§5.2) as a plain (not Huffman-coded)
@@ -403,16 +403,16 @@ fn plain_string(s: &[u8], out: &mut Vec<u8>) -> bool {
         out.extend_from_slice(&s[..n + len]);
         return true;
     }
-    let decoded = HUFFMAN.with(|h| {
-        let mut h = h.borrow_mut();
-        h.get_or_insert_with(HuffmanDecoder::new).decode(raw).ok()
-    });
-    let Some(decoded) = decoded else {
-        return false;
-    };
-    encode_int(decoded.len(), 7, 0, out);
-    out.extend_from_slice(&decoded);
-    true
+    HUFFMAN_OUT.with(|decoded| {
+        let mut decoded = decoded.borrow_mut();
+        decoded.clear();
+        if httlib_huffman::decode(raw, &mut decoded, httlib_huffman::DecoderSpeed::FourBits).is_err() {
+            return false;
+        }
+        encode_int(decoded.len(), 7, 0, out);
+        out.extend_from_slice(&decoded);
+        true
+    })
 }
 
 fn emit(sink: &mut impl FnMut(Field<'_>), name: &[u8], value: &[u8]) {
@@ -874,6 +874,60 @@ mod tests {
     }
 }
 
+/// The Huffman decoder against loona-hpack's (slow, but the crate the rest
+/// of the decoding trusts): same bytes whenever that one succeeds.
 #[cfg(test)]
-mod bench {
+mod huffman_tests {
+    use super::plain_string;
+    use proptest::prelude::*;
+
+    fn huffman_literal(raw: &[u8]) -> Vec<u8> {
+        let mut s = Vec::new();
+        super::encode_int(raw.len(), 7, 0x80, &mut s);
+        s.extend_from_slice(raw);
+        s
+    }
+
+    fn decoded(raw: &[u8]) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        if !plain_string(&huffman_literal(raw), &mut out) {
+            return None;
+        }
+        let (len, n) = super::decode_int(&out, 7)?;
+        assert_eq!(out.len(), n + len, "length prefix and bytes agree");
+        Some(out[n..].to_vec())
+    }
+
+    #[test]
+    fn rfc_7541_examples() {
+        // C.4.1: "www.example.com"; C.6.1: a date; a custom value.
+        let www = [0xf1, 0xe3, 0xc2, 0xe5, 0xf2, 0x3a, 0x6b, 0xa0, 0xab, 0x90, 0xf4, 0xff];
+        assert_eq!(decoded(&www).as_deref(), Some(&b"www.example.com"[..]));
+        let date = [
+            0xd0, 0x7a, 0xbe, 0x94, 0x10, 0x54, 0xd4, 0x44, 0xa8, 0x20, 0x05, 0x95, 0x04, 0x0b, 0x81, 0x66, 0xe0,
+            0x82, 0xa6, 0x2d, 0x1b, 0xff,
+        ];
+        assert_eq!(decoded(&date).as_deref(), Some(&b"Mon, 21 Oct 2013 20:13:21 GMT"[..]));
+        // EOS inside the string, and padding longer than 7 bits, are errors.
+        assert_eq!(decoded(&[0xff, 0xff, 0xff, 0xff]), None);
+    }
+
+    proptest! {
+        #[test]
+        fn encoded_strings_decode_back(text in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut raw = Vec::new();
+            httlib_huffman::encode(&text, &mut raw).unwrap();
+            prop_assert_eq!(decoded(&raw), Some(text.clone()));
+            let theirs = loona_hpack::huffman::HuffmanDecoder::new().decode(&raw).ok();
+            prop_assert_eq!(theirs, Some(text));
+        }
+
+        #[test]
+        fn arbitrary_bytes_agree_with_the_crate_when_it_decodes(raw in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let ours = decoded(&raw);
+            if let Ok(theirs) = loona_hpack::huffman::HuffmanDecoder::new().decode(&raw) {
+                prop_assert_eq!(ours, Some(theirs));
+            }
+        }
+    }
 }
