@@ -1538,7 +1538,7 @@ fn announce(plan: &Plan, out_dir: &Path) {
     if plan.profile {
         eprintln!(
             "bench: profile: perf on the agent under {} for {PROFILE_SECS} s; flame graph in {}",
-            WorkloadKind::Http.label(),
+            profile::profile_workload().unwrap_or(WorkloadKind::Http).label(),
             out_dir.join("flamegraph.svg").display()
         );
     }

@@ -45,6 +45,8 @@ pub struct Profile {
     pub samples: Option<u64>,
     /// The load during the recording.
     pub load: LoadResult,
+    /// What made that load ("wrk, HTTP/1.1 keep-alive").
+    pub load_label: String,
     /// The agent's CPU over the recording (perf's own cost not included).
     pub agent_cpu_ms: f64,
     pub stacks: FoldedStats,
@@ -72,7 +74,7 @@ pub struct FoldedStats {
 
 /// The load profiled: HTTP/1.1 keep-alive, or what
 /// `PERISCOPE_BENCH_PROFILE_LOAD` names (`http`, `https`, `h2c`, `h2tls`).
-fn profile_workload() -> Result<WorkloadKind> {
+pub(super) fn profile_workload() -> Result<WorkloadKind> {
     Ok(match std::env::var("PERISCOPE_BENCH_PROFILE_LOAD").as_deref() {
         Err(_) | Ok("http") => WorkloadKind::Http,
         Ok("https") => WorkloadKind::Https,
@@ -105,16 +107,13 @@ pub fn record(b: &mut Bench) -> Result<Profile> {
     let (_, _, load) = run?;
     let folded = collapse(&data)?;
     std::fs::write(out.join(FOLDED), &folded)?;
-    let title = format!(
-        "periscope under {} ({:.0} req/s), {PROFILE_SECS} s, agent only",
-        match kind {
-            WorkloadKind::H2c => "h2load, HTTP/2 h2c",
-            WorkloadKind::H2Tls => "h2load, HTTP/2 over TLS",
-            WorkloadKind::Https => "wrk, HTTPS keep-alive",
-            _ => "wrk, HTTP/1.1 keep-alive",
-        },
-        load.rps
-    );
+    let load_label = match kind {
+        WorkloadKind::H2c => "h2load, nginx over HTTP/2 h2c",
+        WorkloadKind::H2Tls => "h2load, nginx over HTTP/2 over TLS",
+        WorkloadKind::Https => "wrk, nginx over HTTPS keep-alive",
+        _ => "wrk, nginx over HTTP/1.1 keep-alive",
+    };
+    let title = format!("periscope under {load_label} ({:.0} req/s), {PROFILE_SECS} s, agent only", load.rps);
     flame_graph(&folded, &title, &out.join(SVG))?;
     let p = Profile {
         secs: PROFILE_SECS,
@@ -122,6 +121,7 @@ pub fn record(b: &mut Bench) -> Result<Profile> {
         event: event.to_string(),
         samples,
         load,
+        load_label: load_label.to_string(),
         agent_cpu_ms: agent_run.cpu_ms,
         stacks: folded_stats(&String::from_utf8_lossy(&folded), TOP_FUNCTIONS),
     };
@@ -276,7 +276,7 @@ impl Profile {
         let s = &self.stacks;
         let mut m = String::from("## Profile (perf, the agent's threads only)\n\n");
         m.push_str(&format!(
-            "`{}` for {} s while wrk loaded nginx over HTTP/1.1 keep-alive ({:.0} req/s; the agent used {:.0} ms of CPU, \
+            "`{}` for {} s under load ({}: {:.0} req/s; the agent used {:.0} ms of CPU, \
              {:.0} ms per second, perf's sampling included). {} samples of `{}`, each weighted by its period{}; by \
              thread: {}. Flame graph: [{SVG}]({SVG}); collapsed stacks: `{FOLDED}` (first frame: the thread; \
              `[unknown]`: frames DWARF unwinding did not reach, above the event loop's `block_on`); perf data: \
@@ -284,6 +284,7 @@ impl Profile {
              so they are not in this profile.\n\n",
             self.perf_command,
             self.secs,
+            self.load_label,
             self.load.rps,
             self.agent_cpu_ms,
             self.agent_cpu_ms / self.secs.max(1) as f64,
