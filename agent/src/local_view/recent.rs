@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use compact_str::CompactString;
+use compact_str::{CompactString, ToCompactString};
 use rustc_hash::FxHashMap;
 
 use super::model::{SpanView, TraceView, ViewKind};
@@ -67,30 +67,75 @@ pub struct RecentTraces {
     spans_dropped: u64,
 }
 
-fn str_attr<'a>(span: &'a Span, key: &str) -> Option<&'a str> {
-    match span.attr(key) {
+/// The attributes a record is made from, found in one pass over the span's
+/// attributes (the first of a repeated key, as [`Span::attr`] finds).
+#[derive(Default)]
+struct Fields<'a> {
+    rpc_service: Option<&'a AttrValue>,
+    rpc_method: Option<&'a AttrValue>,
+    method: Option<&'a AttrValue>,
+    path: Option<&'a AttrValue>,
+    dns_question: Option<&'a AttrValue>,
+    server_address: Option<&'a AttrValue>,
+    server_port: Option<&'a AttrValue>,
+    grpc_status: Option<&'a AttrValue>,
+    http_status: Option<&'a AttrValue>,
+    error_type: Option<&'a AttrValue>,
+}
+
+impl<'a> Fields<'a> {
+    fn of(span: &'a Span) -> Self {
+        let mut f = Fields::default();
+        for a in &span.attributes {
+            let slot = match a.key.as_ref() {
+                "rpc.service" => &mut f.rpc_service,
+                "rpc.method" => &mut f.rpc_method,
+                "http.request.method" => &mut f.method,
+                "url.path" => &mut f.path,
+                "dns.question.name" => &mut f.dns_question,
+                "server.address" => &mut f.server_address,
+                "server.port" => &mut f.server_port,
+                "rpc.grpc.status_code" => &mut f.grpc_status,
+                "http.response.status_code" => &mut f.http_status,
+                "error.type" => &mut f.error_type,
+                _ => continue,
+            };
+            if slot.is_none() {
+                *slot = Some(&a.value);
+            }
+        }
+        f
+    }
+}
+
+fn as_str(value: Option<&AttrValue>) -> Option<&str> {
+    match value {
         Some(AttrValue::Str(s)) => Some(s.as_str()),
         _ => None,
     }
 }
 
 /// `GET /path`, the RPC's full method, the DNS question, or the name.
-fn label(span: &Span) -> CompactString {
+fn label(span: &Span, f: &Fields) -> CompactString {
     let mut label = CompactString::default();
-    if let (Some(service), Some(method)) =
-        (str_attr(span, "rpc.service"), str_attr(span, "rpc.method"))
-    {
-        let _ = write!(label, "{service}/{method}");
-    } else if let Some(method) = str_attr(span, "http.request.method") {
-        let path = str_attr(span, "url.path").unwrap_or("");
-        let _ = write!(label, "{method} {path}");
-    } else if let Some(question) = str_attr(span, "dns.question.name") {
+    if let (Some(service), Some(method)) = (as_str(f.rpc_service), as_str(f.rpc_method)) {
+        label.reserve(service.len() + 1 + method.len());
+        label.push_str(service);
+        label.push('/');
+        label.push_str(method);
+    } else if let Some(method) = as_str(f.method) {
+        let path = as_str(f.path).unwrap_or("");
+        label.reserve(method.len() + 1 + path.len());
+        label.push_str(method);
+        label.push(' ');
+        label.push_str(path);
+    } else if let Some(question) = as_str(f.dns_question) {
         let _ = write!(label, "{} {question}", span.name);
-    } else if let Some(server) = str_attr(span, "server.address")
+    } else if let Some(server) = as_str(f.server_address)
         && span.kind != SpanKind::Internal
     {
         let _ = write!(label, "{} {server}", span.name);
-        if let Some(AttrValue::Int(port)) = span.attr("server.port") {
+        if let Some(AttrValue::Int(port)) = f.server_port {
             let _ = write!(label, ":{port}");
         }
     } else {
@@ -106,18 +151,15 @@ fn label(span: &Span) -> CompactString {
     label
 }
 
-fn status_text(span: &Span) -> CompactString {
-    let code = match (
-        span.attr("rpc.grpc.status_code"),
-        span.attr("http.response.status_code"),
-    ) {
+fn status_text(f: &Fields) -> CompactString {
+    let code = match (f.grpc_status, f.http_status) {
         (Some(AttrValue::Int(c)), _) => {
             crate::spans::rpc::code_name(*c as u32).map(CompactString::from)
         }
-        (_, Some(AttrValue::Int(c))) => Some(compact_str::format_compact!("{c}")),
+        (_, Some(AttrValue::Int(c))) => Some(c.to_compact_string()),
         _ => None,
     };
-    match (code, str_attr(span, "error.type")) {
+    match (code, as_str(f.error_type)) {
         (Some(c), _) => c,
         (None, Some(e)) => e.into(),
         (None, None) => CompactString::default(),
@@ -149,16 +191,17 @@ impl RecentTraces {
         if self.capacity == 0 {
             return;
         }
+        let fields = Fields::of(span);
         let record = Record {
             span_id: span.span_id,
             parent_span_id: span.parent_span_id,
             name: span.name.clone(),
-            label: label(span),
+            label: label(span, &fields),
             resource: span.resource.clone(),
             kind: span.kind,
             start_unix_nano: span.start_unix_nano,
             end_unix_nano: span.end_unix_nano,
-            status: status_text(span),
+            status: status_text(&fields),
             error: matches!(span.status, SpanStatus::Error { .. }),
         };
         let update = self.next_update;
@@ -166,7 +209,8 @@ impl RecentTraces {
         let entry = match self.index.get(&span.trace_id) {
             Some(&seq) => {
                 let first = self.traces.front().map_or(seq, |e| e.seq);
-                seq.checked_sub(first).and_then(|i| self.traces.get_mut(i as usize))
+                seq.checked_sub(first)
+                    .and_then(|i| self.traces.get_mut(i as usize))
             }
             None => None,
         };

@@ -8,10 +8,12 @@
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use compact_str::{CompactString, ToCompactString};
-use rustc_hash::{FxHashMap, FxHashSet};
+use compact_str::CompactString;
+use hashbrown::Equivalent;
+use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
 
 use super::routes::derive_route;
 use super::snapshot::{
@@ -39,21 +41,125 @@ pub const OTHER: &str = "_OTHER";
 const SLOT_NS: u64 = 10_000_000_000;
 const SLOTS: usize = 6;
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Value {
     Int(i64),
     Str(CompactString),
 }
 
-type Attrs = [Option<(&'static str, Value)>; MAX_POINT_ATTRIBUTES];
+/// A [`Value`] borrowed from the span (or the route being built): what a
+/// span's series is looked up by, so that a span of a known series costs
+/// no copy of its attribute values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ValueRef<'a> {
+    Int(i64),
+    Str(&'a str),
+}
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+type Attrs = [Option<(&'static str, Value)>; MAX_POINT_ATTRIBUTES];
+type AttrsRef<'a> = [Option<(&'static str, ValueRef<'a>)>; MAX_POINT_ATTRIBUTES];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct SeriesKey {
     /// The resource's address: the series holds the `Arc`, so the address
     /// is not reused while the key exists.
     resource: usize,
     metric: RedMetric,
     attrs: Attrs,
+}
+
+/// A [`SeriesKey`] borrowing its values; hashes and compares as the key
+/// it stands for.
+struct SeriesKeyRef<'a> {
+    resource: usize,
+    metric: RedMetric,
+    attrs: AttrsRef<'a>,
+}
+
+impl Value {
+    fn as_ref(&self) -> ValueRef<'_> {
+        match self {
+            Value::Int(i) => ValueRef::Int(*i),
+            Value::Str(s) => ValueRef::Str(s.as_str()),
+        }
+    }
+}
+
+impl ValueRef<'_> {
+    fn to_owned(self) -> Value {
+        match self {
+            ValueRef::Int(i) => Value::Int(i),
+            ValueRef::Str(s) => Value::Str(s.into()),
+        }
+    }
+}
+
+/// The hash of a series key, owned or borrowed alike. Attribute names are
+/// left out (the metric decides them); equality still compares them.
+fn hash_series<'a, H: Hasher>(
+    resource: usize,
+    metric: RedMetric,
+    attrs: impl Iterator<Item = Option<ValueRef<'a>>>,
+    state: &mut H,
+) {
+    state.write_usize(resource);
+    metric.hash(state);
+    for value in attrs {
+        match value {
+            None => state.write_u8(0),
+            Some(ValueRef::Int(i)) => {
+                state.write_u8(1);
+                state.write_i64(i);
+            }
+            Some(ValueRef::Str(s)) => {
+                state.write_u8(2);
+                s.hash(state);
+            }
+        }
+    }
+}
+
+impl Hash for SeriesKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let attrs = self
+            .attrs
+            .iter()
+            .map(|a| a.as_ref().map(|(_, v)| v.as_ref()));
+        hash_series(self.resource, self.metric, attrs, state);
+    }
+}
+
+impl Hash for SeriesKeyRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let attrs = self.attrs.iter().map(|a| a.map(|(_, v)| v));
+        hash_series(self.resource, self.metric, attrs, state);
+    }
+}
+
+impl Equivalent<SeriesKey> for SeriesKeyRef<'_> {
+    fn equivalent(&self, key: &SeriesKey) -> bool {
+        self.resource == key.resource
+            && self.metric == key.metric
+            && self
+                .attrs
+                .iter()
+                .zip(&key.attrs)
+                .all(|(a, b)| match (a, b) {
+                    (None, None) => true,
+                    (Some((ka, va)), Some((kb, vb))) => ka == kb && *va == vb.as_ref(),
+                    _ => false,
+                })
+    }
+}
+
+impl SeriesKeyRef<'_> {
+    fn to_owned(&self) -> SeriesKey {
+        SeriesKey {
+            resource: self.resource,
+            metric: self.metric,
+            attrs: self.attrs.map(|a| a.map(|(k, v)| (k, v.to_owned()))),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -78,13 +184,50 @@ struct SeriesState {
     exemplars: [Option<KeptExemplar>; BUCKETS],
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct EdgeKey {
     caller: CompactString,
     /// The address and port the caller connected to (network.peer.*).
     peer: (CompactString, u16),
     /// `server.address:server.port`, shown when the callee is not known.
     server: (CompactString, u16),
+}
+
+/// An [`EdgeKey`] borrowing its strings from the span.
+#[derive(Clone, Copy)]
+struct EdgeKeyRef<'a> {
+    caller: &'a str,
+    peer: (&'a str, u16),
+    server: (&'a str, u16),
+}
+
+impl Hash for EdgeKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        EdgeKeyRef {
+            caller: &self.caller,
+            peer: (&self.peer.0, self.peer.1),
+            server: (&self.server.0, self.server.1),
+        }
+        .hash(state)
+    }
+}
+
+impl Hash for EdgeKeyRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.caller.hash(state);
+        self.peer.hash(state);
+        self.server.hash(state);
+    }
+}
+
+impl Equivalent<EdgeKey> for EdgeKeyRef<'_> {
+    fn equivalent(&self, key: &EdgeKey) -> bool {
+        self.caller == key.caller
+            && self.peer.1 == key.peer.1
+            && self.server.1 == key.server.1
+            && self.peer.0 == key.peer.0
+            && self.server.0 == key.server.0
+    }
 }
 
 #[derive(Debug)]
@@ -106,17 +249,94 @@ struct BoundedValues {
     seen: FxHashSet<CompactString>,
 }
 
+/// The dimensions bounded per service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dimension {
+    Route,
+    RpcMethod,
+    DnsName,
+    Server,
+}
+
+/// What a service's request path (or server address and port) came to:
+/// its route, and whether the service kept it or folded it into `_OTHER`.
+/// Valid as long as the service's bounded values are: a kept value stays
+/// kept and a folded one folded (the sets only grow, until cleared).
+#[derive(PartialEq, Eq)]
+struct ResolvedKey {
+    service: CompactString,
+    dimension: Dimension,
+    raw: CompactString,
+    port: Option<i64>,
+}
+
+struct ResolvedKeyRef<'a> {
+    service: &'a str,
+    dimension: Dimension,
+    raw: &'a str,
+    port: Option<i64>,
+}
+
+struct Resolved {
+    /// The derived route (routes only).
+    route: CompactString,
+    kept: bool,
+}
+
+/// Paths and servers whose resolution is remembered; the cache is emptied
+/// when full.
+const MAX_RESOLVED: usize = 4096;
+
+impl Hash for ResolvedKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        ResolvedKeyRef {
+            service: &self.service,
+            dimension: self.dimension,
+            raw: &self.raw,
+            port: self.port,
+        }
+        .hash(state)
+    }
+}
+
+impl Hash for ResolvedKeyRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.service.hash(state);
+        state.write_u8(self.dimension as u8);
+        self.raw.hash(state);
+        self.port.hash(state);
+    }
+}
+
+impl Equivalent<ResolvedKey> for ResolvedKeyRef<'_> {
+    fn equivalent(&self, key: &ResolvedKey) -> bool {
+        self.dimension == key.dimension
+            && self.port == key.port
+            && self.raw == key.raw
+            && self.service == key.service
+    }
+}
+
+/// A service's bounded dimensions, looked up by the service name without
+/// copying it.
+#[derive(Default)]
+struct ServiceBounded {
+    dimensions: [BoundedValues; 4],
+}
+
 pub struct RedAggregator {
     enabled: bool,
     enabled_since_unix_nano: u64,
-    series: FxHashMap<SeriesKey, SeriesState>,
+    series: hashbrown::HashMap<SeriesKey, SeriesState, FxBuildHasher>,
     next_id: u64,
-    /// Per (service, dimension): routes, RPC methods, DNS names, servers.
-    bounded: FxHashMap<(CompactString, &'static str), BoundedValues>,
+    /// Per service and dimension: routes, RPC methods, DNS names, servers.
+    bounded: FxHashMap<CompactString, ServiceBounded>,
+    /// Raw paths and servers already resolved against `bounded`.
+    resolved: hashbrown::HashMap<ResolvedKey, Resolved, FxBuildHasher>,
     max_values: usize,
     routes_folded: u64,
     series_overflow: u64,
-    edges: FxHashMap<EdgeKey, EdgeState>,
+    edges: hashbrown::HashMap<EdgeKey, EdgeState, FxBuildHasher>,
     /// Which service answered at a peer address, learned from linked
     /// client and server spans.
     answering: FxHashMap<(CompactString, u16), CompactString>,
@@ -139,40 +359,111 @@ fn bucket_of(value_s: f64) -> usize {
         .unwrap_or(DURATION_BOUNDS_S.len())
 }
 
-fn str_attr<'a>(span: &'a Span, key: &str) -> Option<&'a str> {
-    match span.attr(key) {
-        Some(AttrValue::Str(s)) => Some(s.as_str()),
-        _ => None,
-    }
+/// The span attributes the aggregator reads, found in one pass over the
+/// span's attribute list (the first of a repeated key, as [`Span::attr`]).
+#[derive(Default)]
+struct Fields<'a> {
+    values: [Option<&'a AttrValue>; FIELDS],
 }
 
-fn int_attr(span: &Span, key: &str) -> Option<i64> {
-    match span.attr(key) {
-        Some(AttrValue::Int(i)) => Some(*i),
-        _ => None,
+const METHOD: usize = 0;
+const STATUS_CODE: usize = 1;
+const ERROR_TYPE: usize = 2;
+const SCHEME: usize = 3;
+const PROTOCOL_VERSION: usize = 4;
+const PATH: usize = 5;
+const SERVER_ADDRESS: usize = 6;
+const SERVER_PORT: usize = 7;
+const PEER_ADDRESS: usize = 8;
+const PEER_PORT: usize = 9;
+const RPC_SYSTEM: usize = 10;
+const RPC_SERVICE: usize = 11;
+const RPC_METHOD: usize = 12;
+const GRPC_STATUS_CODE: usize = 13;
+const DNS_QUESTION: usize = 14;
+const FIELDS: usize = 15;
+
+fn field_of(key: &str) -> Option<usize> {
+    Some(match key {
+        "http.request.method" => METHOD,
+        "http.response.status_code" => STATUS_CODE,
+        "error.type" => ERROR_TYPE,
+        "url.scheme" => SCHEME,
+        "network.protocol.version" => PROTOCOL_VERSION,
+        "url.path" => PATH,
+        "server.address" => SERVER_ADDRESS,
+        "server.port" => SERVER_PORT,
+        "network.peer.address" => PEER_ADDRESS,
+        "network.peer.port" => PEER_PORT,
+        "rpc.system" => RPC_SYSTEM,
+        "rpc.service" => RPC_SERVICE,
+        "rpc.method" => RPC_METHOD,
+        "rpc.grpc.status_code" => GRPC_STATUS_CODE,
+        "dns.question.name" => DNS_QUESTION,
+        _ => return None,
+    })
+}
+
+impl<'a> Fields<'a> {
+    fn of(span: &'a Span) -> Self {
+        let mut fields = Fields::default();
+        for a in &span.attributes {
+            if let Some(i) = field_of(&a.key)
+                && fields.values[i].is_none()
+            {
+                fields.values[i] = Some(&a.value);
+            }
+        }
+        fields
+    }
+
+    fn has(&self, field: usize) -> bool {
+        self.values[field].is_some()
+    }
+
+    fn str(&self, field: usize) -> Option<&'a str> {
+        match self.values[field] {
+            Some(AttrValue::Str(s)) => Some(s.as_str()),
+            _ => None,
+        }
+    }
+
+    fn int(&self, field: usize) -> Option<i64> {
+        match self.values[field] {
+            Some(AttrValue::Int(i)) => Some(*i),
+            _ => None,
+        }
+    }
+
+    fn str_value(&self, field: usize) -> Option<ValueRef<'a>> {
+        self.str(field).map(ValueRef::Str)
+    }
+
+    fn int_value(&self, field: usize) -> Option<ValueRef<'a>> {
+        self.int(field).map(ValueRef::Int)
     }
 }
 
 /// Which histogram a span counts in, if any: request spans (HTTP, gRPC),
 /// DNS lookups, and calls that failed before any request (failed connects
 /// and TLS handshakes) as HTTP with their `error.type`. Phases do not count.
-fn metric_of(span: &Span) -> Option<RedMetric> {
+fn metric_of(span: &Span, fields: &Fields) -> Option<RedMetric> {
     let client = match span.kind {
         SpanKind::Client => true,
         SpanKind::Server => false,
         SpanKind::Internal => return None,
     };
-    if span.attr("rpc.system").is_some() {
+    if fields.has(RPC_SYSTEM) {
         return Some(if client {
             RedMetric::RpcClient
         } else {
             RedMetric::RpcServer
         });
     }
-    if span.attr("dns.question.name").is_some() && client {
+    if fields.has(DNS_QUESTION) && client {
         return Some(RedMetric::DnsLookup);
     }
-    if span.attr("http.request.method").is_some() || span.attr("error.type").is_some() {
+    if fields.has(METHOD) || fields.has(ERROR_TYPE) {
         return Some(if client {
             RedMetric::HttpClient
         } else {
@@ -183,17 +474,18 @@ fn metric_of(span: &Span) -> Option<RedMetric> {
 }
 
 impl BoundedValues {
-    /// `value` if the service has room for it (or already has it), else `_OTHER`.
-    fn admit(&mut self, value: &str, max: usize, folded: &mut u64) -> CompactString {
+    /// Whether the service has room for `value` (or already has it); a
+    /// value without room is counted in `folded` and becomes `_OTHER`.
+    fn admit(&mut self, value: &str, max: usize, folded: &mut u64) -> bool {
         if self.seen.contains(value) {
-            return value.into();
+            return true;
         }
         if self.seen.len() < max {
             self.seen.insert(value.into());
-            return value.into();
+            return true;
         }
         *folded += 1;
-        OTHER.into()
+        false
     }
 }
 
@@ -204,13 +496,14 @@ impl RedAggregator {
         Self {
             enabled: true,
             enabled_since_unix_nano: now_unix_nano(),
-            series: FxHashMap::default(),
+            series: hashbrown::HashMap::default(),
             next_id: 1,
             bounded: FxHashMap::default(),
+            resolved: hashbrown::HashMap::default(),
             max_values: max_values.max(1),
             routes_folded: 0,
             series_overflow: 0,
-            edges: FxHashMap::default(),
+            edges: hashbrown::HashMap::default(),
             answering: FxHashMap::default(),
             recent_clients: FxHashMap::default(),
             recent_clients_order: VecDeque::new(),
@@ -233,6 +526,7 @@ impl RedAggregator {
         self.series.clear();
         self.edges.clear();
         self.bounded.clear();
+        self.resolved.clear();
         self.enabled_since_unix_nano = now_unix_nano();
     }
 
@@ -253,19 +547,22 @@ impl RedAggregator {
         if !self.enabled {
             return;
         }
-        let Some(metric) = metric_of(span) else {
+        let fields = Fields::of(span);
+        let Some(metric) = metric_of(span, &fields) else {
             return;
         };
         let value_s = seconds(span.start_unix_nano, span.end_unix_nano);
         let error = matches!(span.status, SpanStatus::Error { .. });
-        let attrs = self.point_attributes(metric, span);
-        let key = SeriesKey {
+        // The route (or nothing) the series key borrows.
+        let mut route = std::mem::take(&mut self.route_buf);
+        let attrs = self.point_attributes(metric, span, &fields, &mut route);
+        let key = SeriesKeyRef {
             resource: Arc::as_ptr(&span.resource) as usize,
             metric,
             attrs,
         };
         let bucket = bucket_of(value_s);
-        let exemplar = exported.then(|| KeptExemplar {
+        let exemplar = exported.then_some(KeptExemplar {
             value: value_s,
             time_unix_nano: span.end_unix_nano,
             trace_id: span.trace_id,
@@ -280,28 +577,104 @@ impl RedAggregator {
                     SeriesState::new(self.next_id, span.resource.clone(), span.start_unix_nano);
                 self.next_id += 1;
                 s.add(value_s, bucket, span.end_unix_nano, exemplar);
-                self.series.insert(key, s);
+                self.series.insert(key.to_owned(), s);
             }
         }
+        self.route_buf = route;
         match metric {
             RedMetric::HttpClient | RedMetric::RpcClient => {
-                self.record_edge(span, value_s, bucket, error)
+                self.record_edge(span, &fields, value_s, bucket, error)
             }
             RedMetric::HttpServer | RedMetric::RpcServer => self.learn_from_server(span),
             RedMetric::DnsLookup => {}
         }
     }
 
-    fn bounded(&mut self, service: &str, dimension: &'static str, value: &str) -> CompactString {
+    /// Whether `value` is kept for the service's `dimension` (else `_OTHER`).
+    fn bounded(&mut self, service: &str, dimension: Dimension, value: &str) -> bool {
         let max = self.max_values;
-        let entry = self.bounded.entry((service.into(), dimension)).or_default();
-        entry.admit(value, max, &mut self.routes_folded)
+        let entry = match self.bounded.get_mut(service) {
+            Some(e) => e,
+            None => self.bounded.entry(service.into()).or_default(),
+        };
+        entry.dimensions[dimension as usize].admit(value, max, &mut self.routes_folded)
     }
 
-    fn point_attributes(&mut self, metric: RedMetric, span: &Span) -> Attrs {
-        let mut attrs: Attrs = Default::default();
+    /// Whether the service keeps `raw` (a path's route, in `buf`, or a
+    /// server with `port`) or folds it into `_OTHER`: [`Self::bounded`]
+    /// through a cache of raw values.
+    fn resolve(
+        &mut self,
+        service: &str,
+        dimension: Dimension,
+        raw: &str,
+        port: Option<i64>,
+        buf: &mut String,
+    ) -> bool {
+        let key = ResolvedKeyRef {
+            service,
+            dimension,
+            raw,
+            port,
+        };
+        if let Some(r) = self.resolved.get(&key) {
+            if !r.kept {
+                self.routes_folded += 1;
+            } else if dimension == Dimension::Route {
+                buf.clear();
+                buf.push_str(&r.route);
+            }
+            return r.kept;
+        }
+        let route = match dimension {
+            Dimension::Route => {
+                derive_route(raw, buf);
+                true
+            }
+            _ => {
+                buf.clear();
+                buf.push_str(raw);
+                if let Some(p) = port {
+                    let _ = write!(buf, ":{p}");
+                }
+                false
+            }
+        };
+        let kept = self.bounded(service, dimension, buf);
+        if self.resolved.len() >= MAX_RESOLVED {
+            self.resolved.clear();
+        }
+        self.resolved.insert(
+            ResolvedKey {
+                service: service.into(),
+                dimension,
+                raw: raw.into(),
+                port,
+            },
+            Resolved {
+                route: if route {
+                    buf.as_str().into()
+                } else {
+                    CompactString::default()
+                },
+                kept,
+            },
+        );
+        kept
+    }
+
+    /// The series' attributes, borrowing from `span` and from `buf` (which
+    /// holds the derived route).
+    fn point_attributes<'a>(
+        &mut self,
+        metric: RedMetric,
+        span: &'a Span,
+        fields: &Fields<'a>,
+        buf: &'a mut String,
+    ) -> AttrsRef<'a> {
+        let mut attrs: AttrsRef<'a> = Default::default();
         let mut n = 0;
-        let mut push = |key: &'static str, value: Option<Value>| {
+        let mut push = |key: &'static str, value: Option<ValueRef<'a>>| {
             if let Some(v) = value
                 && n < MAX_POINT_ATTRIBUTES
             {
@@ -309,117 +682,133 @@ impl RedAggregator {
                 n += 1;
             }
         };
-        let s = |key: &str| str_attr(span, key).map(|v| Value::Str(v.into()));
-        let i = |key: &str| int_attr(span, key).map(Value::Int);
-        let service = span.resource.service_name().to_compact_string();
+        let other = Some(ValueRef::Str(OTHER));
+        let service = span.resource.service_name();
         match metric {
             RedMetric::HttpServer | RedMetric::HttpClient => {
-                push("http.request.method", s("http.request.method"));
-                push("http.response.status_code", i("http.response.status_code"));
-                push("error.type", s("error.type"));
-                push("url.scheme", s("url.scheme"));
-                push("network.protocol.version", s("network.protocol.version"));
+                push("http.request.method", fields.str_value(METHOD));
+                push("http.response.status_code", fields.int_value(STATUS_CODE));
+                push("error.type", fields.str_value(ERROR_TYPE));
+                push("url.scheme", fields.str_value(SCHEME));
+                push(
+                    "network.protocol.version",
+                    fields.str_value(PROTOCOL_VERSION),
+                );
                 if metric == RedMetric::HttpServer {
-                    let route = str_attr(span, "url.path").map(|path| {
-                        derive_route(path, &mut self.route_buf);
-                        let route = std::mem::take(&mut self.route_buf);
-                        let kept = self.bounded(&service, "http.route", &route);
-                        self.route_buf = route;
-                        Value::Str(kept)
-                    });
+                    let route = match fields.str(PATH) {
+                        Some(path) => {
+                            if self.resolve(service, Dimension::Route, path, None, buf) {
+                                Some(ValueRef::Str(buf.as_str()))
+                            } else {
+                                other
+                            }
+                        }
+                        None => None,
+                    };
                     push("http.route", route);
                 } else {
-                    let server = self.server_value(&service, span);
+                    let server = self.server_value(service, fields, buf);
                     push("server.address", server.0);
                     push("server.port", server.1);
                 }
             }
             RedMetric::RpcServer | RedMetric::RpcClient => {
-                push("rpc.system", s("rpc.system"));
-                let service_method = (str_attr(span, "rpc.service"), str_attr(span, "rpc.method"));
+                push("rpc.system", fields.str_value(RPC_SYSTEM));
+                let service_method = (fields.str(RPC_SERVICE), fields.str(RPC_METHOD));
                 if let (Some(rpc_service), Some(method)) = service_method {
-                    let mut full = std::mem::take(&mut self.route_buf);
-                    full.clear();
-                    let _ = write!(full, "{rpc_service}/{method}");
-                    let kept = self.bounded(&service, "rpc.method", &full);
-                    self.route_buf = full;
-                    if kept == OTHER {
-                        push("rpc.service", Some(Value::Str(OTHER.into())));
-                        push("rpc.method", Some(Value::Str(OTHER.into())));
+                    buf.clear();
+                    let _ = write!(buf, "{rpc_service}/{method}");
+                    if self.bounded(service, Dimension::RpcMethod, buf) {
+                        push("rpc.service", Some(ValueRef::Str(rpc_service)));
+                        push("rpc.method", Some(ValueRef::Str(method)));
                     } else {
-                        push("rpc.service", Some(Value::Str(rpc_service.into())));
-                        push("rpc.method", Some(Value::Str(method.into())));
+                        push("rpc.service", other);
+                        push("rpc.method", other);
                     }
                 }
-                push("rpc.grpc.status_code", i("rpc.grpc.status_code"));
-                push("error.type", s("error.type"));
+                push("rpc.grpc.status_code", fields.int_value(GRPC_STATUS_CODE));
+                push("error.type", fields.str_value(ERROR_TYPE));
                 if metric == RedMetric::RpcClient {
-                    let server = self.server_value(&service, span);
+                    let server = self.server_value(service, fields, buf);
                     push("server.address", server.0);
                     push("server.port", server.1);
                 }
             }
             RedMetric::DnsLookup => {
-                let name = str_attr(span, "dns.question.name")
-                    .map(|q| Value::Str(self.bounded(&service, "dns.question.name", q)));
+                let name = match fields.str(DNS_QUESTION) {
+                    Some(q) if self.bounded(service, Dimension::DnsName, q) => {
+                        Some(ValueRef::Str(q))
+                    }
+                    Some(_) => other,
+                    None => None,
+                };
                 push("dns.question.name", name);
-                push("error.type", s("error.type"));
+                push("error.type", fields.str_value(ERROR_TYPE));
             }
         }
         attrs
     }
 
-    /// `server.address` and `server.port`, bounded per service together.
-    fn server_value(&mut self, service: &str, span: &Span) -> (Option<Value>, Option<Value>) {
-        let Some(address) = str_attr(span, "server.address") else {
+    /// `server.address` and `server.port`, bounded per service together;
+    /// `buf` is scratch space.
+    fn server_value<'a>(
+        &mut self,
+        service: &str,
+        fields: &Fields<'a>,
+        buf: &mut String,
+    ) -> (Option<ValueRef<'a>>, Option<ValueRef<'a>>) {
+        let Some(address) = fields.str(SERVER_ADDRESS) else {
             return (None, None);
         };
-        let port = int_attr(span, "server.port");
-        let mut joined = std::mem::take(&mut self.route_buf);
-        joined.clear();
-        joined.push_str(address);
-        if let Some(p) = port {
-            let _ = write!(joined, ":{p}");
+        let port = fields.int(SERVER_PORT);
+        if !self.resolve(service, Dimension::Server, address, port, buf) {
+            return (Some(ValueRef::Str(OTHER)), None);
         }
-        let kept = self.bounded(service, "server", &joined);
-        self.route_buf = joined;
-        if kept == OTHER {
-            return (Some(Value::Str(OTHER.into())), None);
-        }
-        (Some(Value::Str(address.into())), port.map(Value::Int))
+        (Some(ValueRef::Str(address)), port.map(ValueRef::Int))
     }
 
-    fn record_edge(&mut self, span: &Span, value_s: f64, bucket: usize, error: bool) {
-        let Some(peer_address) = str_attr(span, "network.peer.address") else {
+    fn record_edge(
+        &mut self,
+        span: &Span,
+        fields: &Fields,
+        value_s: f64,
+        bucket: usize,
+        error: bool,
+    ) {
+        let Some(peer_address) = fields.str(PEER_ADDRESS) else {
             return;
         };
-        let peer_port = int_attr(span, "network.peer.port").unwrap_or(0) as u16;
-        let server = (
-            CompactString::from(str_attr(span, "server.address").unwrap_or(peer_address)),
-            int_attr(span, "server.port").map_or(peer_port, |p| p as u16),
-        );
-        let peer = (CompactString::from(peer_address), peer_port);
+        let peer_port = fields.int(PEER_PORT).unwrap_or(0) as u16;
+        let key = EdgeKeyRef {
+            caller: span.resource.service_name(),
+            peer: (peer_address, peer_port),
+            server: (
+                fields.str(SERVER_ADDRESS).unwrap_or(peer_address),
+                fields.int(SERVER_PORT).map_or(peer_port, |p| p as u16),
+            ),
+        };
+        let peer = || (CompactString::from(peer_address), peer_port);
         if let Some(callee) = self.recent_servers.remove(&span.span_id) {
-            self.learn_answering(peer.clone(), callee);
+            self.learn_answering(peer(), callee);
         } else {
             remember(
                 &mut self.recent_clients,
                 &mut self.recent_clients_order,
                 span.span_id,
-                peer.clone(),
+                peer(),
             );
         }
-        let key = EdgeKey {
-            caller: span.resource.service_name().into(),
-            peer,
-            server,
-        };
         let now = span.end_unix_nano;
         if let Some(edge) = self.edges.get_mut(&key) {
             edge.add(value_s, bucket, error, now);
         } else if self.edges.len() < MAX_EDGES {
             let mut edge = EdgeState::new(now);
             edge.add(value_s, bucket, error, now);
+            let key = EdgeKey {
+                caller: key.caller.into(),
+                peer: (key.peer.0.into(), key.peer.1),
+                server: (key.server.0.into(), key.server.1),
+            };
             self.edges.insert(key, edge);
         }
     }
@@ -863,6 +1252,66 @@ mod tests {
             false,
         );
         assert_eq!(red.snapshot().series.len(), 5);
+    }
+
+    #[test]
+    fn repeated_paths_and_servers_fold_as_often_as_they_come() {
+        let app = resource("app", 11);
+        let mut red = RedAggregator::new(2);
+        for path in ["/a", "/a", "/b", "/c", "/a", "/c", "/d/7", "/b/"] {
+            red.record(&http(&app, SpanKind::Server, path, 200, 1), false);
+        }
+        let snap = red.snapshot();
+        let count = |route: &str| {
+            snap.series
+                .iter()
+                .find(|s| attr(s, "http.route") == Some(&PointValue::Str(route.into())))
+                .map(|s| s.count)
+        };
+        assert_eq!(count("/a"), Some(3));
+        assert_eq!(count("/b"), Some(1));
+        assert_eq!(count(OTHER), Some(4));
+        assert_eq!(snap.routes_folded, 4);
+        // Servers are bounded per service as well, address and port together.
+        let mut client = |address: &str, port: i64| {
+            let mut span = http(&app, SpanKind::Client, "/", 200, 1);
+            for a in &mut span.attributes {
+                match a.key.as_ref() {
+                    "server.address" => a.value = AttrValue::Str(address.into()),
+                    "server.port" => a.value = AttrValue::Int(port),
+                    _ => {}
+                }
+            }
+            red.record(&span, false);
+        };
+        for (address, port) in [("x", 1), ("x", 2), ("x", 1), ("x", 3), ("y", 1), ("x", 3)] {
+            client(address, port);
+        }
+        let snap = red.snapshot();
+        let clients: Vec<_> = snap
+            .series
+            .iter()
+            .filter(|s| s.metric == RedMetric::HttpClient)
+            .map(|s| (attr(s, "server.address"), attr(s, "server.port"), s.count))
+            .collect();
+        assert_eq!(clients.len(), 3, "{clients:?}");
+        assert!(clients.contains(&(Some(&PointValue::Str(OTHER.into())), None, 3)));
+        assert!(clients.contains(&(
+            Some(&PointValue::Str("x".into())),
+            Some(&PointValue::Int(1)),
+            2
+        )));
+        assert_eq!(snap.routes_folded, 7);
+        // Turning metrics off and on forgets what was kept.
+        red.set_enabled(false);
+        red.set_enabled(true);
+        red.record(&http(&app, SpanKind::Server, "/c", 200, 1), false);
+        let snap = red.snapshot();
+        assert_eq!(
+            attr(&snap.series[0], "http.route"),
+            Some(&PointValue::Str("/c".into()))
+        );
+        assert_eq!(snap.routes_folded, 7);
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! Prometheus / OpenMetrics text exposition.
 
 pub mod aggregator;
+#[cfg(test)]
+mod bench;
 pub mod otlp;
 pub mod prometheus;
 pub mod routes;
