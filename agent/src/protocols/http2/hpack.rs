@@ -367,22 +367,28 @@ thread_local! {
     static HUFFMAN_OUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Appends the string literal `s` (§5.2) as a plain (not Huffman-coded)
-/// literal; false, and nothing appended, if its Huffman code is invalid.
+/// Names of the regular fields the HTTP/2 parser reads.
+const WANTED_NAMES: [&[u8]; 6] = [b"host", b"user-agent", b"content-length", b"content-type", b"traceparent", b"grpc-status"];
+
 /// Whether a literal's name (a static table index, or the name string
 /// when `index` is 0) may be one the HTTP/2 parser reads: the pseudo-headers,
 /// host, user-agent, content-length, content-type, traceparent and
 /// grpc-status; in a direction that carries responses only, :status and
-/// grpc-status. A Huffman-coded name string is not compared: it counts as
-/// wanted (decoded, then filtered by the parser).
+/// grpc-status. A Huffman-coded name string is compared in its coded form:
+/// a canonical Huffman code padded with ones (RFC 7541 §5.2) gives a string
+/// one encoding, so nginx's `etag` and `accept-ranges` are skipped without
+/// being decoded.
 fn wanted_name(index: usize, name_string: &[u8], responses_only: bool) -> bool {
-    const NAMES: [&[u8]; 6] = [b"host", b"user-agent", b"content-length", b"content-type", b"traceparent", b"grpc-status"];
+    let wanted = |name: &[u8]| if responses_only { name == b"grpc-status" } else { WANTED_NAMES.contains(&name) };
     match index {
         0 => {
             let Some((&first, name)) = name_string.split_first() else { return true };
-            first & 0x80 != 0
-                || name.first() == Some(&b':')
-                || if responses_only { name == b"grpc-status" } else { NAMES.contains(&name) }
+            if first & 0x80 == 0 {
+                return name.first() == Some(&b':') || wanted(name);
+            }
+            // ':' is the 7-bit code 1011100: a pseudo-header's name.
+            name.first().is_some_and(|b| b >> 1 == 0x5c)
+                || huffman_names().iter().zip(WANTED_NAMES).any(|(coded, plain)| coded.as_slice() == name && wanted(plain))
         }
         8..=14 => true,
         1..=7 | 28 | 31 | 38 | 58 => !responses_only,
@@ -392,6 +398,21 @@ fn wanted_name(index: usize, name_string: &[u8], responses_only: bool) -> bool {
     }
 }
 
+/// [`WANTED_NAMES`], Huffman-coded (same order).
+fn huffman_names() -> &'static [Vec<u8>; 6] {
+    static CODED: std::sync::OnceLock<[Vec<u8>; 6]> = std::sync::OnceLock::new();
+    CODED.get_or_init(|| {
+        WANTED_NAMES.map(|name| {
+            let mut coded = Vec::new();
+            // Cannot fail: every octet has a code.
+            let _ = httlib_huffman::encode(name, &mut coded);
+            coded
+        })
+    })
+}
+
+/// Appends the string literal `s` (§5.2) as a plain (not Huffman-coded)
+/// literal; false, and nothing appended, if its Huffman code is invalid.
 fn plain_string(s: &[u8], out: &mut Vec<u8>) -> bool {
     let Some((len, n)) = decode_int(s, 7) else {
         return false;
@@ -896,6 +917,47 @@ mod huffman_tests {
         let (len, n) = super::decode_int(&out, 7)?;
         assert_eq!(out.len(), n + len, "length prefix and bytes agree");
         Some(out[n..].to_vec())
+    }
+
+    /// A literal without indexing, new name: 0x00, then name and value,
+    /// both Huffman-coded.
+    fn huffman_literal_field(name: &[u8], value: &[u8]) -> Vec<u8> {
+        let mut block = vec![0x00];
+        for s in [name, value] {
+            let mut raw = Vec::new();
+            httlib_huffman::encode(s, &mut raw).unwrap();
+            block.extend_from_slice(&huffman_literal(&raw));
+        }
+        block
+    }
+
+    #[test]
+    fn huffman_coded_names_are_compared_coded() {
+        // nginx's etag and accept-ranges, then fields the parser reads.
+        let mut block = Vec::new();
+        for (n, v) in [
+            (&b"etag"[..], &b"\"6b1396f5-2a\""[..]),
+            (b"accept-ranges", b"bytes"),
+            (b"traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            (b"grpc-status", b"0"),
+            (b":protocol", b"websocket"),
+        ] {
+            block.extend_from_slice(&huffman_literal_field(n, v));
+        }
+        for responses_only in [false, true] {
+            let mut d = super::HpackDecoder::new(false);
+            d.set_responses_only(responses_only);
+            let mut names = Vec::new();
+            let err = d.decode_block(&block, &mut |f| {
+                if let super::Field::Known(n, _) = f {
+                    names.push(String::from_utf8_lossy(n).into_owned())
+                }
+            });
+            assert!(!err);
+            let want: &[&str] =
+                if responses_only { &["grpc-status", ":protocol"] } else { &["traceparent", "grpc-status", ":protocol"] };
+            assert_eq!(names, want, "responses only: {responses_only}");
+        }
     }
 
     #[test]
