@@ -81,6 +81,9 @@ fn on_socket_io(ctx: &BtfTracePointContext, dir: u8, probe_id: u32) -> Option<()
         if let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
             let call = unsafe { &mut *call };
             call.sock = sk;
+            if dir == direction::EGRESS {
+                call.sent_ns = unsafe { bpf_ktime_get_ns() };
+            }
             let key = SessionKey { tgid, _pad: 0, session: call.ssl };
             if call.kind != CALL_HANDSHAKE && unsafe { ESTABLISHED.get(&key) }.is_some() {
                 return None;

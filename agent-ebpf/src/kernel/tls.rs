@@ -42,6 +42,8 @@ pub struct TlsCall {
     pub sock: u64,
     /// When the call was entered.
     pub start_ns: u64,
+    /// When its last socket send completed (set by the socket probes), else 0.
+    pub sent_ns: u64,
     pub kind: u8,
     pub library: u8,
     pub _pad: [u8; 6],
@@ -90,7 +92,7 @@ fn enter(session: Option<u64>, buf: Option<u64>, len_ptr: u64, kind: u8, library
     }
     let now = unsafe { bpf_ktime_get_ns() };
     let call =
-        TlsCall { ssl: session, buf: buf.unwrap_or(0), len_ptr, sock: 0, start_ns: now, kind, library, _pad: [0; 6] };
+        TlsCall { ssl: session, buf: buf.unwrap_or(0), len_ptr, sock: 0, start_ns: now, sent_ns: 0, kind, library, _pad: [0; 6] };
     let _ = TLS_CALLS.insert(&pid_tgid, &call, 0);
     if kind == CALL_HANDSHAKE {
         let key = SessionKey { tgid, _pad: 0, session };
@@ -268,6 +270,12 @@ fn finish_read_write(n: u32) -> u32 {
     let buf = unsafe { &mut *buf };
     let dir = if call.kind == CALL_READ { direction::INGRESS } else { direction::EGRESS };
     start_data_event(buf, tgid, pid_tgid as u32, sock, dir, source::TLS, n);
+    // A write's bytes reached the peer when its last send completed; the
+    // call's return comes later, and a woken reader (on loopback, another
+    // traced process) may already have read them by then.
+    if dir == direction::EGRESS && call.sent_ns != 0 {
+        buf.event.header.ts_ns = call.sent_ns;
+    }
     buf.event.syscall = call.library;
     buf.event.call_start_ns = call.start_ns;
     let off = OFFSETS.load();
